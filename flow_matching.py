@@ -1,0 +1,279 @@
+"""Probability paths and matchers for flow matching: ``--model`` in {otcfm, icfm, fm, si}.
+
+Conventions: ``x0`` is noise, ``x1`` is data, both ``[B, ...]`` of the same shape; ``t`` is ``[B]`` in
+[0, 1]; ``xt`` is the point on the path at time ``t`` and ``ut`` the conditional target velocity
+``d xt / d t`` that the network ``vt = net(t, xt)`` regresses onto. ``eps`` is an extra standard
+Gaussian ``[B, ...]`` scaled by ``sigma``.
+
+==========  =================================================  ==========================================
+model       xt                                                 ut
+==========  =================================================  ==========================================
+icfm        t x1 + (1 - t) x0 + sigma eps                      x1 - x0
+otcfm       as icfm, after re-pairing (x0, x1) by minibatch OT as icfm
+fm          t x1 + (1 - (1 - sigma) t) x0                      x1 - (1 - sigma) x0
+si          cos(pi t / 2) x0 + sin(pi t / 2) x1 + sigma eps    pi / 2 (cos(pi t / 2) x1 - sin(pi t / 2) x0)
+==========  =================================================  ==========================================
+
+Usage::
+
+    matcher = make_matcher("otcfm", sigma=0.0)
+    sample = matcher.sample(torch.randn_like(x1), x1)          # FlowSample(t, x0, x1, xt, ut, eps)
+    loss = (net(sample.t, sample.xt) - sample.ut).square().mean()
+    # a regularizer reuses the same pairing and noise at another time:
+    other = matcher.path(t2, sample.x0, sample.x1, sample.eps)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import ot
+import torch
+from torch import Tensor
+
+MATCHERS = ("otcfm", "icfm", "fm", "si")
+OT_PAIRINGS = ("replacement", "permutation")
+
+
+@dataclass
+class FlowSample:
+    """One draw from a probability path; named so that regularizers reuse the same t, pairing, noise.
+
+    Attributes:
+        t: ``[B]`` times in [0, 1].
+        x0: ``[B, ...]`` noise (re-paired by OT for otcfm).
+        x1: ``[B, ...]`` data (re-paired by OT for otcfm).
+        xt: ``[B, ...]`` point on the path at ``t``.
+        ut: ``[B, ...]`` conditional target velocity ``d xt / d t``.
+        eps: ``[B, ...]`` the standard Gaussian noise that ``sigma`` scales (drawn for every path,
+            even where the path does not use it, so all matchers consume the RNG alike).
+    """
+
+    t: Tensor
+    x0: Tensor
+    x1: Tensor
+    xt: Tensor
+    ut: Tensor
+    eps: Tensor
+
+
+def pad_t_like_x(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape ``t`` ``[B]`` to ``[B, 1, ..., 1]`` so it broadcasts against ``x`` ``[B, ...]``."""
+    return t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _check_ot_pairing(mode: str) -> None:
+    if mode not in OT_PAIRINGS:
+        raise ValueError(f"unknown --ot_pairing {mode!r}: choose one of {', '.join(OT_PAIRINGS)}.")
+
+
+def ot_pairing_indices(
+    x0: Tensor, x1: Tensor, mode: str = "replacement", generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pair noise with data by an exact minibatch optimal-transport plan (Tong et al. 2023, OT-CFM).
+
+    The plan ``pi`` ``[B, B]`` solves ``min_pi sum_ij pi_ij ||x0_i - x1_j||^2`` subject to uniform
+    marginals ``pi 1 = pi^T 1 = 1/B`` (POT's network simplex, ``ot.emd``). With uniform marginals
+    and a square cost, the optimal vertex it returns is a permutation matrix scaled by ``1/B``.
+
+    Args:
+        x0: ``[B, ...]`` noise.
+        x1: ``[B, ...]`` data, same shape.
+        mode: ``"replacement"``: draw ``B`` pairs ``(i, j)`` with probabilities ``pi_ij``, with
+            replacement (the published procedure). ``"permutation"``: use the optimal permutation
+            itself, ``j = 0..B-1`` in order and ``i`` the noise index matched to each ``j``, so every
+            sample is used exactly once.
+        generator: RNG for the ``"replacement"`` draw; the draw runs on its device. ``None`` uses
+            torch's global CPU RNG, so ``torch.manual_seed`` reproduces the pairing. Numpy's RNG is
+            never used.
+
+    Returns:
+        ``(i, j)``: two ``[B]`` int64 index tensors on ``x0.device``; the re-paired batch is
+        ``x0[i], x1[j]``.
+
+    Note: the cost matrix is computed on the tensors' device, but the exact OT solver runs on the
+    CPU, so this function syncs with the device once per call (inherent to exact OT).
+    """
+    _check_ot_pairing(mode)
+    batch = x0.shape[0]
+    # float32 at least: half precision rounds squared distances of ~1e4 (3072-D) to steps of 8,
+    # coarse enough to change the plan.
+    cost_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    cost = torch.cdist(x0.reshape(batch, -1).to(cost_dtype), x1.reshape(batch, -1).to(cost_dtype)).square()
+    cost = cost.to("cpu", torch.float64).numpy()  # host sync: POT solves on the CPU.
+    if not np.isfinite(cost).all():
+        raise FloatingPointError("OT cost is not finite: x0 or x1 has NaN or inf (did training diverge?).")
+    marginal = np.full(batch, 1.0 / batch)
+    plan = ot.emd(marginal, marginal, cost)
+
+    if mode == "permutation":
+        i = torch.from_numpy(plan.argmax(axis=0))  # the one noise row carrying each data column's mass
+        j = torch.arange(batch)
+    else:
+        device = generator.device if generator is not None else torch.device("cpu")
+        probs = torch.from_numpy(plan).flatten().to(device)
+        flat = torch.multinomial(probs, batch, replacement=True, generator=generator)
+        i, j = flat // batch, flat % batch
+    return i.to(x0.device), j.to(x0.device)
+
+
+class FlowMatcher:
+    """Base matcher: optional re-pairing, then draw ``t`` and ``eps``, then evaluate the path.
+
+    Subclasses implement :meth:`_xt_ut`; otcfm also overrides :meth:`couple`.
+    """
+
+    name = ""
+
+    def __init__(self, sigma: float = 0.0):
+        self.sigma = float(sigma)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+    def couple(
+        self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Pair noise with data; independent coupling (keep the given order) unless overridden."""
+        return x0, x1
+
+    def _xt_ut(self, t: Tensor, x0: Tensor, x1: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """``xt`` and ``ut`` for ``t`` already shaped ``[B, 1, ..., 1]``."""
+        raise NotImplementedError
+
+    def path(self, t: Tensor | float, x0: Tensor, x1: Tensor, eps: Tensor) -> FlowSample:
+        """Evaluate the path at given ``t``, pairing and noise (no re-pairing, no random draws).
+
+        Args:
+            t: ``[B]`` times, or a scalar applied to every sample.
+            x0, x1, eps: ``[B, ...]`` noise, data and extra Gaussian noise, already paired.
+        """
+        t = torch.as_tensor(t, dtype=x1.dtype, device=x1.device).expand(x1.shape[0])
+        xt, ut = self._xt_ut(pad_t_like_x(t, x1), x0, x1, eps)
+        return FlowSample(t=t, x0=x0, x1=x1, xt=xt, ut=ut, eps=eps)
+
+    def sample(
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        t: Tensor | float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> FlowSample:
+        """Draw a training sample from the path.
+
+        Args:
+            x0: ``[B, ...]`` noise.
+            x1: ``[B, ...]`` data, same shape as ``x0``.
+            t: ``[B]`` times (or a scalar); ``None`` draws ``t ~ U(0, 1)`` per sample.
+            generator: RNG for the pairing (otcfm), ``t`` and ``eps``, in that order; ``None`` uses
+                torch's global RNG. Must live on ``x1``'s device.
+
+        Returns:
+            :class:`FlowSample` with ``x0``, ``x1`` after re-pairing.
+        """
+        if x0.shape != x1.shape:
+            raise ValueError(
+                f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}."
+            )
+        x0, x1 = self.couple(x0, x1, generator)
+        if t is None:
+            t = torch.rand(x1.shape[0], dtype=x1.dtype, device=x1.device, generator=generator)
+        eps = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=generator)
+        return self.path(t, x0, x1, eps)
+
+
+class ICFM(FlowMatcher):
+    """Independent-coupling CFM (Tong et al. 2023), straight path with constant-width Gaussian tube.
+
+    ``xt = t x1 + (1 - t) x0 + sigma eps``, ``ut = d xt / d t = x1 - x0``.
+    """
+
+    name = "icfm"
+
+    def _xt_ut(self, t, x0, x1, eps):
+        xt = t * x1 + (1 - t) * x0 + self.sigma * eps
+        return xt, x1 - x0
+
+
+class OTCFM(ICFM):
+    """OT-CFM (Tong et al. 2023): the icfm path after re-pairing ``(x0, x1)`` by minibatch exact OT.
+
+    See :func:`ot_pairing_indices` for the two pairing modes.
+    """
+
+    name = "otcfm"
+
+    def __init__(self, sigma: float = 0.0, ot_pairing: str = "replacement"):
+        super().__init__(sigma)
+        _check_ot_pairing(ot_pairing)
+        self.ot_pairing = ot_pairing
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma}, ot_pairing={self.ot_pairing!r})"
+
+    def couple(self, x0, x1, generator=None):
+        i, j = ot_pairing_indices(x0, x1, self.ot_pairing, generator)
+        return x0[i], x1[j]
+
+
+class FM(FlowMatcher):
+    """Flow matching with the optimal-transport conditional path of Lipman et al. (2023).
+
+    ``mu_t = t x1``, ``sigma_t = 1 - (1 - sigma) t``, ``xt = mu_t + sigma_t x0`` (``eps`` unused).
+    The paper's target ``ut = (x1 - (1 - sigma) xt) / (1 - (1 - sigma) t)`` divides by ``sigma_t``,
+    which vanishes at ``t = 1`` when ``sigma = 0``. Substituting ``xt``::
+
+        x1 - (1 - sigma) xt = x1 - (1 - sigma) t x1 - (1 - sigma) (1 - (1 - sigma) t) x0
+                            = (1 - (1 - sigma) t) x1 - (1 - sigma) (1 - (1 - sigma) t) x0
+                            = (1 - (1 - sigma) t) (x1 - (1 - sigma) x0)
+
+    so the division cancels exactly: ``ut = x1 - (1 - sigma) x0`` (``= d xt / d t``), which is
+    accurate for every ``t`` and equals ``x1 - x0`` when ``sigma = 0``.
+    """
+
+    name = "fm"
+
+    def _xt_ut(self, t, x0, x1, eps):
+        shrink = 1 - self.sigma
+        xt = t * x1 + (1 - shrink * t) * x0
+        return xt, x1 - shrink * x0
+
+
+class SI(FlowMatcher):
+    """Variance-preserving stochastic interpolant (Albergo & Vanden-Eijnden 2023).
+
+    ``xt = cos(pi t / 2) x0 + sin(pi t / 2) x1 + sigma eps``,
+    ``ut = d xt / d t = pi / 2 (cos(pi t / 2) x1 - sin(pi t / 2) x0)``.
+    """
+
+    name = "si"
+
+    def _xt_ut(self, t, x0, x1, eps):
+        angle = t * (math.pi / 2)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        xt = cos * x0 + sin * x1 + self.sigma * eps
+        return xt, (math.pi / 2) * (cos * x1 - sin * x0)
+
+
+_CLASSES = {cls.name: cls for cls in (OTCFM, ICFM, FM, SI)}
+
+
+def make_matcher(name: str, sigma: float = 0.0, ot_pairing: str = "replacement") -> FlowMatcher:
+    """Build the matcher for ``--model name``.
+
+    Args:
+        name: one of :data:`MATCHERS`.
+        sigma: width of the Gaussian around the path (``>= 0``; for fm, the final std ``sigma_min``).
+        ot_pairing: one of :data:`OT_PAIRINGS`; used by otcfm, validated for every model so a typo
+            fails before training starts.
+    """
+    if name not in _CLASSES:
+        raise ValueError(f"unknown --model {name!r}: choose one of {', '.join(MATCHERS)}.")
+    _check_ot_pairing(ot_pairing)
+    if not sigma >= 0:
+        raise ValueError(f"--sigma must be >= 0, got {sigma}.")
+    if name == "otcfm":
+        return OTCFM(sigma, ot_pairing)
+    return _CLASSES[name](sigma)
