@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny CIFAR-10 written in the real on-disk format, tiny UNet settings."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from utils_cifar import CIFAR10_DIR, TEST_BATCHES, TRAIN_BATCHES
+
+# Small enough for CPU tests, same family as the paper UNet.
+TINY_UNET_FLAGS = ["--num_channel=32", "--num_res_blocks=1", "--channel_mult=1,2", "--num_head_channels=16"]
+
+
+def write_fake_cifar10(root, per_batch: int = 20, seed: int = 0):
+    """Write `{root}/cifar-10-batches-py/` with python-pickle batches shaped like CIFAR-10's.
+
+    Each batch holds `per_batch` images (uint8 [n, 3072], channel-major) whose brightness depends on
+    the label, so classes (and two sub-clusters per class) are easy to tell apart.
+    Returns (train_images [N,3,32,32] uint8, train_labels [N]) as numpy arrays.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / CIFAR10_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels = [], []
+    for name in TRAIN_BATCHES + TEST_BATCHES:
+        labels = np.arange(per_batch) % 10
+        level = 20 + 20 * labels + 10 * (np.arange(per_batch) // 10 % 2)
+        images = np.clip(level[:, None] + rng.integers(0, 6, size=(per_batch, 3072)), 0, 255).astype(np.uint8)
+        entry = {"batch_label": name, "labels": labels.tolist(), "data": images,
+                 "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+        if name in TRAIN_BATCHES:
+            train_images.append(images.reshape(-1, 3, 32, 32))
+            train_labels.append(labels)
+    return np.concatenate(train_images), np.concatenate(train_labels)
+
+
+@pytest.fixture(scope="session")
+def fake_cifar(tmp_path_factory):
+    """(data_dir, images, labels) of a 100-image fake CIFAR-10 train set (plus a test batch)."""
+    root = tmp_path_factory.mktemp("cifar")
+    images, labels = write_fake_cifar10(root)
+    return root, images, labels

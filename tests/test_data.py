@@ -1,0 +1,128 @@
+"""CIFAR-10 loading from the real on-disk format, offline errors, on-device batches."""
+
+import tarfile
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.utils as tv_utils
+
+import utils_cifar
+from conftest import write_fake_cifar10
+
+
+def test_reads_pickle_batches_in_cifar_format(fake_cifar):
+    root, images, labels = fake_cifar
+    x, y = utils_cifar.load_cifar10(root)
+    assert x.dtype == torch.uint8 and x.shape == (100, 3, 32, 32)
+    assert y.dtype == torch.int64 and y.shape == (100,)
+    assert np.array_equal(x.numpy(), images) and np.array_equal(y.numpy(), labels)
+    x_test, y_test = utils_cifar.load_cifar10(root, train=False)
+    assert x_test.shape == (20, 3, 32, 32) and y_test.max() <= 9
+
+
+def test_pixel_layout_is_channel_major_like_cifar():
+    """Row layout of a CIFAR batch: 1024 red, then 1024 green, then 1024 blue values, row-major."""
+    import pickle
+    import tempfile
+    from pathlib import Path
+
+    row = np.zeros((1, 3072), np.uint8)
+    row[0, 1024 + 32 * 5 + 7] = 200  # green channel, y=5, x=7
+    with tempfile.TemporaryDirectory() as d:
+        with open(Path(d) / "b", "wb") as f:
+            pickle.dump({"data": row, "labels": [3]}, f, protocol=2)
+        x, y = utils_cifar.read_cifar_batches(d, names=("b",))
+    assert x[0, 1, 5, 7] == 200 and int(x.sum()) == 200 and y.tolist() == [3]
+
+
+def test_extracts_a_local_archive(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_fake_cifar10(src, per_batch=10)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive = data_dir / utils_cifar.CIFAR10_ARCHIVE
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / utils_cifar.CIFAR10_DIR, arcname=utils_cifar.CIFAR10_DIR)
+    # The fake archive is not the real one: accept its checksum, and make sure nothing downloads.
+    monkeypatch.setattr(utils_cifar, "CIFAR10_MD5", tv_utils.calculate_md5(str(archive)))
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", lambda *a, **k: pytest.fail("downloaded"))
+    x, y = utils_cifar.load_cifar10(data_dir)
+    assert x.shape == (50, 3, 32, 32)
+
+
+def test_corrupt_archive_is_a_clear_error(tmp_path):
+    (tmp_path / utils_cifar.CIFAR10_ARCHIVE).write_bytes(b"not a tarball")
+    with pytest.raises(utils_cifar.DataError, match="corrupt"):
+        utils_cifar.load_cifar10(tmp_path)
+
+
+def test_offline_without_data_names_the_file(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(utils_cifar.DataError) as err:
+        utils_cifar.load_cifar10(tmp_path / "nowhere")
+    message = str(err.value)
+    assert "cifar-10-python.tar.gz" in message and str(tmp_path / "nowhere") in message
+    assert "\n" not in message
+
+
+def test_malformed_batch_is_rejected(tmp_path):
+    import pickle
+
+    write_fake_cifar10(tmp_path, per_batch=10)
+    with open(tmp_path / utils_cifar.CIFAR10_DIR / "data_batch_3", "wb") as f:
+        pickle.dump({"data": np.zeros((10, 100), np.uint8), "labels": [0] * 10}, f)
+    with pytest.raises(utils_cifar.DataError, match="data_batch_3"):
+        utils_cifar.load_cifar10(tmp_path)
+
+
+def test_model_range_and_uint8_roundtrip():
+    u8 = torch.arange(256, dtype=torch.uint8)
+    x = utils_cifar.to_model_range(u8)
+    assert x.min() == -1 and x.max() == 1
+    assert torch.allclose(x, u8.float() / 127.5 - 1)
+    # (x * 127.5 + 128) truncates to u + 0.5 -> u: the published mapping is an exact inverse.
+    assert torch.equal(utils_cifar.to_uint8(x), u8)
+
+
+def test_random_hflip_flips_about_half_exactly():
+    x = torch.randn(2000, 3, 4, 5)
+    y = utils_cifar.random_hflip(x, torch.Generator().manual_seed(0))
+    same = (y == x).flatten(1).all(1)
+    flipped = (y == x.flip(-1)).flatten(1).all(1)
+    assert bool((same | flipped).all())
+    assert 900 < int(flipped.sum()) < 1100
+
+
+def test_shuffled_batches_cover_each_epoch_and_resume_exactly(fake_cifar):
+    root, images, _ = fake_cifar
+    data = torch.from_numpy(images)
+    source = utils_cifar.ShuffledBatches(data, batch_size=7, seed=3)
+    seen = []
+    for _ in range(100 // 7):
+        x, cluster = source.next_batch()
+        assert x.shape == (7, 3, 32, 32) and cluster is None
+        assert x.min() >= -1 and x.max() <= 1
+        seen.append(source.order[source.position - 7 : source.position])
+    assert len(torch.cat(seen).unique()) == 98  # without replacement within an epoch
+    state = torch.load(_roundtrip(source.state_dict()), weights_only=True)
+    expected = [source.next_batch()[0] for _ in range(5)]  # crosses the epoch boundary
+    resumed = utils_cifar.ShuffledBatches(data, batch_size=7, seed=99)
+    resumed.load_state_dict(state)
+    for want in expected:
+        assert torch.equal(resumed.next_batch()[0], want)
+    other_rank = utils_cifar.ShuffledBatches(data, batch_size=7, seed=3, rank=1)
+    assert not torch.equal(other_rank.order, utils_cifar.ShuffledBatches(data, 7, seed=3).order)
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf

@@ -1,0 +1,171 @@
+"""The shared training loop: EMA, schedule, checkpoints, exact resume, the script end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from absl import flags
+from PIL import Image
+
+import train_cifar10  # defines the training flags
+import training
+import utils_cifar
+from conftest import TINY_UNET_FLAGS
+from unet import UNetModel
+
+FLAGS = flags.FLAGS
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = dict(num_channels=32, num_res_blocks=1, channel_mult=(1, 2), num_head_channels=16)
+
+
+def tiny_args(data_dir, output_dir, *extra):
+    return [*TINY_UNET_FLAGS, "--batch_size=4", "--grid_size=4", "--grid_steps=2", "--log_step=2", "--warmup=2",
+            f"--data_dir={data_dir}", f"--output_dir={output_dir}", "--wandb_mode=disabled", "--device=cpu", *extra]
+
+
+def run_plain(args):
+    """Parse `args` as the command line of train_cifar10.py and run its main in this process."""
+    FLAGS.unparse_flags()
+    FLAGS(["train_cifar10.py", *args])
+    train_cifar10.main([])
+
+
+def test_ema_update_is_the_closed_form_average():
+    torch.manual_seed(0)
+    net, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    utils_cifar.ema_update(ema, net, 0.9)
+    for e, b, p in zip(ema.parameters(), before, net.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * p)
+    utils_cifar.ema_update(ema, net, 0.0)  # decay 0 copies the net
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), net.parameters()))
+
+
+def test_warmup_is_linear_then_constant():
+    f = training.warmup_schedule(5000)
+    assert [f(0), f(2500), f(5000), f(9000)] == [0.0, 0.5, 1.0, 1.0]
+    assert training.warmup_schedule(0)(0) == 1.0
+
+
+def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    utils_cifar.atomic_save({"step": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        utils_cifar.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod."])
+def test_weights_with_wrapper_prefixes_load(prefix):
+    torch.manual_seed(0)
+    net = UNetModel(**TINY_CONFIG)
+    state = {prefix + k: v.clone() + 1 for k, v in net.state_dict().items()}
+    other = UNetModel(**TINY_CONFIG)
+    utils_cifar.load_weights(other, state)
+    assert all(torch.equal(other.state_dict()[k], state[prefix + k]) for k in net.state_dict())
+
+
+def test_weights_that_do_not_fit_name_the_difference():
+    small = UNetModel(**TINY_CONFIG).state_dict()
+    with pytest.raises(utils_cifar.CheckpointError, match="shape mismatches .*input_blocks.0.0"):
+        utils_cifar.load_weights(UNetModel(**{**TINY_CONFIG, "num_channels": 64}), small)
+
+
+def test_script_runs_the_published_command_end_to_end(fake_cifar, tmp_path):
+    data_dir, _, _ = fake_cifar
+    published = ["--model=otcfm", "--lr=2e-4", "--ema_decay=0.9999", "--batch_size=128",
+                 "--total_steps=400001", "--save_step=20000"]
+    overrides = tiny_args(data_dir, tmp_path, "--total_steps=5", "--save_step=2")
+    result = subprocess.run([sys.executable, "train_cifar10.py", *published, *overrides], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "otcfm"
+    names = sorted(p.name for p in run_dir.glob("*.pt"))
+    assert names == [f"otcfm_cifar10_weights_step_{s}.pt" for s in (2, 4)]  # no step 0, last step saved
+    ckpt = torch.load(run_dir / "otcfm_cifar10_weights_step_4.pt", weights_only=True)
+    assert {"net_model", "ema_model", "sched", "optim", "step"} <= set(ckpt)
+    assert ckpt["step"] == 4 and ckpt["unet_config"]["num_channels"] == 32
+    assert ckpt["flags"]["model"] == "otcfm" and ckpt["provenance"]["packages"]["torch"] == torch.__version__
+    assert ckpt["sched"]["last_epoch"] == 5  # updates 0..4 happened
+    for kind in ("normal", "ema"):
+        with Image.open(run_dir / f"{kind}_generated_FM_images_step_4.png") as img:
+            assert img.size == (2 + 4 * 34, 2 + 34)  # 4 images of 32 px in one row, 2 px padding
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    for key in ("loss_fm", "grad_norm", "vector_field_mean_norm", "lr", "step"):
+        assert all(key in r for r in records)
+    assert records[0]["lr"] == 0.0 and records[1]["lr"] == pytest.approx(2e-4)  # warm-up of 2 steps
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path):
+    data_dir, _, _ = fake_cifar
+    run_plain(tiny_args(data_dir, tmp_path / "full", "--total_steps=6", "--save_step=3"))
+    run_plain(tiny_args(data_dir, tmp_path / "part", "--total_steps=4", "--save_step=3"))
+    resume_from = tmp_path / "part/otcfm/otcfm_cifar10_weights_step_3.pt"
+    # The published resume command names no architecture flags: they come from the checkpoint.
+    FLAGS.unparse_flags()
+    FLAGS(["train_cifar10.py", f"--checkpoint_path={resume_from}", "--total_steps=6", "--save_step=3",
+           "--batch_size=4", "--grid_size=4", "--grid_steps=2", "--log_step=2", "--warmup=2",
+           f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'part'}", "--wandb_mode=disabled", "--device=cpu"])
+    train_cifar10.main([])
+    full = torch.load(tmp_path / "full/otcfm/otcfm_cifar10_weights_step_5.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "part/otcfm/otcfm_cifar10_weights_step_5.pt", weights_only=True)
+    for key in ("net_model", "ema_model"):
+        for name, tensor in full[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs"
+    assert torch.equal(full["optim"]["state"][0]["exp_avg"], resumed["optim"]["state"][0]["exp_avg"])
+    assert full["rank_states"][0]["batches"]["position"] == resumed["rank_states"][0]["batches"]["position"]
+
+
+def test_published_checkpoint_without_extras_resumes(fake_cifar, tmp_path):
+    """TorchCFM checkpoints hold only net_model/ema_model/sched/optim/step, with DataParallel prefixes."""
+    data_dir, _, _ = fake_cifar
+    run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2"))
+    ours = torch.load(tmp_path / "otcfm/otcfm_cifar10_weights_step_2.pt", weights_only=True)
+    published = {k: ours[k] for k in ("sched", "optim", "step")}
+    for key in ("net_model", "ema_model"):
+        published[key] = {f"module.{k}": v for k, v in ours[key].items()}
+    path = tmp_path / "published.pt"
+    torch.save(published, path)
+    run_plain(tiny_args(data_dir, tmp_path / "resumed", "--total_steps=4", "--save_step=2",
+                        f"--checkpoint_path={path}"))
+    assert torch.load(tmp_path / "resumed/otcfm/otcfm_cifar10_weights_step_3.pt", weights_only=True)["step"] == 3
+
+
+def test_user_errors_are_one_sentence_and_exit_nonzero(fake_cifar, tmp_path, monkeypatch):
+    data_dir, _, _ = fake_cifar
+    run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2"))
+    good = tmp_path / "otcfm/otcfm_cifar10_weights_step_2.pt"
+    before = good.read_bytes()
+    cases = {
+        "already holds checkpoints": tiny_args(data_dir, tmp_path, "--total_steps=3"),
+        "contradicts the checkpoint's num_channels=32": tiny_args(
+            data_dir, tmp_path, f"--checkpoint_path={good}", "--num_channel=64"),
+        "must be a positive multiple": tiny_args(data_dir, tmp_path / "x", "--batch_size=0"),
+        "does not exist": tiny_args(data_dir, tmp_path / "y", f"--checkpoint_path={tmp_path / 'nope.pt'}"),
+    }
+    for expected, args in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            run_plain(args)
+        message = str(exit_info.value.code)
+        assert expected in message and message.startswith("error: ") and "\n" not in message
+    assert good.read_bytes() == before  # a failed run never touches a good checkpoint
+
+
+def test_overwrite_flag_allows_a_fresh_run(fake_cifar, tmp_path):
+    data_dir, _, _ = fake_cifar
+    run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2"))
+    run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2", "--overwrite", "--seed=1"))
+    assert torch.load(tmp_path / "otcfm/otcfm_cifar10_weights_step_2.pt", weights_only=True)["flags"]["seed"] == 1

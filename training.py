@@ -1,0 +1,494 @@
+"""The one training loop behind every training script.
+
+A script defines its own flags, picks a regularizer (or none) and calls `run(FLAGS, ...)`. One code
+path serves a plain `python train_*.py` (a world of size 1) and `torchrun` (one process per GPU):
+every rank computes, only rank 0 writes files or logs.
+
+One step (see `Trainer.step`):
+    x1, cluster = batches.next_batch()                 # [B,3,32,32] in [-1,1], on device
+    sample = matcher.sample(randn_like(x1), x1)        # t, x0, x1, xt, ut (otcfm re-pairs by exact OT)
+    v = net(t ++ t_extra, xt ++ x_extra)               # regularizer inputs batched into the same call
+    loss = mse(vt, ut) + lambda * regularizer.loss(...)
+    backward -> clip (grad_norm) -> Adam -> warm-up schedule -> EMA lerp
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from absl import flags
+from torch import Tensor
+from tqdm import tqdm
+
+import utils_cifar
+from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
+from unet import PAPER_CONFIG, UNetModel, normalize_config
+
+# Flags are declarations, not work: every training script shares these (names as users type them).
+flags.DEFINE_enum("model", "otcfm", list(MATCHERS), "flow matching variant")
+flags.DEFINE_float("sigma", 0.0, "std of the extra Gaussian noise on the probability path")
+flags.DEFINE_enum("ot_pairing", "replacement", list(OT_PAIRINGS),
+                  "otcfm: draw B pairs from the OT plan with replacement (published) or use the optimal permutation")
+flags.DEFINE_string("output_dir", "./results/", "where run folders are written")
+flags.DEFINE_string("data_dir", "./data", "CIFAR-10 location (downloaded there on first use)")
+# UNet construction arguments (paper config by default); stored in every checkpoint.
+flags.DEFINE_integer("num_channel", PAPER_CONFIG["num_channels"], "UNet base channels")
+flags.DEFINE_integer("num_res_blocks", PAPER_CONFIG["num_res_blocks"], "residual blocks per resolution")
+flags.DEFINE_list("channel_mult", [str(m) for m in PAPER_CONFIG["channel_mult"]], "channel multiplier per resolution")
+flags.DEFINE_string("attention_resolutions", PAPER_CONFIG["attention_resolutions"], "resolutions with self-attention, e.g. 16 or 16,8")
+flags.DEFINE_integer("num_head_channels", PAPER_CONFIG["num_head_channels"], "channels per attention head")
+flags.DEFINE_float("dropout", PAPER_CONFIG["dropout"], "dropout in residual blocks")
+# Optimisation (the published recipe).
+flags.DEFINE_float("lr", 2e-4, "Adam learning rate")
+flags.DEFINE_float("grad_clip", 1.0, "gradient norm clip")
+flags.DEFINE_integer("total_steps", 400001, "training steps (loop indices 0..total_steps-1)")
+flags.DEFINE_integer("warmup", 5000, "linear learning-rate warm-up steps")
+flags.DEFINE_integer("batch_size", 128, "global batch size (split across ranks)")
+flags.DEFINE_float("ema_decay", 0.9999, "EMA decay, applied every step")
+flags.DEFINE_integer("seed", 0, "seed of every random stream (rank r uses seed + r)")
+# Outputs.
+flags.DEFINE_integer("save_step", 20000, "checkpoint + sample grids every this many steps (0 = never)")
+flags.DEFINE_integer("log_step", 100, "metrics to the progress bar, wandb and metrics.jsonl every this many steps")
+flags.DEFINE_integer("grid_size", 64, "images in each sample grid")
+flags.DEFINE_integer("grid_steps", 100, "Euler steps for the sample grids")
+flags.DEFINE_string("checkpoint_path", "", "resume from this checkpoint")
+flags.DEFINE_bool("overwrite", False, "let a new run replace existing checkpoints in its run folder")
+flags.DEFINE_enum("wandb_mode", "offline", ["online", "offline", "disabled"],
+                  "wandb mode (WANDB_MODE in the environment wins); offline runs sync later with `wandb sync`")
+flags.DEFINE_string("device", "", "training device (default: cuda if available, else cpu)")
+
+ARCH_FLAGS = {  # flag name -> UNet construction argument
+    "num_channel": "num_channels",
+    "num_res_blocks": "num_res_blocks",
+    "channel_mult": "channel_mult",
+    "attention_resolutions": "attention_resolutions",
+    "num_head_channels": "num_head_channels",
+    "dropout": "dropout",
+}
+
+
+class BatchSource(Protocol):
+    """Yields training batches on the device; its state makes a resumed stream exact."""
+
+    def next_batch(self) -> tuple[Tensor, Tensor | None]:
+        """x1 [B,3,32,32] float in [-1,1] (flipped at random) and cluster ids [B] (or None)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Regularizer(Protocol):
+    """A training term added to loss_fm with weight `weight`.
+
+    Its extra network inputs are appended to the main forward call: one batched call (GroupNorm is
+    per sample, so results are unchanged), better GPU use, and DDP sees a single forward.
+    """
+
+    name: str  # logged as f"{name}_loss" and as "regularized_loss"
+    weight: float
+
+    def extra_inputs(self, sample: FlowSample, cluster: Tensor) -> tuple[Tensor, Tensor, object]:
+        """(t_extra [E], x_extra [E,3,32,32], ctx): where to evaluate the net, and what loss() needs."""
+
+    def loss(self, sample: FlowSample, vt: Tensor | None, v_extra: Tensor, ctx) -> Tensor:
+        """Scalar loss from the main prediction vt [B,...] and the extra outputs v_extra [E,...]."""
+
+    def before_step(self, step: int) -> None:
+        """Hook at the start of each step (e.g. refresh centroids)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class DataContext:
+    """What a batch-source factory gets: the device-resident data set and this rank's share."""
+
+    images: Tensor  # uint8 [N,3,32,32] on the training device
+    labels: Tensor  # int64 [N] (CPU)
+    batch_size: int  # per rank
+    seed: int
+    rank: int
+    is_main: bool
+    data_dir: str
+    checkpoint: dict | None  # the checkpoint being resumed, if any (e.g. a stored cluster assignment)
+
+
+@dataclass
+class RunSpec:
+    """What a script trains and where it writes.
+
+    run_dir:          folder under --output_dir, e.g. "otcfm" or "otcfm_local_1e0"
+    file_prefix:      checkpoint prefix, e.g. "otcfm_cifar10_local_1e0"
+    run_name:         wandb run name
+    make_batches:     DataContext -> BatchSource for training (default: shuffled batches)
+    make_regularizer: training BatchSource -> Regularizer added to the loss (default: none)
+    make_monitor:     DataContext -> (BatchSource, Regularizer) evaluated under no_grad on log steps
+                      only, logged as f"{name}_loss" (default: none)
+    """
+
+    run_dir: str
+    file_prefix: str
+    run_name: str
+    make_batches: Callable[[DataContext], BatchSource] | None = None
+    make_regularizer: Callable[[BatchSource], Regularizer] | None = None
+    make_monitor: Callable[[DataContext], tuple[BatchSource, Regularizer]] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed setup (a plain run is a world of size 1)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device_flag: str) -> World:
+    """Join the torchrun process group if launched by torchrun; pick this rank's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device_flag:
+        device = torch.device(device_flag)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(rank=rank, size=size, device=device)
+
+
+def gather_to_main(obj, world: World) -> list:
+    """Every rank's `obj` as a list on every rank (one entry when not distributed)."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up helpers
+# --------------------------------------------------------------------------------------------
+
+
+def flag_dict(FLAGS) -> dict:
+    """All flags defined by this project (not absl's own), name -> value."""
+    out = {}
+    for module, module_flags in FLAGS.flags_by_module_dict().items():
+        if module.startswith("absl"):
+            continue
+        for flag in module_flags:
+            out[flag.name] = flag.value
+    return out
+
+
+def unet_config_from_flags(FLAGS) -> dict:
+    config = dict(PAPER_CONFIG)
+    for flag, arg in ARCH_FLAGS.items():
+        value = getattr(FLAGS, flag)
+        config[arg] = [int(m) for m in value] if flag == "channel_mult" else value
+    return normalize_config(config)
+
+
+def resolve_unet_config(FLAGS, ckpt: dict | None) -> dict:
+    """The checkpoint's UNet arguments when resuming (published resume commands give no
+    --num_channel), else the flags'. An architecture flag given explicitly that contradicts the
+    checkpoint is an error rather than a silent rebuild."""
+    from_flags = unet_config_from_flags(FLAGS)
+    if ckpt is None or "unet_config" not in ckpt:
+        return from_flags
+    stored = normalize_config(ckpt["unet_config"])
+    for flag, arg in ARCH_FLAGS.items():
+        if FLAGS[flag].present and from_flags[arg] != stored[arg]:
+            raise utils_cifar.UserError(
+                f"--{flag}={getattr(FLAGS, flag)} contradicts the checkpoint's {arg}={stored[arg]}: "
+                f"drop the flag to resume with the stored architecture."
+            )
+    return stored
+
+
+def validate_flags(FLAGS, world: World) -> None:
+    """Catch user mistakes before any heavy work."""
+    checks = [
+        (FLAGS.batch_size > 0 and FLAGS.batch_size % world.size == 0,
+         f"--batch_size={FLAGS.batch_size} must be a positive multiple of the {world.size} processes."),
+        (FLAGS.total_steps > 0, "--total_steps must be positive."),
+        (FLAGS.save_step >= 0, "--save_step must be >= 0 (0 disables saving)."),
+        (FLAGS.log_step > 0, "--log_step must be positive."),
+        (FLAGS.warmup >= 0, "--warmup must be >= 0."),
+        (0.0 <= FLAGS.ema_decay <= 1.0, "--ema_decay must lie in [0, 1]."),
+        (FLAGS.grad_clip > 0, "--grad_clip must be positive."),
+        (FLAGS.sigma >= 0, "--sigma must be >= 0."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise utils_cifar.UserError(message)
+
+
+def warmup_schedule(warmup: int):
+    """lr multiplier at scheduler step s: min(s, warmup) / warmup (0 at the first step, as published)."""
+    return lambda s: min(s, warmup) / warmup if warmup > 0 else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Owns net, EMA, optimizer, schedule, matcher and batch sources; `step()` does one update."""
+
+    def __init__(self, net, ema, optimizer, scheduler, matcher, batches, FLAGS,
+                 regularizer=None, monitor=None, ddp_net=None):
+        self.net = net  # the bare module (EMA source, checkpoints)
+        self.forward_net = ddp_net or net  # what the step calls (DDP wrapper when distributed)
+        self.ema, self.optimizer, self.scheduler = ema, optimizer, scheduler
+        self.matcher, self.batches, self.regularizer = matcher, batches, regularizer
+        self.monitor = monitor  # (BatchSource, Regularizer) or None
+        self.grad_clip, self.ema_decay = FLAGS.grad_clip, FLAGS.ema_decay
+
+    def step(self, step: int, with_metrics: bool = False) -> dict:
+        """One optimisation step. Returns device tensors (no host sync); the full metric set only
+        when `with_metrics`, to keep non-log steps free of extra reductions and monitor passes."""
+        reg = self.regularizer
+        if reg is not None:
+            reg.before_step(step)
+        x1, cluster = self.batches.next_batch()
+        sample = self.matcher.sample(torch.randn_like(x1), x1)
+        t, x = sample.t, sample.xt
+        if reg is not None:
+            t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
+            t, x = torch.cat([t, t_extra]), torch.cat([x, x_extra])
+        v = self.forward_net(t, x)
+        vt = v[: len(x1)]
+        terms = {"loss_fm": F.mse_loss(vt, sample.ut)}
+        loss = terms["loss_fm"]
+        if reg is not None:
+            terms[f"{reg.name}_loss"] = reg.loss(sample, vt, v[len(x1):], ctx)
+            loss = loss + reg.weight * terms[f"{reg.name}_loss"]
+
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses (a float: no sync)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        utils_cifar.ema_update(self.ema, self.net, self.ema_decay)
+
+        if not with_metrics:
+            return {"loss": loss.detach()}
+        metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "lr": lr}
+        if reg is not None:
+            metrics["regularized_loss"] = metrics[f"{reg.name}_loss"]
+        metrics["grad_norm"] = grad_norm
+        metrics["vector_field_mean_norm"] = vt.detach().flatten(1).norm(dim=1).mean()
+        if self.monitor is not None:
+            metrics.update(self.monitor_losses())
+        return metrics
+
+    @torch.no_grad()
+    def monitor_losses(self) -> dict[str, Tensor]:
+        """The monitor regularizer's loss on a batch of its own source, without training on it."""
+        batches, reg = self.monitor
+        x1, cluster = batches.next_batch()
+        sample = self.matcher.sample(torch.randn_like(x1), x1)
+        t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
+        return {f"{reg.name}_loss": reg.loss(sample, None, self.net(t_extra, x_extra), ctx)}
+
+    def state_dict(self) -> dict:
+        """Per-rank stream state: RNG and batch sources (weights are saved by `save`)."""
+        device = next(self.net.parameters()).device
+        state = {"rng": utils_cifar.rng_state(device), "batches": self.batches.state_dict()}
+        if self.monitor is not None:
+            state["monitor_batches"] = self.monitor[0].state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        utils_cifar.set_rng_state(state["rng"], next(self.net.parameters()).device)
+        self.batches.load_state_dict(state["batches"])
+        if self.monitor is not None:
+            self.monitor[0].load_state_dict(state["monitor_batches"])
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """Rank 0's metrics sink: progress bar, wandb and `metrics.jsonl`."""
+
+    def __init__(self, paths: utils_cifar.RunPaths, spec: RunSpec, config: dict, mode: str):
+        import wandb  # imported here: a slow import that only rank 0 needs
+
+        self.paths = paths
+        self.wandb = wandb.init(
+            project="conditional-flow-matching",
+            name=spec.run_name,
+            config=config,
+            mode=os.environ.get("WANDB_MODE", mode),
+            dir=str(paths.run_dir),
+        )
+
+    def log(self, record: dict) -> None:
+        self.wandb.log(record, step=record["step"])
+        utils_cifar.append_jsonl(self.paths.metrics, record)
+
+    def close(self) -> None:
+        self.wandb.finish()
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def run(FLAGS, spec: RunSpec) -> None:
+    """Entry point for the scripts: `train`, with user errors as one sentence and exit status 1."""
+    try:
+        train(FLAGS, spec)
+    except utils_cifar.UserError as err:
+        sys.exit(f"error: {err}")
+
+
+def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
+    world = init_world(FLAGS.device)
+    validate_flags(FLAGS, world)
+    matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing)
+    paths = utils_cifar.RunPaths(Path(FLAGS.output_dir) / spec.run_dir, spec.file_prefix)
+    ckpt = utils_cifar.load_checkpoint(FLAGS.checkpoint_path) if FLAGS.checkpoint_path else None
+    unet_config = resolve_unet_config(FLAGS, ckpt)
+    if ckpt is None and paths.existing_checkpoints() and not FLAGS.overwrite:
+        raise utils_cifar.UserError(
+            f"{paths.run_dir} already holds checkpoints ({paths.existing_checkpoints()[-1].name}): "
+            f"resume with --checkpoint_path, pick another --output_dir, or pass --overwrite."
+        )
+    if ckpt is not None and ckpt.get("rank_states") and len(ckpt["rank_states"]) != world.size:
+        raise utils_cifar.UserError(
+            f"the checkpoint was written by {len(ckpt['rank_states'])} processes but this run has {world.size}: "
+            f"resume with the same number of processes."
+        )
+
+    torch.manual_seed(FLAGS.seed + world.rank)
+    images, labels = utils_cifar.load_cifar10(FLAGS.data_dir)
+    data = DataContext(images=images.to(world.device), labels=labels, batch_size=FLAGS.batch_size // world.size,
+                       seed=FLAGS.seed, rank=world.rank, is_main=world.is_main, data_dir=FLAGS.data_dir,
+                       checkpoint=ckpt)
+    if spec.make_batches is None:
+        batches = utils_cifar.ShuffledBatches(data.images, data.batch_size, data.seed, data.rank)
+    else:
+        batches = spec.make_batches(data)
+    regularizer = spec.make_regularizer(batches) if spec.make_regularizer is not None else None
+    monitor = spec.make_monitor(data) if spec.make_monitor is not None else None
+
+    net = UNetModel(**unet_config).to(world.device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)  # never wrapped in DDP
+    optimizer = torch.optim.Adam(net.parameters(), lr=FLAGS.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(FLAGS.warmup))
+    ddp_net = None
+    if world.size > 1:
+        ddp_net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[world.device.index] if world.device.type == "cuda" else None
+        )
+    trainer = Trainer(net, ema, optimizer, scheduler, matcher, batches, FLAGS, regularizer, monitor, ddp_net)
+    start = 0
+    if ckpt is not None:
+        start = resume(trainer, ckpt, FLAGS, world)
+
+    config = flag_dict(FLAGS)
+    logger = None
+    if world.is_main:
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        logger = RunLogger(paths, spec, config, FLAGS.wandb_mode)
+    progress = tqdm(range(start, FLAGS.total_steps), initial=start, total=FLAGS.total_steps,
+                    disable=not world.is_main, dynamic_ncols=True)
+    last = FLAGS.total_steps - 1
+    tic = time.perf_counter()
+    for step in progress:
+        is_log = step % FLAGS.log_step == 0 or step == last
+        metrics = trainer.step(step, with_metrics=is_log)
+        if is_log:
+            # The one host sync of a log step: every metric leaves the device together.
+            tensors = {k: v for k, v in metrics.items() if isinstance(v, Tensor)}
+            values = dict(zip(tensors, torch.stack([v.float() for v in tensors.values()]).tolist()))
+            record = {"step": step, **metrics, **values,
+                      "seconds": round(time.perf_counter() - tic, 3)}
+            if logger is not None:
+                logger.log(record)
+                progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        is_save = FLAGS.save_step > 0 and ((step % FLAGS.save_step == 0 and step > 0) or step == last)
+        if is_save:
+            save(trainer, spec, paths, step, unet_config, config, world)
+    if logger is not None:
+        logger.close()
+    return paths
+
+
+def resume(trainer: Trainer, ckpt: dict, FLAGS, world: World) -> int:
+    """Load weights, EMA, optimizer, schedule and stream states; return the first step to run.
+
+    Published TorchCFM checkpoints carry only weights, optimizer, schedule and step: their random
+    streams restart from --seed.
+    """
+    source = FLAGS.checkpoint_path
+    utils_cifar.load_weights(trainer.net, ckpt["net_model"], f"{source} (net_model)")
+    utils_cifar.load_weights(trainer.ema, ckpt["ema_model"], f"{source} (ema_model)")
+    trainer.optimizer.load_state_dict(ckpt["optim"])
+    scheduler = trainer.scheduler
+    scheduler.load_state_dict(ckpt["sched"])
+    # Training flags (--lr, --warmup) come from this command line, not the checkpoint.
+    scheduler.base_lrs = [FLAGS.lr for _ in trainer.optimizer.param_groups]
+    for group in trainer.optimizer.param_groups:
+        group["initial_lr"] = FLAGS.lr
+        group["lr"] = FLAGS.lr * warmup_schedule(FLAGS.warmup)(scheduler.last_epoch)
+    if ckpt.get("rank_states"):
+        trainer.load_state_dict(ckpt["rank_states"][world.rank])
+    if trainer.regularizer is not None and ckpt.get("regularizer"):
+        trainer.regularizer.load_state_dict(ckpt["regularizer"])
+    return int(ckpt["step"]) + 1
+
+
+def save(trainer: Trainer, spec: RunSpec, paths, step: int, unet_config: dict, config: dict, world: World) -> None:
+    """Sample grids (net and EMA) and an atomic checkpoint holding the state after update `step`."""
+    from sampling import save_sample_grid  # imported lazily: only save steps need the ODE code
+
+    rank_states = gather_to_main(trainer.state_dict(), world)
+    if not world.is_main:
+        return
+    for kind, model in (("normal", trainer.net), ("ema", trainer.ema)):
+        save_sample_grid(model, paths.grid(kind, step), num=config["grid_size"], steps=config["grid_steps"],
+                         seed=config["seed"])
+    ckpt = {
+        "net_model": trainer.net.state_dict(),
+        "ema_model": trainer.ema.state_dict(),
+        "sched": trainer.scheduler.state_dict(),
+        "optim": trainer.optimizer.state_dict(),
+        "step": step,
+        "unet_config": unet_config,
+        "flags": config,
+        "rank_states": rank_states,
+        "regularizer": trainer.regularizer.state_dict() if trainer.regularizer is not None else {},
+        "provenance": utils_cifar.provenance(world.device),
+    }
+    utils_cifar.atomic_save(ckpt, paths.checkpoint(step))
