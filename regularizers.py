@@ -1,0 +1,280 @@
+"""Training regularizers for flow matching: the locality loss and the anchor (centroid) loss.
+
+Both plug into the shared loop of `training.py` (the `Regularizer` protocol): `extra_inputs` says
+where the network must also be evaluated; the loop appends those rows to the main batch, makes one
+forward call, splits the output and hands the extra rows back to `loss`.
+
+Both evaluate the network on the straight line ``z_t = t z + (1 - t) x0 + sigma eps`` between
+noise ``x0`` and some image ``z``, for every ``--model`` (as in the published runs). For a field
+that is exactly the conditional target of that line, ``v(z_t, t) = z - x0``, the difference of
+two such predictions sharing ``t``, ``x0`` and ``eps`` is the difference of the two images; the
+losses penalise deviation from that:
+
+=========  ==============================================  ======================================
+name       loss (mean over batch, channels and pixels)      points
+=========  ==============================================  ======================================
+local      mean (v(u_t, t) - v(s_t, t) + s - u)^2           u = x1 (one cluster), s = u permuted,
+                                                            fresh t ~ U(0, 1)
+anchor     full:   mean (v(x_t, t) - v(e_t, t) + e - x1)^2  e = centroid of x1's cluster; the main
+           simple: mean (v(x_t, t) - v(e_t, t))^2           term's t, x0 and eps
+=========  ==============================================  ======================================
+
+"mean" is ``torch.mean`` of the squared difference, the same reduction as ``loss_fm``, so a weight
+lambda means what it meant in the published runs.
+
+Usage (what `training.Trainer.step` does)::
+
+    reg.before_step(step)
+    t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
+    v = net(torch.cat([sample.t, t_extra]), torch.cat([sample.xt, x_extra]))
+    vt, v_extra = v[:B], v[B:]
+    loss = mse(vt, sample.ut) + reg.weight * reg.loss(sample, vt, v_extra, ctx)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flow_matching import FlowSample, pad_t_like_x
+
+ANCHOR_LOSS_TYPES = ("full", "simple")
+
+
+def straight_line(t: Tensor, z: Tensor, x0: Tensor, eps: Tensor, sigma: float) -> Tensor:
+    """``t z + (1 - t) x0 + sigma eps`` for ``t`` ``[B]`` and ``z``, ``x0``, ``eps`` ``[B, ...]``."""
+    t = pad_t_like_x(t, z)
+    return t * z + (1 - t) * x0 + sigma * eps
+
+
+class LocalRegularizer:
+    """Locality loss: predictions at two images of one cluster differ by the images' difference.
+
+    With ``u = x1`` (a batch from one cluster), ``s = u[perm]`` for a random permutation, a fresh
+    ``t ~ U(0, 1)`` per sample and the main term's ``x0`` and ``eps`` for both::
+
+        u_t = t u + (1 - t) x0 + sigma eps,   s_t = t s + (1 - t) x0 + sigma eps
+        loss = mean (v(u_t, t) - v(s_t, t) + s - u)^2
+
+    Two extra evaluations per sample (``E = 2B`` extra rows: ``u_t`` then ``s_t``). The main
+    prediction is not used, so the loss can also be computed alone (``vt=None``), e.g. under
+    ``torch.no_grad()`` to monitor it in a run that does not train on it.
+
+    ``t`` and the permutation come from torch's global RNG on ``x1``'s device (``t`` first), which
+    the loop seeds and checkpoints; this object has no state of its own.
+
+    Args:
+        weight: lambda, the loss's weight in the total loss.
+        sigma: width of the Gaussian tube around the line (the run's ``--sigma``).
+    """
+
+    name = "local"
+
+    def __init__(self, weight: float, sigma: float = 0.0):
+        self.weight = float(weight)
+        self.sigma = float(sigma)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weight={self.weight}, sigma={self.sigma})"
+
+    def extra_inputs(self, sample: FlowSample, cluster: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns ``(t_extra [2B], x_extra [2B, ...], u - s [B, ...])``; ``cluster`` is unused
+        (the batch is a single cluster by construction of the batch source)."""
+        u = sample.x1
+        batch = u.shape[0]
+        t = torch.rand(batch, dtype=u.dtype, device=u.device)
+        s = u[torch.randperm(batch, device=u.device)]
+        u_t = straight_line(t, u, sample.x0, sample.eps, self.sigma)
+        s_t = straight_line(t, s, sample.x0, sample.eps, self.sigma)
+        return torch.cat([t, t]), torch.cat([u_t, s_t]), u - s
+
+    def loss(self, sample: FlowSample, vt: Tensor | None, v_extra: Tensor, ctx: Tensor) -> Tensor:
+        """Scalar ``mean (v(u_t) - v(s_t) - (u - s))^2`` from the ``2B`` extra outputs ``v_extra``."""
+        v_u, v_s = v_extra.chunk(2)
+        return (v_u - v_s - ctx).square().mean()
+
+    def before_step(self, step: int) -> None:
+        """Nothing to refresh."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore (the global RNG is checkpointed by the loop)."""
+
+
+class AnchorRegularizer:
+    """Anchor loss: predictions at an image and at its cluster's centroid differ as the two do.
+
+    With ``e = e(x1)`` the centroid of x1's cluster and the main term's pairing, ``t``, ``x0`` and
+    ``eps``::
+
+        e_t = t e  + (1 - t) x0 + sigma eps
+        x_t = t x1 + (1 - t) x0 + sigma eps
+        full   = mean (v(x_t, t) - v(e_t, t) + e - x1)^2
+        simple = mean (v(x_t, t) - v(e_t, t))^2
+
+    For icfm/otcfm ``x_t`` is the main term's ``xt``, so ``v(x_t, t)`` is the main prediction
+    ``vt`` (``reuse_xt=True``, one extra row per sample: ``e_t``). For fm/si the main ``xt`` lies
+    on another path: pass ``reuse_xt=False`` and ``x_t`` becomes an extra input too (``x_t`` then
+    ``e_t``, two extra rows per sample).
+
+    The centroid is looked up per sample from ``cluster``, but otcfm re-orders ``x1`` inside the
+    matcher without telling the loop: the ids stay aligned with ``sample.x1`` only because every
+    batch comes from one cluster (as `ClassConditionedSampler` guarantees).
+
+    Centroids (see :meth:`compute_centroids`) are recomputed in :meth:`before_step` when none exist
+    yet or when ``step % update_freq == 0``.
+
+    Args:
+        weight: lambda, the loss's weight in the total loss.
+        sigma: width of the Gaussian tube around the line (the run's ``--sigma``).
+        loss_type: ``"full"`` or ``"simple"``.
+        images: uint8 ``[N, 3, H, W]`` training images (un-flipped), on the data device.
+        assignment: int64 ``[N]`` flattened cluster id of each image, in ``[0, num_clusters)``.
+        num_clusters: K, the range of cluster ids (some clusters may be empty).
+        update_freq: steps between centroid refreshes (``--centroid_update_freq``).
+        centroid_samples: members averaged per cluster, drawn without replacement (all members
+            when a cluster has fewer); 0 = all members.
+        reuse_xt: take ``v(x_t, t)`` from the main prediction (only valid when the main ``xt`` is
+            the straight line above, i.e. icfm/otcfm with the same sigma).
+        seed: seed of the CPU generator that draws the centroid subsets.
+    """
+
+    name = "anchor"
+
+    def __init__(
+        self,
+        weight: float,
+        sigma: float,
+        loss_type: str,
+        images: Tensor,
+        assignment: Tensor,
+        num_clusters: int,
+        update_freq: int = 1000,
+        centroid_samples: int = 500,
+        reuse_xt: bool = True,
+        seed: int = 0,
+    ):
+        if loss_type not in ANCHOR_LOSS_TYPES:
+            raise ValueError(f"--anchor_loss_type must be full or simple, got {loss_type!r}.")
+        if update_freq <= 0:
+            raise ValueError(f"--centroid_update_freq must be positive, got {update_freq}.")
+        if centroid_samples < 0:
+            raise ValueError(f"centroid_samples must be >= 0 (0 = all members), got {centroid_samples}.")
+        if images.dtype != torch.uint8 or assignment.shape != images.shape[:1]:
+            raise ValueError(
+                f"images must be uint8 [N,C,H,W] with one cluster id each, got {images.dtype} "
+                f"{tuple(images.shape)} and assignment {tuple(assignment.shape)}."
+            )
+        if assignment.numel() and not 0 <= int(assignment.min()) <= int(assignment.max()) < num_clusters:
+            raise ValueError(f"cluster ids must lie in [0, {num_clusters}) (num_clusters={num_clusters}).")
+        self.weight = float(weight)
+        self.sigma = float(sigma)
+        self.loss_type = loss_type
+        self.images = images
+        # The subset draw runs on the CPU generator, so the ids it sorts live there too.
+        self.assignment = assignment.detach().to("cpu", torch.int64)
+        self.num_clusters = int(num_clusters)
+        self.update_freq = int(update_freq)
+        self.centroid_samples = int(centroid_samples)
+        self.reuse_xt = bool(reuse_xt)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.centroids: Tensor | None = None  # float32 [K, C, H, W] on images.device
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(weight={self.weight}, sigma={self.sigma}, loss_type={self.loss_type!r}, "
+                f"num_clusters={self.num_clusters}, update_freq={self.update_freq}, "
+                f"centroid_samples={self.centroid_samples}, reuse_xt={self.reuse_xt})")
+
+    # ---------------------------------------------------------------------------------- centroids
+
+    def compute_centroids(self) -> Tensor:
+        """Per-cluster mean image in model range, from a fresh random subset of each cluster.
+
+        Returns float32 ``[K, C, H, W]`` on the images' device: ``mean_i (x_i / 127.5 - 1)`` over
+        ``min(centroid_samples, |c|)`` members of cluster c drawn without replacement (all members
+        when ``centroid_samples == 0``); a zero image for an empty cluster.
+
+        One ``randperm`` over all N images, stably sorted by cluster id, lists each cluster's
+        members contiguously and in uniformly random order; the first ``m`` of each run are its
+        subset. Each cluster is then one index gather and one sum on the images' device. The uint8
+        values are summed in float32, which is exact (integers below 2^24) for clusters of up to
+        65,793 images, so the result does not depend on the summation order; the map to model
+        range is applied once, as ``sum / n / 127.5 - 1``.
+        """
+        n = self.assignment.shape[0]
+        # The all-members case draws nothing, so the generator only advances for real subsets.
+        order = torch.randperm(n, generator=self.generator) if self.centroid_samples else torch.arange(n)
+        order = order[torch.argsort(self.assignment[order], stable=True)]
+        counts = torch.bincount(self.assignment, minlength=self.num_clusters)
+        counts_used = counts.clamp(max=self.centroid_samples) if self.centroid_samples else counts
+
+        flat = self.images.reshape(n, -1)
+        sums = torch.zeros(self.num_clusters, flat.shape[1], dtype=torch.float32, device=flat.device)
+        # One host-to-device copy of the order; the per-cluster runs are views of it.
+        runs = order.to(flat.device).split(counts.tolist())
+        for cluster, (run, used) in enumerate(zip(runs, counts_used.tolist())):
+            if used:
+                sums[cluster] = flat.index_select(0, run[:used]).sum(0, dtype=torch.float32)
+        used = counts_used.to(flat.device, torch.float64)[:, None]
+        means = torch.where(used > 0, sums.double() / used.clamp(min=1) / 127.5 - 1, 0.0)
+        return means.float().reshape(self.num_clusters, *self.images.shape[1:])
+
+    def before_step(self, step: int) -> None:
+        """Refresh the centroids when none exist yet or when ``step % update_freq == 0``."""
+        if self.centroids is None or step % self.update_freq == 0:
+            self.centroids = self.compute_centroids()
+
+    # ------------------------------------------------------------------------------------- loss
+
+    def extra_inputs(self, sample: FlowSample, cluster: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns ``(t_extra [E], x_extra [E, ...], e [B, ...])``: ``E = B`` rows ``e_t`` when
+        reusing ``xt``, else ``E = 2B`` rows ``x_t`` then ``e_t``; ``e`` are the centroids of
+        ``cluster`` ``[B]``."""
+        if self.centroids is None:
+            raise RuntimeError("AnchorRegularizer.before_step(step) must run before the first extra_inputs call.")
+        x1 = sample.x1
+        e = self.centroids.index_select(0, cluster.to(self.centroids.device)).to(x1.device, x1.dtype)
+        e_t = straight_line(sample.t, e, sample.x0, sample.eps, self.sigma)
+        if self.reuse_xt:
+            return sample.t, e_t, e
+        x_t = straight_line(sample.t, x1, sample.x0, sample.eps, self.sigma)
+        return torch.cat([sample.t, sample.t]), torch.cat([x_t, e_t]), e
+
+    def loss(self, sample: FlowSample, vt: Tensor | None, v_extra: Tensor, ctx: Tensor) -> Tensor:
+        """Scalar anchor loss (``full`` or ``simple``) from ``vt`` ``[B, ...]`` (when reusing
+        ``xt``) and the extra outputs ``v_extra`` ``[E, ...]``; ``ctx`` is the centroid batch."""
+        if self.reuse_xt:
+            if vt is None:
+                raise ValueError("the anchor loss with reuse_xt=True needs the main prediction vt.")
+            v_x, v_e = vt, v_extra
+        else:
+            v_x, v_e = v_extra.chunk(2)
+        diff = v_x - v_e
+        if self.loss_type == "full":
+            diff = diff + ctx - sample.x1
+        return diff.square().mean()
+
+    # ------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Centroids (when computed) and the subset generator's state: a resumed run continues
+        with the same centroids and the same future subsets."""
+        state = {"generator": self.generator.get_state()}
+        if self.centroids is not None:
+            state["centroids"] = self.centroids.clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        centroids = state.get("centroids")
+        if centroids is not None:
+            expected = (self.num_clusters, *self.images.shape[1:])
+            if tuple(centroids.shape) != expected:
+                raise ValueError(
+                    f"stored centroids have shape {tuple(centroids.shape)}, expected {expected}: "
+                    f"the checkpoint was trained with another --num_subclasses."
+                )
+            centroids = centroids.to(self.images.device, torch.float32)
+        self.centroids = centroids
