@@ -1,0 +1,163 @@
+"""ODE sampling: solver orders and NFE on a linear ODE with a closed-form solution, seeding, grids."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from sampling import SOLVERS, NoiseSource, generate_samples, integrate, noise, sample_batches, save_sample_grid
+from unet import UNetModel
+from utils_cifar import to_uint8
+
+TINY_CONFIG = dict(
+    dim=(3, 32, 32), num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions="16",
+    num_heads=4, num_head_channels=16, dropout=0.1,
+)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: two spinning OpenMP threads on a busy 2-core CI box are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# dx/dt = a x + t (elementwise, time-dependent so the stage times matter) has the solution
+# x(t) = x0 e^{a t} + (e^{a t} - 1 - a t) / a^2.
+A = torch.tensor([-1.5, -0.5, 0.7], dtype=torch.float64)
+X0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+
+def linear_field(t, x):
+    return A * x + t
+
+
+def exact_x1():
+    e = torch.exp(A)
+    return X0 * e + (e - 1 - A) / A**2
+
+
+ORDERS = {"euler": (1, 1), "midpoint": (2, 2), "heun": (2, 2), "rk4": (4, 4)}  # (order, NFE per step)
+
+
+@pytest.mark.parametrize("method", sorted(ORDERS))
+def test_fixed_step_error_shrinks_at_the_solver_order_and_nfe_is_exact(method):
+    order, nfe_per_step = ORDERS[method]
+    steps = 8 if method == "rk4" else 32
+    errors = []
+    for n in (steps, 2 * steps):
+        x1, nfe = integrate(linear_field, X0, method=method, steps=n)
+        assert nfe == nfe_per_step * n
+        errors.append((x1 - exact_x1()).abs().max().item())
+    assert math.log2(errors[0] / errors[1]) == pytest.approx(order, abs=0.2)
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    # One step h = 1 of dx/dt = x^2 + t from x0 = 1/2, by hand. On a linear field midpoint and Heun
+    # coincide; this nonlinear one tells them (and any wrong stage time or weight) apart.
+    [("euler", 0.75), ("midpoint", 1.390625), ("heun", 1.40625), ("rk4", 1109914571 / 536870912)],
+)
+def test_one_step_of_each_scheme_on_a_nonlinear_field(method, expected):
+    x1, _ = integrate(lambda t, x: x * x + t, torch.tensor([0.5], dtype=torch.float64), method=method, steps=1)
+    assert x1.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_dopri5_meets_its_tolerance_and_tighter_tolerance_costs_more_evaluations():
+    nfes = []
+    for tol in (1e-4, 1e-7):
+        x1, nfe = integrate(linear_field, X0, method="dopri5", tol=tol)
+        assert (x1 - exact_x1()).abs().max().item() < 10 * tol
+        nfes.append(nfe)
+    assert 0 < nfes[0] < nfes[1]
+
+
+def test_unknown_solver_is_one_sentence_listing_the_choices():
+    with pytest.raises(ValueError, match="unknown ODE solver 'rk45': choose one of dopri5, euler, midpoint, heun, rk4"):
+        integrate(linear_field, X0, method="rk45")
+    assert SOLVERS == ("dopri5", "euler", "midpoint", "heun", "rk4")
+
+
+def test_uint8_mapping_is_the_published_one():
+    x = torch.tensor([-2.0, -1.0, -0.999, 0.0, 0.5, 1.0, 3.0])
+    # (x * 127.5 + 128) clipped to [0, 255], truncated: 0.5 -> 191.75 -> 191, -1 -> 0.5 -> 0.
+    assert to_uint8(x).tolist() == [0, 0, 0, 128, 191, 255, 255]
+
+
+class ConstantVelocity(torch.nn.Module):
+    """v(t, x) = c: the flow moves every pixel by c, so x1 = x0 + c exactly with any solver."""
+
+    def __init__(self, c, dim=(3, 4, 4)):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor(float(c)))
+        self.config = {"dim": list(dim)}
+
+    def forward(self, t, x):
+        return self.c.expand_as(x)
+
+
+def test_generate_samples_maps_x0_plus_flow_to_uint8_nchw():
+    net = ConstantVelocity(0.25)
+    images, mean_nfe = generate_samples(net, num=5, batch_size=2, method="heun", steps=3, seed=7)
+    assert images.dtype == torch.uint8 and images.shape == (5, 3, 4, 4)
+    assert mean_nfe == 6
+    assert torch.equal(images, to_uint8(noise(5, (3, 4, 4), seed=7) + 0.25))
+
+
+def test_noise_is_seeded_per_sample_and_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    full = noise(6, (2, 3), seed=3)
+    source = NoiseSource((2, 3), seed=3)
+    assert torch.equal(torch.cat([source.take(4), source.take(2)]), full)
+    assert not torch.equal(full, noise(6, (2, 3), seed=4))
+    assert torch.equal(torch.get_rng_state(), state)
+    # Standard normal (loose check over many draws).
+    many = noise(64, (16,), seed=0)
+    assert abs(many.mean().item()) < 0.1 and abs(many.std().item() - 1) < 0.1
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    net = UNetModel(**TINY_CONFIG)
+    # The output layer is zero-initialised (v = 0, samples = noise); randomise it for real images.
+    torch.nn.init.normal_(net.out[-1].weight, std=0.05)
+    return net.train()
+
+
+def test_unet_samples_are_deterministic_in_train_mode_and_independent_of_batching(tiny_net):
+    a, nfe_a = generate_samples(tiny_net, num=4, batch_size=4, method="euler", steps=2, seed=1)
+    b, _ = generate_samples(tiny_net, num=4, batch_size=3, method="euler", steps=2, seed=1)
+    c, _ = generate_samples(tiny_net, num=4, batch_size=4, method="euler", steps=2, seed=2)
+    assert nfe_a == 2
+    # Dropout (p=0.1) would make repeated runs differ: sampling must run in eval mode.
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert tiny_net.training  # the caller's mode is restored
+
+
+def test_dopri5_integrates_the_batch_as_one_system(tiny_net):
+    batches = list(sample_batches(tiny_net, num=3, batch_size=3, method="dopri5", tol=1e-3, seed=0))
+    assert len(batches) == 1
+    x1, nfe = batches[0]
+    assert x1.shape == (3, 3, 32, 32) and x1.dtype == torch.float32 and nfe > 0
+
+
+def test_sample_grid_leaves_global_rng_and_mode_untouched(tiny_net, tmp_path):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    path = save_sample_grid(tiny_net, tmp_path / "grid.png", num=64, steps=1, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert tiny_net.training
+    # 8 x 8 tiles of 32 px with torchvision's 2 px padding: 2 + 8 * 34 = 274.
+    with Image.open(path) as image:
+        assert image.size == (274, 274)
+
+
+def test_sample_batches_restores_grad_and_train_mode_between_batches(tiny_net):
+    seen = []
+    for _ in sample_batches(tiny_net, num=2, batch_size=1, method="euler", steps=1):
+        seen.append((torch.is_grad_enabled(), tiny_net.training))
+    assert seen == [(True, True), (True, True)]
