@@ -1,8 +1,10 @@
 """Flow matching on CIFAR-10 (FM, I-CFM, OT-CFM, SI): the published FID-3.5 recipe.
 
     python train_cifar10.py --model=otcfm --lr=2e-4 --ema_decay=0.9999 --batch_size=128 \
-        --total_steps=400001 --save_step=20000
+        --total_steps=400001 --save_step=20000 --num_subclasses=25 --visualize=True
 
+Training batches are shuffled across classes. On log steps the local loss of one same-cluster
+batch is computed under no_grad and logged as `local_loss` (monitoring only: it never trains).
 Writes {output_dir}/{model}/{model}_cifar10_weights_step_{step}.pt, sample grids and metrics.jsonl.
 Every flag is shared with the other training scripts and defined in training.py.
 """
@@ -10,6 +12,7 @@ Every flag is shared with the other training scripts and defined in training.py.
 from absl import app, flags
 
 import training
+from regularizers import LocalRegularizer
 
 FLAGS = flags.FLAGS
 
@@ -20,6 +23,10 @@ def main(argv):
         run_dir=FLAGS.model,
         file_prefix=f"{FLAGS.model}_cifar10",
         run_name=f"{FLAGS.model}_cifar10",
+        make_monitor=lambda data: (
+            training.cluster_sampler(FLAGS, data, state_key="monitor_batches"),
+            LocalRegularizer(weight=0.0, sigma=FLAGS.sigma),
+        ),
     )
     training.run(FLAGS, spec)
 

@@ -25,12 +25,13 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from absl import flags
+from absl import flags, logging
 from torch import Tensor
 from tqdm import tqdm
 
 import utils_cifar
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
+from sampling import SOLVERS, save_sample_grid
 from unet import PAPER_CONFIG, UNetModel, normalize_config
 
 # Flags are declarations, not work: every training script shares these (names as users type them).
@@ -65,6 +66,21 @@ flags.DEFINE_bool("overwrite", False, "let a new run replace existing checkpoint
 flags.DEFINE_enum("wandb_mode", "offline", ["online", "offline", "disabled"],
                   "wandb mode (WANDB_MODE in the environment wins); offline runs sync later with `wandb sync`")
 flags.DEFINE_string("device", "", "training device (default: cuda if available, else cpu)")
+# FID at save steps (EMA weights, rank 0), as in the published runs.
+flags.DEFINE_integer("fid_num_gen", -1, "samples for the FID at each save step: -1 = 10000 on CUDA and 0 on CPU "
+                     "(hours there); 0 disables")
+flags.DEFINE_enum("integration_method", "dopri5", list(SOLVERS), "ODE solver of the training-time FID")
+flags.DEFINE_integer("integration_steps", 100, "steps of the fixed-step solvers")
+flags.DEFINE_float("tol", 1e-5, "atol = rtol of dopri5")
+flags.DEFINE_integer("batch_size_fid", 1024, "samples per ODE solve and Inception batch")
+flags.DEFINE_string("fid_inception_path", None, "local inception-2015-12-05.pt (else $FID_INCEPTION_PATH, caches, download)")
+flags.DEFINE_string("fid_stats_path", None, "local reference statistics .npz (else $FID_STATS_PATH, caches, download)")
+# Same-cluster batches (locality/anchor training, and the local-loss monitor of train_cifar10.py).
+flags.DEFINE_integer("num_subclasses", 25, "K-means sub-clusters per CIFAR-10 class (1 = the class itself)")
+flags.DEFINE_enum("cluster_weighting", "uniform", ["uniform", "size"],
+                  "how a batch's cluster is drawn: uniformly (published) or proportional to its size")
+flags.DEFINE_bool("visualize", True, "save one image grid per cluster and a README.txt at start-up")
+flags.DEFINE_string("group_dir", "./group", "where --visualize writes the cluster grids")
 
 ARCH_FLAGS = {  # flag name -> UNet construction argument
     "num_channel": "num_channels",
@@ -251,6 +267,32 @@ def warmup_schedule(warmup: int):
     return lambda s: min(s, warmup) / warmup if warmup > 0 else 1.0
 
 
+def cluster_sampler(FLAGS, data: DataContext, state_key: str = "batches"):
+    """A K-means ClassConditionedSampler over `data` (one cluster per batch).
+
+    The clustering is cached under --data_dir; a resumed run takes the assignment stored in its
+    checkpoint (`rank_states[rank][state_key]`), so it trains on the same clusters.
+    """
+    from samplers import ClassConditionedSampler, save_cluster_grids
+
+    stored = None
+    if data.checkpoint is not None and data.checkpoint.get("rank_states"):
+        stored = data.checkpoint["rank_states"][data.rank][state_key]["assignment"]
+    # Under torchrun rank 0 clusters (and caches) first; the other ranks then read its cache.
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and not data.is_main:
+        dist.barrier()
+    sampler = ClassConditionedSampler(
+        data.images, data.labels, data.batch_size, num_subclasses=FLAGS.num_subclasses, seed=data.seed,
+        rank=data.rank, cluster_weighting=FLAGS.cluster_weighting, cache_dir=data.data_dir, assignment=stored,
+    )
+    if distributed and data.is_main:
+        dist.barrier()
+    if FLAGS.visualize and data.is_main:
+        save_cluster_grids(data.images, data.labels, sampler.assignment, FLAGS.num_subclasses, FLAGS.group_dir)
+    return sampler
+
+
 # --------------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------------
@@ -301,6 +343,8 @@ class Trainer:
         metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "lr": lr}
         if reg is not None:
             metrics["regularized_loss"] = metrics[f"{reg.name}_loss"]
+        if cluster is not None:
+            metrics["cluster"] = cluster[0]
         metrics["grad_norm"] = grad_norm
         metrics["vector_field_mean_norm"] = vt.detach().flatten(1).norm(dim=1).mean()
         if self.monitor is not None:
@@ -357,6 +401,42 @@ class RunLogger:
 
     def close(self) -> None:
         self.wandb.finish()
+
+
+def fid_num_gen(FLAGS, world: World) -> int:
+    """Samples per training-time FID: --fid_num_gen, or by default 10000 on CUDA (published) and 0 on CPU."""
+    return FLAGS.fid_num_gen if FLAGS.fid_num_gen >= 0 else (10000 if world.device.type == "cuda" else 0)
+
+
+def prepare_fid(FLAGS, world: World):
+    """rank 0's FID scorer for save steps, or None (FID off, or its files unreachable: logged).
+
+    Checked before training starts, so a missing Inception file or statistics never crashes a run.
+    """
+    if not world.is_main or fid_num_gen(FLAGS, world) == 0:
+        return None
+    import fid
+
+    try:
+        scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
+                                       device=world.device, batch_size=FLAGS.batch_size_fid)
+    except (fid.FIDUnavailable, utils_cifar.UserError) as err:
+        logging.warning("training without FID: %s", err)
+        return None
+    return scorer
+
+
+def log_fid(scorer, ema, FLAGS, num_gen: int, step: int, logger: RunLogger) -> None:
+    """FID of the EMA net's samples, logged as `fid` (with its mean NFE). A failure here (say, out of
+    memory) is logged and training goes on: a metric must never cost the run."""
+    try:
+        result = scorer.evaluate_net(ema, num_gen, FLAGS.batch_size_fid, FLAGS.integration_method,
+                                     FLAGS.integration_steps, FLAGS.tol, FLAGS.seed)
+    except Exception as err:  # noqa: BLE001 -- see docstring
+        logging.warning("FID at step %d failed: %s: %s", step, type(err).__name__, err)
+        return
+    logger.log({"step": step, "fid": result.fid, "fid_nfe": result.mean_nfe, "fid_num_gen": result.num_gen,
+                "fid_seconds": round(result.seconds, 1)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,6 +501,7 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
     if world.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         logger = RunLogger(paths, spec, config, FLAGS.wandb_mode)
+    scorer = prepare_fid(FLAGS, world)
     progress = tqdm(range(start, FLAGS.total_steps), initial=start, total=FLAGS.total_steps,
                     disable=not world.is_main, dynamic_ncols=True)
     last = FLAGS.total_steps - 1
@@ -436,13 +517,25 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
                       "seconds": round(time.perf_counter() - tic, 3)}
             if logger is not None:
                 logger.log(record)
-                progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                progress.set_postfix(progress_fields(record))
         is_save = FLAGS.save_step > 0 and ((step % FLAGS.save_step == 0 and step > 0) or step == last)
         if is_save:
             save(trainer, spec, paths, step, unet_config, config, world)
+            if scorer is not None:
+                log_fid(scorer, trainer.ema, FLAGS, fid_num_gen(FLAGS, world), step, logger)
     if logger is not None:
         logger.close()
     return paths
+
+
+def progress_fields(record: dict) -> dict:
+    """What the progress bar shows: losses, lr and (for clustered batches) the batch's cluster."""
+    losses = [k for k in record if k in ("loss", "loss_fm") or k.endswith("_loss") and k != "regularized_loss"]
+    fields = {k: f"{record[k]:.4f}" for k in losses}
+    fields["lr"] = f"{record['lr']:.2e}"
+    if "cluster" in record:
+        fields["cluster"] = int(record["cluster"])
+    return fields
 
 
 def resume(trainer: Trainer, ckpt: dict, FLAGS, world: World) -> int:
@@ -471,8 +564,6 @@ def resume(trainer: Trainer, ckpt: dict, FLAGS, world: World) -> int:
 
 def save(trainer: Trainer, spec: RunSpec, paths, step: int, unet_config: dict, config: dict, world: World) -> None:
     """Sample grids (net and EMA) and an atomic checkpoint holding the state after update `step`."""
-    from sampling import save_sample_grid  # imported lazily: only save steps need the ODE code
-
     rank_states = gather_to_main(trainer.state_dict(), world)
     if not world.is_main:
         return

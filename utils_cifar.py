@@ -131,7 +131,8 @@ def random_hflip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Flip each image of x [B,C,H,W] left-right with probability 1/2 (coin drawn on the generator's device)."""
     device = generator.device if generator is not None else x.device
     flip = torch.rand(x.shape[0], generator=generator, device=device) < 0.5
-    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    # non_blocking: a CPU coin sent to a GPU must not wait for the queued GPU work (a host sync).
+    return torch.where(flip.to(x.device, non_blocking=True)[:, None, None, None], x.flip(-1), x)
 
 
 class ShuffledBatches:
@@ -161,7 +162,8 @@ class ShuffledBatches:
             needed -= len(take)
             parts.append(take)
         index = torch.cat(parts).to(self.images.device, non_blocking=True)
-        return random_hflip(to_model_range(self.images[index]), self.generator), None
+        # index_select, not images[index]: the advanced-indexing path is much slower on CPU.
+        return random_hflip(to_model_range(self.images.index_select(0, index)), self.generator), None
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "order": self.order.clone(), "position": self.position}

@@ -24,7 +24,8 @@ TINY_CONFIG = dict(num_channels=32, num_res_blocks=1, channel_mult=(1, 2), num_h
 
 def tiny_args(data_dir, output_dir, *extra):
     return [*TINY_UNET_FLAGS, "--batch_size=4", "--grid_size=4", "--grid_steps=2", "--log_step=2", "--warmup=2",
-            f"--data_dir={data_dir}", f"--output_dir={output_dir}", "--wandb_mode=disabled", "--device=cpu", *extra]
+            "--num_subclasses=2", f"--group_dir={output_dir}/group", f"--data_dir={data_dir}",
+            f"--output_dir={output_dir}", "--wandb_mode=disabled", "--device=cpu", *extra]
 
 
 def run_plain(args):
@@ -109,26 +110,6 @@ def test_script_runs_the_published_command_end_to_end(fake_cifar, tmp_path):
     assert records[0]["lr"] == 0.0 and records[1]["lr"] == pytest.approx(2e-4)  # warm-up of 2 steps
 
 
-def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path):
-    data_dir, _, _ = fake_cifar
-    run_plain(tiny_args(data_dir, tmp_path / "full", "--total_steps=6", "--save_step=3"))
-    run_plain(tiny_args(data_dir, tmp_path / "part", "--total_steps=4", "--save_step=3"))
-    resume_from = tmp_path / "part/otcfm/otcfm_cifar10_weights_step_3.pt"
-    # The published resume command names no architecture flags: they come from the checkpoint.
-    FLAGS.unparse_flags()
-    FLAGS(["train_cifar10.py", f"--checkpoint_path={resume_from}", "--total_steps=6", "--save_step=3",
-           "--batch_size=4", "--grid_size=4", "--grid_steps=2", "--log_step=2", "--warmup=2",
-           f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'part'}", "--wandb_mode=disabled", "--device=cpu"])
-    train_cifar10.main([])
-    full = torch.load(tmp_path / "full/otcfm/otcfm_cifar10_weights_step_5.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "part/otcfm/otcfm_cifar10_weights_step_5.pt", weights_only=True)
-    for key in ("net_model", "ema_model"):
-        for name, tensor in full[key].items():
-            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs"
-    assert torch.equal(full["optim"]["state"][0]["exp_avg"], resumed["optim"]["state"][0]["exp_avg"])
-    assert full["rank_states"][0]["batches"]["position"] == resumed["rank_states"][0]["batches"]["position"]
-
-
 def test_published_checkpoint_without_extras_resumes(fake_cifar, tmp_path):
     """TorchCFM checkpoints hold only net_model/ema_model/sched/optim/step, with DataParallel prefixes."""
     data_dir, _, _ = fake_cifar
@@ -169,3 +150,39 @@ def test_overwrite_flag_allows_a_fresh_run(fake_cifar, tmp_path):
     run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2"))
     run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2", "--overwrite", "--seed=1"))
     assert torch.load(tmp_path / "otcfm/otcfm_cifar10_weights_step_2.pt", weights_only=True)["flags"]["seed"] == 1
+
+
+def test_fid_at_save_steps_is_logged_and_missing_files_never_crash(fake_cifar, tmp_path, monkeypatch):
+    import numpy as np
+
+    import fid
+    from sampling import generate_samples
+
+    data_dir, _, _ = fake_cifar
+    # Offline with no FID files: the run trains on, and says why there is no FID.
+    monkeypatch.setattr(fid, "_download", lambda url, dest: "URLError: offline")
+    monkeypatch.setattr(fid, "cleanfid_cache_paths", lambda: {fid.INCEPTION_FILENAME: tmp_path / "none",
+                                                              fid.STATS_FILENAME: tmp_path / "none"})
+    run_plain(tiny_args(data_dir, tmp_path / "a", "--total_steps=3", "--save_step=2", "--fid_num_gen=4"))
+    records = (tmp_path / "a/otcfm/metrics.jsonl").read_text()
+    assert '"fid"' not in records and (tmp_path / "a/otcfm/otcfm_cifar10_weights_step_2.pt").is_file()
+
+    # With files (a stand-in 8-feature extractor and matching statistics), FID is logged at save steps.
+    weights = tmp_path / fid.INCEPTION_FILENAME
+    weights.write_bytes(b"stand-in")
+    projection = torch.randn(3 * 32 * 32, 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: lambda x: x.flatten(1).float() @ projection)
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(8), sigma=np.eye(8))
+    run_plain(tiny_args(data_dir, tmp_path / "b", "--total_steps=3", "--save_step=2", "--fid_num_gen=16",
+                        "--integration_method=euler", "--integration_steps=2",
+                        f"--fid_inception_path={weights}", f"--fid_stats_path={stats}"))
+    fids = [json.loads(line) for line in (tmp_path / "b/otcfm/metrics.jsonl").read_text().splitlines()
+            if '"fid"' in line]
+    assert [r["step"] for r in fids] == [2]
+    assert fids[0]["fid_nfe"] == 2 and fids[0]["fid_num_gen"] == 16 and np.isfinite(fids[0]["fid"])
+    # ... and it is the FID of the EMA weights' samples saved in the checkpoint of that step.
+    ckpt = torch.load(tmp_path / "b/otcfm/otcfm_cifar10_weights_step_2.pt", weights_only=True)
+    images, _ = generate_samples(utils_cifar.build_net_from_checkpoint(ckpt), 16, method="euler", steps=2, seed=0)
+    mu, sigma = fid.feature_statistics((images.flatten(1).float() @ projection).double().numpy())
+    assert fids[0]["fid"] == pytest.approx(fid.frechet_distance(mu, sigma, np.zeros(8), np.eye(8)), rel=1e-6)
