@@ -55,7 +55,12 @@ def fail(message: str) -> None:
 
 
 def default_checkpoint() -> Path:
-    return Path(FLAGS.input_dir) / FLAGS.model / f"{FLAGS.model}_cifar10_weights_step_{FLAGS.step}.pt"
+    """{input_dir}/{model}/{model}_cifar10_weights_step_{step}.pt; for icfm, the published release's
+    name `cfm_cifar10_...` is tried when ours is absent."""
+    folder = Path(FLAGS.input_dir) / FLAGS.model
+    path = folder / f"{FLAGS.model}_cifar10_weights_step_{FLAGS.step}.pt"
+    published = folder / f"cfm_cifar10_weights_step_{FLAGS.step}.pt"
+    return published if FLAGS.model == "icfm" and not path.is_file() and published.is_file() else path
 
 
 def save_outputs(samples: torch.Tensor) -> None:
@@ -76,19 +81,17 @@ def save_outputs(samples: torch.Tensor) -> None:
 
 def main(argv):
     del argv
-    device = torch.device(FLAGS.device if FLAGS.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device={FLAGS.device} but no CUDA device is visible: pass --device=cpu (slow) or run on a GPU.")
     path = Path(FLAGS.checkpoint) if FLAGS.checkpoint else default_checkpoint()
     scorer = None
     try:
+        device = utils_cifar.resolve_device(FLAGS.device)
         ckpt = utils_cifar.load_checkpoint(path)
         fallback = dict(utils_cifar.PAPER_CONFIG, num_channels=FLAGS.num_channel)
         net = utils_cifar.build_net_from_checkpoint(ckpt, FLAGS.use_ema, fallback, device, source=str(path))
         if FLAGS.fid:
             scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
                                            device=device, batch_size=FLAGS.batch_size_fid)
-    except (utils_cifar.CheckpointError, utils_cifar.DataError, fid.FIDUnavailable) as err:
+    except utils_cifar.UserError as err:  # checkpoint, data, FID files, device
         fail(str(err))
     step = int(ckpt.get("step", FLAGS.step))
     method = FLAGS.integration_method

@@ -25,7 +25,7 @@ without its ``sqrtm(disp=False)`` call, which scipy deprecates.
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 import time
 import urllib.request
 import warnings
@@ -37,6 +37,9 @@ import numpy as np
 import torch
 from scipy import linalg
 from torch import Tensor
+
+from sampling import sample_batches
+from utils_cifar import DataError, UserError, atomic_write, ensure_cifar10, load_cifar10, to_uint8
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 # The URLs clean-fid 0.1.35 downloads from (cleanfid/downloads_helper.py, cleanfid/features.py).
@@ -52,7 +55,7 @@ DOWNLOAD_TIMEOUT_S = 60
 FeatureExtractor = Callable[[Tensor], Tensor]
 
 
-class FIDUnavailable(RuntimeError):
+class FIDUnavailable(UserError):
     """FID cannot be computed (missing Inception weights or reference statistics); one sentence."""
 
 
@@ -118,19 +121,16 @@ def cleanfid_cache_paths() -> dict[str, Path]:
 
 def _download(url: str, dest: Path) -> str | None:
     """Fetch url to dest atomically (a partial file never stays); None on success, else the reason."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+
+    def fetch(f):
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            shutil.copyfileobj(response, f, 1 << 20)
+
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, dest)
+        atomic_write(dest, fetch)
         return None
     except OSError as err:  # URLError, HTTPError, socket timeouts and disk errors are all OSErrors
         return f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _explicit(path: str | os.PathLike | None, env: str) -> Path | None:
@@ -165,8 +165,6 @@ def resolve_fid_files(
     statistics are missing, the local CIFAR-10 train set must be reachable instead (it is checked,
     and downloaded if `download`); `stats` is then None and ``FIDScorer.prepare`` computes them.
     """
-    from utils_cifar import DataError, ensure_cifar10
-
     data_dir = Path(data_dir)
     cache, folder = cleanfid_cache_paths(), data_dir / "fid"
     for given, env, what in ((inception_path, INCEPTION_ENV, "--fid_inception_path"), (stats_path, STATS_ENV, "--fid_stats_path")):
@@ -216,22 +214,6 @@ def resolve_fid_files(
     return FIDFiles(inception=inception, stats=stats, stats_source=source, data_dir=data_dir)
 
 
-def check_fid_ready(
-    inception_path: str | os.PathLike | None = None,
-    stats_path: str | os.PathLike | None = None,
-    data_dir: str | os.PathLike = "./data",
-    download: bool = True,
-) -> str | None:
-    """None when FID can run (both files found or fetched, or CIFAR-10 there to compute the
-    statistics), else the one-sentence reason. Call before generating samples or training, so a
-    missing file never crashes a long run; it downloads what is missing (about 100 MB)."""
-    try:
-        resolve_fid_files(inception_path, stats_path, data_dir, download)
-    except FIDUnavailable as err:
-        return str(err)
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------
@@ -273,16 +255,8 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """np.savez_compressed(mu=, sigma=) through a temp file and os.replace (no half-written cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """np.savez_compressed(mu=, sigma=), atomically (no half-written cache)."""
+    atomic_write(path, lambda f: np.savez_compressed(f, mu=mu, sigma=sigma))
 
 
 @dataclass
@@ -323,8 +297,6 @@ class FIDScorer:
         if files.stats is not None:
             mu, sigma = load_statistics(files.stats)
             return cls(extractor, mu, sigma, files.stats, files.stats_source, batch_size)
-        from utils_cifar import load_cifar10
-
         images, _ = load_cifar10(data_dir, train=True, download=download)
         mu, sigma = feature_statistics(extract_features(extractor, images, batch_size))
         save_statistics(files.computed_stats, mu, sigma)
@@ -354,9 +326,6 @@ class FIDScorer:
         keep_samples: bool = False,
     ) -> FIDResult:
         """Sample `num_gen` images from `net` (see sampling.py) and score them as they come."""
-        from sampling import sample_batches
-        from utils_cifar import to_uint8
-
         start = time.perf_counter()
         features, kept, nfe_total = [], [], 0
         for x1, nfe in sample_batches(net, num_gen, batch_size, method, steps, tol, seed):

@@ -190,11 +190,15 @@ class AnchorRegularizer:
     # ---------------------------------------------------------------------------------- centroids
 
     def compute_centroids(self) -> Tensor:
-        """Per-cluster mean image in model range, from a fresh random subset of each cluster.
+        """Per-cluster mean image in model range, from a fresh random subset of each cluster,
+        averaged with its mirror image.
 
-        Returns float32 ``[K, C, H, W]`` on the images' device: ``mean_i (x_i / 127.5 - 1)`` over
-        ``min(centroid_samples, |c|)`` members of cluster c drawn without replacement (all members
-        when ``centroid_samples == 0``); a zero image for an empty cluster.
+        Returns float32 ``[K, C, H, W]`` on the images' device: ``(m + flip(m)) / 2`` with
+        ``m = mean_i (x_i / 127.5 - 1)`` over ``min(centroid_samples, |c|)`` members of cluster c
+        drawn without replacement (all members when ``centroid_samples == 0``); a zero image for
+        an empty cluster. Why the mirror: training batches flip each image left-right with
+        probability 1/2, so the centroid is the mean of the members *as the net sees them*; it is
+        flip-invariant, hence the right anchor for an x1 in either orientation.
 
         One ``randperm`` over all N images, stably sorted by cluster id, lists each cluster's
         members contiguously and in uniformly random order; the first ``m`` of each run are its
@@ -219,7 +223,8 @@ class AnchorRegularizer:
                 sums[cluster] = flat.index_select(0, run[:used]).sum(0, dtype=torch.float32)
         used = counts_used.to(flat.device, torch.float64)[:, None]
         means = torch.where(used > 0, sums.double() / used.clamp(min=1) / 127.5 - 1, 0.0)
-        return means.float().reshape(self.num_clusters, *self.images.shape[1:])
+        means = means.float().reshape(self.num_clusters, *self.images.shape[1:])
+        return (means + means.flip(-1)) / 2
 
     def before_step(self, step: int) -> None:
         """Refresh the centroids when none exist yet or when ``step % update_freq == 0``."""

@@ -17,8 +17,9 @@ from regularizers import ANCHOR_LOSS_TYPES, AnchorRegularizer
 
 flags.DEFINE_float("lambda_anchor", 1.0, "weight of the anchor loss")
 flags.DEFINE_string("lambda_name", "1e0", "lambda as written in run and file names, e.g. 1e0, 1e-1")
-flags.DEFINE_integer("centroid_update_freq", 1000, "recompute the cluster centroids every this many steps")
-flags.DEFINE_integer("centroid_samples", 500, "members averaged per centroid (0 = all)")
+flags.DEFINE_integer("centroid_update_freq", 1000, "recompute the cluster centroids every this many steps",
+                     lower_bound=1)
+flags.DEFINE_integer("centroid_samples", 500, "members averaged per centroid (0 = all)", lower_bound=0)
 flags.DEFINE_enum("anchor_loss_type", "full", list(ANCHOR_LOSS_TYPES), "anchor loss: full or simple")
 FLAGS = flags.FLAGS
 

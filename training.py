@@ -15,6 +15,7 @@ One step (see `Trainer.step`):
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import sys
 import time
@@ -42,8 +43,8 @@ flags.DEFINE_enum("ot_pairing", "replacement", list(OT_PAIRINGS),
 flags.DEFINE_string("output_dir", "./results/", "where run folders are written")
 flags.DEFINE_string("data_dir", "./data", "CIFAR-10 location (downloaded there on first use)")
 # UNet construction arguments (paper config by default); stored in every checkpoint.
-flags.DEFINE_integer("num_channel", PAPER_CONFIG["num_channels"], "UNet base channels")
-flags.DEFINE_integer("num_res_blocks", PAPER_CONFIG["num_res_blocks"], "residual blocks per resolution")
+flags.DEFINE_integer("num_channel", PAPER_CONFIG["num_channels"], "UNet base channels", lower_bound=1)
+flags.DEFINE_integer("num_res_blocks", PAPER_CONFIG["num_res_blocks"], "residual blocks per resolution", lower_bound=1)
 flags.DEFINE_list("channel_mult", [str(m) for m in PAPER_CONFIG["channel_mult"]], "channel multiplier per resolution")
 flags.DEFINE_string("attention_resolutions", PAPER_CONFIG["attention_resolutions"], "resolutions with self-attention, e.g. 16 or 16,8")
 flags.DEFINE_integer("num_head_channels", PAPER_CONFIG["num_head_channels"], "channels per attention head")
@@ -59,8 +60,8 @@ flags.DEFINE_integer("seed", 0, "seed of every random stream (rank r uses seed +
 # Outputs.
 flags.DEFINE_integer("save_step", 20000, "checkpoint + sample grids every this many steps (0 = never)")
 flags.DEFINE_integer("log_step", 100, "metrics to the progress bar, wandb and metrics.jsonl every this many steps")
-flags.DEFINE_integer("grid_size", 64, "images in each sample grid")
-flags.DEFINE_integer("grid_steps", 100, "Euler steps for the sample grids")
+flags.DEFINE_integer("grid_size", 64, "images in each sample grid", lower_bound=1)
+flags.DEFINE_integer("grid_steps", 100, "Euler steps for the sample grids", lower_bound=1)
 flags.DEFINE_string("checkpoint_path", "", "resume from this checkpoint")
 flags.DEFINE_bool("overwrite", False, "let a new run replace existing checkpoints in its run folder")
 flags.DEFINE_enum("wandb_mode", "offline", ["online", "offline", "disabled"],
@@ -68,15 +69,16 @@ flags.DEFINE_enum("wandb_mode", "offline", ["online", "offline", "disabled"],
 flags.DEFINE_string("device", "", "training device (default: cuda if available, else cpu)")
 # FID at save steps (EMA weights, rank 0), as in the published runs.
 flags.DEFINE_integer("fid_num_gen", -1, "samples for the FID at each save step: -1 = 10000 on CUDA and 0 on CPU "
-                     "(hours there); 0 disables")
+                     "(hours there); 0 disables", lower_bound=-1)
 flags.DEFINE_enum("integration_method", "dopri5", list(SOLVERS), "ODE solver of the training-time FID")
-flags.DEFINE_integer("integration_steps", 100, "steps of the fixed-step solvers")
+flags.DEFINE_integer("integration_steps", 100, "steps of the fixed-step solvers", lower_bound=1)
 flags.DEFINE_float("tol", 1e-5, "atol = rtol of dopri5")
-flags.DEFINE_integer("batch_size_fid", 1024, "samples per ODE solve and Inception batch")
+flags.DEFINE_integer("batch_size_fid", 1024, "samples per ODE solve and Inception batch", lower_bound=1)
 flags.DEFINE_string("fid_inception_path", None, "local inception-2015-12-05.pt (else $FID_INCEPTION_PATH, caches, download)")
 flags.DEFINE_string("fid_stats_path", None, "local reference statistics .npz (else $FID_STATS_PATH, caches, download)")
 # Same-cluster batches (locality/anchor training, and the local-loss monitor of train_cifar10.py).
-flags.DEFINE_integer("num_subclasses", 25, "K-means sub-clusters per CIFAR-10 class (1 = the class itself)")
+flags.DEFINE_integer("num_subclasses", 25, "K-means sub-clusters per CIFAR-10 class (1 = the class itself)",
+                     lower_bound=1)
 flags.DEFINE_enum("cluster_weighting", "uniform", ["uniform", "size"],
                   "how a batch's cluster is drawn: uniformly (published) or proportional to its size")
 flags.DEFINE_bool("visualize", True, "save one image grid per cluster and a README.txt at start-up")
@@ -178,28 +180,36 @@ class World:
         return self.rank == 0
 
 
+# Rank 0 alone draws grids, writes checkpoints and computes FID while the other ranks wait in the
+# next collective: the default 10-minute watchdog would kill a run at its first FID.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def init_world(device_flag: str) -> World:
     """Join the torchrun process group if launched by torchrun; pick this rank's device."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if device_flag:
-        device = torch.device(device_flag)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = utils_cifar.resolve_device(device_flag)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if size > 1:  # one GPU per process, as torchrun lays them out
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return World(rank=rank, size=size, device=device)
 
 
-def gather_to_main(obj, world: World) -> list:
-    """Every rank's `obj` as a list on every rank (one entry when not distributed)."""
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def gather_to_main(obj, world: World) -> list | None:
+    """Every rank's `obj`, as a list on rank 0 (None on the others)."""
     if world.size == 1:
         return [obj]
-    out = [None] * world.size
-    dist.all_gather_object(out, obj)
+    out = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 
@@ -277,7 +287,13 @@ def cluster_sampler(FLAGS, data: DataContext, state_key: str = "batches"):
 
     stored = None
     if data.checkpoint is not None and data.checkpoint.get("rank_states"):
-        stored = data.checkpoint["rank_states"][data.rank][state_key]["assignment"]
+        state = data.checkpoint["rank_states"][data.rank].get(state_key) or {}
+        stored = state.get("assignment")  # absent when resuming a script that trained on shuffled batches
+        if stored is not None and state["num_subclasses"] != FLAGS.num_subclasses:
+            raise utils_cifar.UserError(
+                f"--num_subclasses={FLAGS.num_subclasses} contradicts the checkpoint's clusters "
+                f"(num_subclasses={state['num_subclasses']}): drop the flag to resume on the same clusters."
+            )
     # Under torchrun rank 0 clusters (and caches) first; the other ranks then read its cache.
     distributed = dist.is_available() and dist.is_initialized()
     if distributed and not data.is_main:
@@ -358,21 +374,35 @@ class Trainer:
         x1, cluster = batches.next_batch()
         sample = self.matcher.sample(torch.randn_like(x1), x1)
         t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
-        return {f"{reg.name}_loss": reg.loss(sample, None, self.net(t_extra, x_extra), ctx)}
+        loss = reg.loss(sample, None, self.net(t_extra, x_extra), ctx)
+        # Also as `regularized_loss`, the name the published runs log in every script.
+        return {f"{reg.name}_loss": loss, "regularized_loss": loss}
+
+    def batch_sources(self) -> dict:
+        """The batch sources whose streams a checkpoint keeps, by state key."""
+        sources = {"batches": self.batches}
+        if self.monitor is not None:
+            sources["monitor_batches"] = self.monitor[0]
+        return sources
 
     def state_dict(self) -> dict:
         """Per-rank stream state: RNG and batch sources (weights are saved by `save`)."""
-        device = next(self.net.parameters()).device
-        state = {"rng": utils_cifar.rng_state(device), "batches": self.batches.state_dict()}
-        if self.monitor is not None:
-            state["monitor_batches"] = self.monitor[0].state_dict()
+        state = {"rng": utils_cifar.rng_state(next(self.net.parameters()).device)}
+        for key, source in self.batch_sources().items():
+            state[key] = {**source.state_dict(), "kind": type(source).__name__}
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the streams. A source of another kind (e.g. a plain run continued with the
+        locality script) cannot continue its stream: it restarts from --seed, with a warning."""
         utils_cifar.set_rng_state(state["rng"], next(self.net.parameters()).device)
-        self.batches.load_state_dict(state["batches"])
-        if self.monitor is not None:
-            self.monitor[0].load_state_dict(state["monitor_batches"])
+        for key, source in self.batch_sources().items():
+            stored = state.get(key)
+            if stored is None or stored.get("kind") != type(source).__name__:
+                logging.warning("the checkpoint holds no %s stream for %s: it restarts from --seed.",
+                                type(source).__name__, key)
+                continue
+            source.load_state_dict({k: v for k, v in stored.items() if k != "kind"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,10 +413,13 @@ class Trainer:
 class RunLogger:
     """Rank 0's metrics sink: progress bar, wandb and `metrics.jsonl`."""
 
-    def __init__(self, paths: utils_cifar.RunPaths, spec: RunSpec, config: dict, mode: str):
+    def __init__(self, paths: utils_cifar.RunPaths, spec: RunSpec, config: dict, mode: str, start: int):
         import wandb  # imported here: a slow import that only rank 0 needs
 
         self.paths = paths
+        # metrics.jsonl holds one history: a fresh run starts it anew, a resumed run drops the
+        # lines a crashed run wrote after its checkpoint (they will be logged again).
+        utils_cifar.truncate_jsonl(paths.metrics, keep=lambda record: record.get("step", -1) < start)
         self.wandb = wandb.init(
             project="conditional-flow-matching",
             name=spec.run_name,
@@ -420,7 +453,7 @@ def prepare_fid(FLAGS, world: World):
     try:
         scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
                                        device=world.device, batch_size=FLAGS.batch_size_fid)
-    except (fid.FIDUnavailable, utils_cifar.UserError) as err:
+    except utils_cifar.UserError as err:  # FIDUnavailable, or no CIFAR-10 to compute statistics from
         logging.warning("training without FID: %s", err)
         return None
     return scorer
@@ -471,6 +504,9 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
         )
 
     torch.manual_seed(FLAGS.seed + world.rank)
+    if world.is_main:  # one download/extraction; the other ranks read what rank 0 put there
+        utils_cifar.ensure_cifar10(FLAGS.data_dir)
+    barrier(world)
     images, labels = utils_cifar.load_cifar10(FLAGS.data_dir)
     data = DataContext(images=images.to(world.device), labels=labels, batch_size=FLAGS.batch_size // world.size,
                        seed=FLAGS.seed, rank=world.rank, is_main=world.is_main, data_dir=FLAGS.data_dir,
@@ -484,7 +520,8 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
 
     net = UNetModel(**unet_config).to(world.device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)  # never wrapped in DDP
-    optimizer = torch.optim.Adam(net.parameters(), lr=FLAGS.lr)
+    # fused: one kernel for all parameters on CUDA (same maths; not implemented for every CPU build).
+    optimizer = torch.optim.Adam(net.parameters(), lr=FLAGS.lr, fused=world.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(FLAGS.warmup))
     ddp_net = None
     if world.size > 1:
@@ -500,7 +537,7 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
     logger = None
     if world.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
-        logger = RunLogger(paths, spec, config, FLAGS.wandb_mode)
+        logger = RunLogger(paths, spec, config, FLAGS.wandb_mode, start)
     scorer = prepare_fid(FLAGS, world)
     progress = tqdm(range(start, FLAGS.total_steps), initial=start, total=FLAGS.total_steps,
                     disable=not world.is_main, dynamic_ncols=True)
@@ -512,7 +549,10 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
         if is_log:
             # The one host sync of a log step: every metric leaves the device together.
             tensors = {k: v for k, v in metrics.items() if isinstance(v, Tensor)}
-            values = dict(zip(tensors, torch.stack([v.float() for v in tensors.values()]).tolist()))
+            stacked = torch.stack([v.float() for v in tensors.values()])
+            if world.size > 1:  # every rank reaches this line on the same steps
+                dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
+            values = dict(zip(tensors, stacked.tolist()))
             record = {"step": step, **metrics, **values,
                       "seconds": round(time.perf_counter() - tic, 3)}
             if logger is not None:
@@ -523,6 +563,7 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
             save(trainer, spec, paths, step, unet_config, config, world)
             if scorer is not None:
                 log_fid(scorer, trainer.ema, FLAGS, fid_num_gen(FLAGS, world), step, logger)
+            barrier(world)
     if logger is not None:
         logger.close()
     return paths

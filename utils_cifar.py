@@ -96,8 +96,6 @@ def read_cifar_batches(folder: str | os.PathLike, names=TRAIN_BATCHES) -> tuple[
             entry = pickle.load(f, encoding="latin1")
         data = entry.get("data")
         batch_labels = entry.get("labels")
-        if batch_labels is None:
-            batch_labels = entry.get("fine_labels")
         shape = getattr(data, "shape", None)
         if data is None or batch_labels is None or getattr(data, "dtype", None) != "uint8" or len(shape) != 2 or shape[1] != 3072:
             raise DataError(f"{path} is not a CIFAR-10 batch (expected uint8 'data' [n, 3072] and 'labels').")
@@ -199,20 +197,29 @@ class CheckpointError(UserError):
     """A checkpoint a user pointed at that cannot be used; the message names the fix."""
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: a crash leaves the old file intact."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call `write(f)` on a temp file in the same folder, then os.replace it onto `path`.
+
+    A crash or error midway leaves the previous file (if any) intact and no temp file behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save, atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -315,6 +322,25 @@ def provenance(device: torch.device | str | None = None) -> dict:
         "host": platform.node(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
     }
+
+
+def resolve_device(flag: str | None) -> torch.device:
+    """`--device` ("", "auto", "cpu", "cuda", "cuda:1", ...) -> a device; empty/auto = cuda if available."""
+    if not flag or flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(flag)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={flag} but no CUDA device is visible: pass --device=cpu or run on a GPU.")
+    return device
+
+
+def truncate_jsonl(path: str | os.PathLike, keep) -> None:
+    """Rewrite a JSON-lines file with only the records for which `keep(record)` is true (atomically)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines).encode()))
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

@@ -65,7 +65,7 @@ def main(argv):
     for method in FLAGS.methods:
         if method not in SOLVERS:
             raise app.UsageError(f"unknown solver {method!r}: choose among {', '.join(SOLVERS)}.")
-    device = torch.device(FLAGS.device if FLAGS.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = utils_cifar.resolve_device(FLAGS.device)
     net = build_net(device)
     flops = flops_per_image(net, device)
     params = sum(p.numel() for p in net.parameters())

@@ -56,7 +56,7 @@ def timed(fn, device, n):
 
 def main(argv):
     del argv
-    device = torch.device(FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = utils_cifar.resolve_device(FLAGS.device)
     torch.manual_seed(FLAGS.seed)
     images = torch.randint(0, 256, (FLAGS.num_images, 3, 32, 32), dtype=torch.uint8, device=device)
     config = training.unet_config_from_flags(FLAGS)

@@ -145,7 +145,6 @@ def test_offline_without_files_is_one_clear_sentence(offline, tmp_path):
     assert fid.INCEPTION_FILENAME in message and fid.STATS_FILENAME in message
     assert str(data_dir / "fid") in message and "URLError" in message
     assert "\n" not in message and message.count(". ") == 0
-    assert fid.check_fid_ready(data_dir=data_dir) == message
     assert not (data_dir / "fid" / fid.INCEPTION_FILENAME).exists()  # no partial download left behind
     with pytest.raises(fid.FIDUnavailable, match="does not exist"):
         fid.resolve_fid_files(inception_path=tmp_path / "nowhere.pt", data_dir=data_dir)
@@ -155,11 +154,11 @@ def test_ready_with_local_files_and_env_override(offline, tmp_path, monkeypatch)
     data_dir = tmp_path / "data"
     place_dummy_inception(data_dir)
     # Inception alone is not enough offline without CIFAR-10 to compute the statistics from.
-    assert fid.STATS_FILENAME in fid.check_fid_ready(data_dir=data_dir)
+    with pytest.raises(fid.FIDUnavailable, match=fid.STATS_FILENAME):
+        fid.resolve_fid_files(data_dir=data_dir)
     stats = tmp_path / "elsewhere" / "my_stats.npz"
     fid.save_statistics(stats, np.zeros(4), np.eye(4))
     monkeypatch.setenv(fid.STATS_ENV, str(stats))
-    assert fid.check_fid_ready(data_dir=data_dir) is None
     files = fid.resolve_fid_files(data_dir=data_dir)
     assert files.stats == stats and files.stats_source == "given"
     mu, sigma = fid.load_statistics(stats)

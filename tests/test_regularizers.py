@@ -78,7 +78,9 @@ def clustered_images(sizes, shape=(3, 4, 4), seed=0):
 
 
 def naive_centroid(images, assignment, k):
+    """Mean of the members and of their mirror images (training flips each image with p = 1/2)."""
     members = images[assignment == k].double() / 127.5 - 1
+    members = torch.cat([members, members.flip(-1)])
     return members.mean(0) if len(members) else torch.zeros(images.shape[1:], dtype=torch.float64)
 
 
@@ -334,8 +336,9 @@ def test_subsampled_centroids_are_means_of_distinct_members():
         for k, size in enumerate(SIZES):
             members = torch.nonzero(assignment == k).flatten().tolist()
             subsets = list(itertools.combinations(members, min(3, size))) if size else []
-            matches = [c for c in subsets
-                       if torch.allclose(model[list(c)].mean(0), reg.centroids[k].double(), atol=1e-6)]
+            symmetric = [(model[list(c)].mean(0) + model[list(c)].mean(0).flip(-1)) / 2 for c in subsets]
+            matches = [c for c, m in zip(subsets, symmetric)
+                       if torch.allclose(m, reg.centroids[k].double(), atol=1e-6)]
             if size == 0:
                 assert torch.equal(reg.centroids[k], torch.zeros(3, 4, 4))
             else:

@@ -120,9 +120,14 @@ def test_published_checkpoint_without_extras_resumes(fake_cifar, tmp_path):
         published[key] = {f"module.{k}": v for k, v in ours[key].items()}
     path = tmp_path / "published.pt"
     torch.save(published, path)
-    run_plain(tiny_args(data_dir, tmp_path / "resumed", "--total_steps=4", "--save_step=2",
+    run_plain(tiny_args(data_dir, tmp_path / "resumed", "--total_steps=4", "--save_step=2", "--ema_decay=0.5",
                         f"--checkpoint_path={path}"))
-    assert torch.load(tmp_path / "resumed/otcfm/otcfm_cifar10_weights_step_3.pt", weights_only=True)["step"] == 3
+    resumed = torch.load(tmp_path / "resumed/otcfm/otcfm_cifar10_weights_step_3.pt", weights_only=True)
+    assert resumed["step"] == 3 and resumed["sched"]["last_epoch"] == 4
+    assert resumed["optim"]["state"][0]["step"].item() == 4  # Adam's state carried over (3 + 1 updates)
+    # One update later the EMA is the average of the stored EMA and the new weights (decay 0.5 here):
+    for name, ema in resumed["ema_model"].items():
+        torch.testing.assert_close(ema, 0.5 * ours["ema_model"][name] + 0.5 * resumed["net_model"][name])
 
 
 def test_user_errors_are_one_sentence_and_exit_nonzero(fake_cifar, tmp_path, monkeypatch):
@@ -150,6 +155,8 @@ def test_overwrite_flag_allows_a_fresh_run(fake_cifar, tmp_path):
     run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2"))
     run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2", "--overwrite", "--seed=1"))
     assert torch.load(tmp_path / "otcfm/otcfm_cifar10_weights_step_2.pt", weights_only=True)["flags"]["seed"] == 1
+    lines = (tmp_path / "otcfm/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 2]  # the old run's history is gone
 
 
 def test_fid_at_save_steps_is_logged_and_missing_files_never_crash(fake_cifar, tmp_path, monkeypatch):

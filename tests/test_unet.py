@@ -49,6 +49,8 @@ def fixture_net(fixture):
 def test_paper_config_matches_published_checkpoint(paper_net, paper_shapes):
     mine = {k: shape_str(v.shape) for k, v in paper_net.state_dict().items()}
     assert mine == paper_shapes
+    # Same order too: a published optimizer state maps its entries to parameters by position.
+    assert list(mine) == list(paper_shapes)
     assert sum(p.numel() for p in paper_net.parameters()) == 35_746_307
     # attention at 16x16 only (input_blocks 4, 5 and the mirrored decoder blocks) plus the middle
     assert paper_shapes["middle_block.1.qkv.weight"] == "768x256x1"
