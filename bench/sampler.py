@@ -1,7 +1,7 @@
 """Cost of the K-means sub-cluster sampler on data of CIFAR-10's shape: data hashing (the cache
 key), per-class K-means, and the time of one single-cluster batch.
 
-    python -m bench.sampler --num_images=50000 --num_subclasses=25 --batch_size=128 --device=cpu
+    python bench/sampler.py --num_images=50000 --num_subclasses=25 --batch_size=128 --device=cpu
 
 The synthetic images are smooth random fields (4x4 noise upsampled to 32x32, plus pixel noise),
 closer to natural images than i.i.d. pixels, which K-means splits in a handful of iterations.
@@ -9,12 +9,15 @@ closer to natural images than i.i.d. pixels, which K-means splits in a handful o
 
 import os
 import statistics
+import sys
 import time
 
 import torch
 from absl import app, flags
 
-from samplers import ClassConditionedSampler, cluster_assignments, data_digest
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from samplers import ClassConditionedSampler, cluster_assignments, data_digest  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 50000, "Synthetic images (10 classes of num_images / 10).")
