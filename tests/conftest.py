@@ -4,6 +4,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from utils_cifar import CIFAR10_DIR, TEST_BATCHES, TRAIN_BATCHES
 
@@ -42,3 +43,12 @@ def fake_cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     images, labels = write_fake_cifar10(root)
     return root, images, labels
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: two spinning OpenMP threads on a busy 2-core machine are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -49,13 +49,8 @@ fid.load_inception = load_inception
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two spinning OpenMP threads on a busy 2-core CI box are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many small solves: one intra-op thread is faster on a busy 2-core machine (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(tmp_path, args, patches=""):

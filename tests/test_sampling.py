@@ -15,13 +15,8 @@ TINY_CONFIG = dict(
     num_heads=4, num_head_channels=16, dropout=0.1,
 )
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two spinning OpenMP threads on a busy 2-core CI box are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many small solves: one intra-op thread is faster on a busy 2-core machine (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # dx/dt = a x + t (elementwise, time-dependent so the stage times matter) has the solution
