@@ -25,7 +25,7 @@ train: install
 # A few minutes on a CPU: tiny UNet, a checkpoint and sample grids under results/demo/.
 demo: install
 	$(PY) train_cifar10.py --model=otcfm --num_channel=32 --num_res_blocks=1 --channel_mult=1,2 \
-		--batch_size=16 --total_steps=201 --save_step=100 --log_step=20 --warmup=20 --grid_size=16 \
+		--batch_size=16 --total_steps=201 --save_step=100 --log_step=20 --warmup=20 --ema_decay=0.99 --grid_size=16 \
 		--grid_steps=20 --num_subclasses=5 --group_dir=./results/demo/group --data_dir=$(DATA_DIR) \
 		--output_dir=./results/demo/ --overwrite
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import utils_cifar
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
+from samplers import ClassConditionedSampler, save_cluster_grids
 from sampling import SOLVERS, save_sample_grid
 from unet import PAPER_CONFIG, UNetModel, normalize_config
 
@@ -283,29 +284,29 @@ def cluster_sampler(FLAGS, data: DataContext, state_key: str = "batches"):
     The clustering is cached under --data_dir; a resumed run takes the assignment stored in its
     checkpoint (`rank_states[rank][state_key]`), so it trains on the same clusters.
     """
-    from samplers import ClassConditionedSampler, save_cluster_grids
-
-    stored = None
+    stored, num_subclasses = None, FLAGS.num_subclasses
     if data.checkpoint is not None and data.checkpoint.get("rank_states"):
         state = data.checkpoint["rank_states"][data.rank].get(state_key) or {}
         stored = state.get("assignment")  # absent when resuming a script that trained on shuffled batches
-        if stored is not None and state["num_subclasses"] != FLAGS.num_subclasses:
-            raise utils_cifar.UserError(
-                f"--num_subclasses={FLAGS.num_subclasses} contradicts the checkpoint's clusters "
-                f"(num_subclasses={state['num_subclasses']}): drop the flag to resume on the same clusters."
-            )
+        if stored is not None:
+            if FLAGS["num_subclasses"].present and state["num_subclasses"] != FLAGS.num_subclasses:
+                raise utils_cifar.UserError(
+                    f"--num_subclasses={FLAGS.num_subclasses} contradicts the checkpoint's clusters "
+                    f"(num_subclasses={state['num_subclasses']}): drop the flag to resume on the same clusters."
+                )
+            num_subclasses = state["num_subclasses"]
     # Under torchrun rank 0 clusters (and caches) first; the other ranks then read its cache.
     distributed = dist.is_available() and dist.is_initialized()
     if distributed and not data.is_main:
         dist.barrier()
     sampler = ClassConditionedSampler(
-        data.images, data.labels, data.batch_size, num_subclasses=FLAGS.num_subclasses, seed=data.seed,
+        data.images, data.labels, data.batch_size, num_subclasses=num_subclasses, seed=data.seed,
         rank=data.rank, cluster_weighting=FLAGS.cluster_weighting, cache_dir=data.data_dir, assignment=stored,
     )
     if distributed and data.is_main:
         dist.barrier()
     if FLAGS.visualize and data.is_main:
-        save_cluster_grids(data.images, data.labels, sampler.assignment, FLAGS.num_subclasses, FLAGS.group_dir)
+        save_cluster_grids(data.images, data.labels, sampler.assignment, num_subclasses, FLAGS.group_dir)
     return sampler
 
 
@@ -413,7 +414,8 @@ class Trainer:
 class RunLogger:
     """Rank 0's metrics sink: progress bar, wandb and `metrics.jsonl`."""
 
-    def __init__(self, paths: utils_cifar.RunPaths, spec: RunSpec, config: dict, mode: str, start: int):
+    def __init__(self, paths: utils_cifar.RunPaths, spec: RunSpec, config: dict, mode: str, start: int,
+                 provenance: dict):
         import wandb  # imported here: a slow import that only rank 0 needs
 
         self.paths = paths
@@ -423,10 +425,12 @@ class RunLogger:
         self.wandb = wandb.init(
             project="conditional-flow-matching",
             name=spec.run_name,
-            config=config,
+            config={**config, "provenance": provenance},
             mode=os.environ.get("WANDB_MODE", mode),
             dir=str(paths.run_dir),
         )
+        # One line per (re)start: where the metrics that follow came from.
+        utils_cifar.append_jsonl(paths.metrics, {"step": start, "event": "start", "provenance": provenance})
 
     def log(self, record: dict) -> None:
         self.wandb.log(record, step=record["step"])
@@ -537,7 +541,7 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
     logger = None
     if world.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
-        logger = RunLogger(paths, spec, config, FLAGS.wandb_mode, start)
+        logger = RunLogger(paths, spec, config, FLAGS.wandb_mode, start, utils_cifar.provenance(world.device))
     scorer = prepare_fid(FLAGS, world)
     progress = tqdm(range(start, FLAGS.total_steps), initial=start, total=FLAGS.total_steps,
                     disable=not world.is_main, dynamic_ncols=True)

@@ -103,7 +103,8 @@ def test_script_runs_the_published_command_end_to_end(fake_cifar, tmp_path):
     for kind in ("normal", "ema"):
         with Image.open(run_dir / f"{kind}_generated_FM_images_step_4.png") as img:
             assert img.size == (2 + 4 * 34, 2 + 34)  # 4 images of 32 px in one row, 2 px padding
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    start, *records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert start["event"] == "start" and start["provenance"]["packages"]["torch"] == torch.__version__
     assert [r["step"] for r in records] == [0, 2, 4]
     for key in ("loss_fm", "grad_norm", "vector_field_mean_norm", "lr", "step"):
         assert all(key in r for r in records)
@@ -139,6 +140,8 @@ def test_user_errors_are_one_sentence_and_exit_nonzero(fake_cifar, tmp_path, mon
         "already holds checkpoints": tiny_args(data_dir, tmp_path, "--total_steps=3"),
         "contradicts the checkpoint's num_channels=32": tiny_args(
             data_dir, tmp_path, f"--checkpoint_path={good}", "--num_channel=64"),
+        "contradicts the checkpoint's clusters": tiny_args(
+            data_dir, tmp_path, f"--checkpoint_path={good}", "--num_subclasses=3"),
         "must be a positive multiple": tiny_args(data_dir, tmp_path / "x", "--batch_size=0"),
         "does not exist": tiny_args(data_dir, tmp_path / "y", f"--checkpoint_path={tmp_path / 'nope.pt'}"),
     }
@@ -156,7 +159,7 @@ def test_overwrite_flag_allows_a_fresh_run(fake_cifar, tmp_path):
     run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2", "--overwrite", "--seed=1"))
     assert torch.load(tmp_path / "otcfm/otcfm_cifar10_weights_step_2.pt", weights_only=True)["flags"]["seed"] == 1
     lines = (tmp_path / "otcfm/metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [0, 2]  # the old run's history is gone
+    assert [json.loads(line)["step"] for line in lines] == [0, 0, 2]  # start line + 2 logs: the old run's are gone
 
 
 def test_fid_at_save_steps_is_logged_and_missing_files_never_crash(fake_cifar, tmp_path, monkeypatch):
