@@ -22,9 +22,8 @@ def main(argv):
     spec = training.RunSpec(
         run_dir=FLAGS.model,
         file_prefix=f"{FLAGS.model}_cifar10",
-        run_name=f"{FLAGS.model}_cifar10",
         make_monitor=lambda data: (
-            training.cluster_sampler(FLAGS, data, state_key="monitor_batches"),
+            training.cluster_sampler(FLAGS, data),
             LocalRegularizer(weight=0.0, sigma=FLAGS.sigma),
         ),
     )

@@ -26,11 +26,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    name = f"{FLAGS.model}_cifar10_anchor_{FLAGS.lambda_name}"
     spec = training.RunSpec(
         run_dir=f"{FLAGS.model}_anchor_{FLAGS.anchor_loss_type}",
-        file_prefix=name,
-        run_name=name,
+        file_prefix=f"{FLAGS.model}_cifar10_anchor_{FLAGS.lambda_name}",
         make_batches=lambda data: training.cluster_sampler(FLAGS, data),
         make_regularizer=lambda batches: AnchorRegularizer(
             weight=FLAGS.lambda_anchor, sigma=FLAGS.sigma, loss_type=FLAGS.anchor_loss_type,

@@ -20,11 +20,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    name = f"{FLAGS.model}_cifar10_local_{FLAGS.lambda_name}"
     spec = training.RunSpec(
         run_dir=f"{FLAGS.model}_local_{FLAGS.lambda_name}",
-        file_prefix=name,
-        run_name=name,
+        file_prefix=f"{FLAGS.model}_cifar10_local_{FLAGS.lambda_name}",
         make_batches=lambda data: training.cluster_sampler(FLAGS, data),
         make_regularizer=lambda batches: LocalRegularizer(weight=FLAGS.lambda_local, sigma=FLAGS.sigma),
     )

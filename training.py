@@ -14,7 +14,9 @@ One step (see `Trainer.step`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import datetime
 import os
 import sys
@@ -38,7 +40,7 @@ from unet import PAPER_CONFIG, UNetModel, normalize_config
 
 # Flags are declarations, not work: every training script shares these (names as users type them).
 flags.DEFINE_enum("model", "otcfm", list(MATCHERS), "flow matching variant")
-flags.DEFINE_float("sigma", 0.0, "std of the extra Gaussian noise on the probability path")
+flags.DEFINE_float("sigma", 0.0, "std of the extra Gaussian noise on the probability path", lower_bound=0.0)
 flags.DEFINE_enum("ot_pairing", "replacement", list(OT_PAIRINGS),
                   "otcfm: draw B pairs from the OT plan with replacement (published) or use the optimal permutation")
 flags.DEFINE_string("output_dir", "./results/", "where run folders are written")
@@ -53,14 +55,16 @@ flags.DEFINE_float("dropout", PAPER_CONFIG["dropout"], "dropout in residual bloc
 # Optimisation (the published recipe).
 flags.DEFINE_float("lr", 2e-4, "Adam learning rate")
 flags.DEFINE_float("grad_clip", 1.0, "gradient norm clip")
-flags.DEFINE_integer("total_steps", 400001, "training steps (loop indices 0..total_steps-1)")
-flags.DEFINE_integer("warmup", 5000, "linear learning-rate warm-up steps")
+flags.DEFINE_integer("total_steps", 400001, "training steps (loop indices 0..total_steps-1)", lower_bound=1)
+flags.DEFINE_integer("warmup", 5000, "linear learning-rate warm-up steps", lower_bound=0)
 flags.DEFINE_integer("batch_size", 128, "global batch size (split across ranks)")
-flags.DEFINE_float("ema_decay", 0.9999, "EMA decay, applied every step")
+flags.DEFINE_float("ema_decay", 0.9999, "EMA decay, applied every step", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_integer("seed", 0, "seed of every random stream (rank r uses seed + r)")
 # Outputs.
-flags.DEFINE_integer("save_step", 20000, "checkpoint + sample grids every this many steps (0 = never)")
-flags.DEFINE_integer("log_step", 100, "metrics to the progress bar, wandb and metrics.jsonl every this many steps")
+flags.DEFINE_integer("save_step", 20000, "checkpoint + sample grids every this many steps (0 = never)",
+                     lower_bound=0)
+flags.DEFINE_integer("log_step", 100, "metrics to the progress bar, wandb and metrics.jsonl every this many steps",
+                     lower_bound=1)
 flags.DEFINE_integer("grid_size", 64, "images in each sample grid", lower_bound=1)
 flags.DEFINE_integer("grid_steps", 100, "Euler steps for the sample grids", lower_bound=1)
 flags.DEFINE_string("checkpoint_path", "", "resume from this checkpoint")
@@ -138,10 +142,9 @@ class DataContext:
     labels: Tensor  # int64 [N] (CPU)
     batch_size: int  # per rank
     seed: int
-    rank: int
-    is_main: bool
+    world: World
     data_dir: str
-    checkpoint: dict | None  # the checkpoint being resumed, if any (e.g. a stored cluster assignment)
+    stored: dict | None = None  # this source's state in the checkpoint being resumed (e.g. its clusters)
 
 
 @dataclass
@@ -149,8 +152,7 @@ class RunSpec:
     """What a script trains and where it writes.
 
     run_dir:          folder under --output_dir, e.g. "otcfm" or "otcfm_local_1e0"
-    file_prefix:      checkpoint prefix, e.g. "otcfm_cifar10_local_1e0"
-    run_name:         wandb run name
+    file_prefix:      checkpoint prefix and wandb run name, e.g. "otcfm_cifar10_local_1e0"
     make_batches:     DataContext -> BatchSource for training (default: shuffled batches)
     make_regularizer: training BatchSource -> Regularizer added to the loss (default: none)
     make_monitor:     DataContext -> (BatchSource, Regularizer) evaluated under no_grad on log steps
@@ -159,7 +161,6 @@ class RunSpec:
 
     run_dir: str
     file_prefix: str
-    run_name: str
     make_batches: Callable[[DataContext], BatchSource] | None = None
     make_regularizer: Callable[[BatchSource], Regularizer] | None = None
     make_monitor: Callable[[DataContext], tuple[BatchSource, Regularizer]] | None = None
@@ -203,6 +204,16 @@ def init_world(device_flag: str) -> World:
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(world: World):
+    """Rank 0 runs the block first (downloads, caches); the other ranks then run it and find its files."""
+    if not world.is_main:
+        barrier(world)
+    yield
+    if world.is_main:
+        barrier(world)
 
 
 def gather_to_main(obj, world: World) -> list | None:
@@ -256,21 +267,13 @@ def resolve_unet_config(FLAGS, ckpt: dict | None) -> dict:
 
 
 def validate_flags(FLAGS, world: World) -> None:
-    """Catch user mistakes before any heavy work."""
-    checks = [
-        (FLAGS.batch_size > 0 and FLAGS.batch_size % world.size == 0,
-         f"--batch_size={FLAGS.batch_size} must be a positive multiple of the {world.size} processes."),
-        (FLAGS.total_steps > 0, "--total_steps must be positive."),
-        (FLAGS.save_step >= 0, "--save_step must be >= 0 (0 disables saving)."),
-        (FLAGS.log_step > 0, "--log_step must be positive."),
-        (FLAGS.warmup >= 0, "--warmup must be >= 0."),
-        (0.0 <= FLAGS.ema_decay <= 1.0, "--ema_decay must lie in [0, 1]."),
-        (FLAGS.grad_clip > 0, "--grad_clip must be positive."),
-        (FLAGS.sigma >= 0, "--sigma must be >= 0."),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise utils_cifar.UserError(message)
+    """Catch user mistakes before any heavy work (single-flag bounds are checked by absl at parsing)."""
+    if FLAGS.batch_size <= 0 or FLAGS.batch_size % world.size:
+        raise utils_cifar.UserError(
+            f"--batch_size={FLAGS.batch_size} must be a positive multiple of the {world.size} processes."
+        )
+    if FLAGS.grad_clip <= 0:
+        raise utils_cifar.UserError("--grad_clip must be positive.")
 
 
 def warmup_schedule(warmup: int):
@@ -278,34 +281,28 @@ def warmup_schedule(warmup: int):
     return lambda s: min(s, warmup) / warmup if warmup > 0 else 1.0
 
 
-def cluster_sampler(FLAGS, data: DataContext, state_key: str = "batches"):
+def cluster_sampler(FLAGS, data: DataContext):
     """A K-means ClassConditionedSampler over `data` (one cluster per batch).
 
     The clustering is cached under --data_dir; a resumed run takes the assignment stored in its
-    checkpoint (`rank_states[rank][state_key]`), so it trains on the same clusters.
+    checkpoint, so it trains on the same clusters.
     """
-    stored, num_subclasses = None, FLAGS.num_subclasses
-    if data.checkpoint is not None and data.checkpoint.get("rank_states"):
-        state = data.checkpoint["rank_states"][data.rank].get(state_key) or {}
-        stored = state.get("assignment")  # absent when resuming a script that trained on shuffled batches
-        if stored is not None:
-            if FLAGS["num_subclasses"].present and state["num_subclasses"] != FLAGS.num_subclasses:
-                raise utils_cifar.UserError(
-                    f"--num_subclasses={FLAGS.num_subclasses} contradicts the checkpoint's clusters "
-                    f"(num_subclasses={state['num_subclasses']}): drop the flag to resume on the same clusters."
-                )
-            num_subclasses = state["num_subclasses"]
-    # Under torchrun rank 0 clusters (and caches) first; the other ranks then read its cache.
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed and not data.is_main:
-        dist.barrier()
-    sampler = ClassConditionedSampler(
-        data.images, data.labels, data.batch_size, num_subclasses=num_subclasses, seed=data.seed,
-        rank=data.rank, cluster_weighting=FLAGS.cluster_weighting, cache_dir=data.data_dir, assignment=stored,
-    )
-    if distributed and data.is_main:
-        dist.barrier()
-    if FLAGS.visualize and data.is_main:
+    stored = (data.stored or {}).get("assignment")  # absent when the checkpoint's stream was shuffled
+    num_subclasses = FLAGS.num_subclasses
+    if stored is not None:
+        if FLAGS["num_subclasses"].present and data.stored["num_subclasses"] != FLAGS.num_subclasses:
+            raise utils_cifar.UserError(
+                f"--num_subclasses={FLAGS.num_subclasses} contradicts the checkpoint's clusters "
+                f"(num_subclasses={data.stored['num_subclasses']}): drop the flag to resume on the same clusters."
+            )
+        num_subclasses = data.stored["num_subclasses"]
+    with main_first(data.world):  # rank 0 clusters and caches; the other ranks read its cache
+        sampler = ClassConditionedSampler(
+            data.images, data.labels, data.batch_size, num_subclasses=num_subclasses, seed=data.seed,
+            rank=data.world.rank, cluster_weighting=FLAGS.cluster_weighting, cache_dir=data.data_dir,
+            assignment=stored,
+        )
+    if FLAGS.visualize and data.world.is_main:
         save_cluster_grids(data.images, data.labels, sampler.assignment, num_subclasses, FLAGS.group_dir)
     return sampler
 
@@ -313,6 +310,10 @@ def cluster_sampler(FLAGS, data: DataContext, state_key: str = "batches"):
 # --------------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------------
+
+
+# Checkpoint keys of the batch streams (rank_states[rank][key]).
+TRAIN_STREAM, MONITOR_STREAM = "batches", "monitor_batches"
 
 
 class Trainer:
@@ -326,6 +327,11 @@ class Trainer:
         self.matcher, self.batches, self.regularizer = matcher, batches, regularizer
         self.monitor = monitor  # (BatchSource, Regularizer) or None
         self.grad_clip, self.ema_decay = FLAGS.grad_clip, FLAGS.ema_decay
+        # Listed once: walking 300 parameters per step costs host time the GPU would wait for.
+        self.params, self.ema_params = list(net.parameters()), list(ema.parameters())
+        # The term logged as `regularized_loss`: the trained regularizer, else the monitored one.
+        logged = regularizer if regularizer is not None else monitor[1] if monitor is not None else None
+        self.regularized_name = f"{logged.name}_loss" if logged is not None else None
 
     def step(self, step: int, with_metrics: bool = False) -> dict:
         """One optimisation step. Returns device tensors (no host sync); the full metric set only
@@ -350,16 +356,14 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses (a float: no sync)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        utils_cifar.ema_update(self.ema, self.net, self.ema_decay)
+        utils_cifar.ema_update(self.ema_params, self.params, self.ema_decay)
 
         if not with_metrics:
             return {"loss": loss.detach()}
         metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "lr": lr}
-        if reg is not None:
-            metrics["regularized_loss"] = metrics[f"{reg.name}_loss"]
         if cluster is not None:
             metrics["cluster"] = cluster[0]
         metrics["grad_norm"] = grad_norm
@@ -375,15 +379,13 @@ class Trainer:
         x1, cluster = batches.next_batch()
         sample = self.matcher.sample(torch.randn_like(x1), x1)
         t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
-        loss = reg.loss(sample, None, self.net(t_extra, x_extra), ctx)
-        # Also as `regularized_loss`, the name the published runs log in every script.
-        return {f"{reg.name}_loss": loss, "regularized_loss": loss}
+        return {f"{reg.name}_loss": reg.loss(sample, None, self.net(t_extra, x_extra), ctx)}
 
     def batch_sources(self) -> dict:
         """The batch sources whose streams a checkpoint keeps, by state key."""
-        sources = {"batches": self.batches}
+        sources = {TRAIN_STREAM: self.batches}
         if self.monitor is not None:
-            sources["monitor_batches"] = self.monitor[0]
+            sources[MONITOR_STREAM] = self.monitor[0]
         return sources
 
     def state_dict(self) -> dict:
@@ -424,7 +426,7 @@ class RunLogger:
         utils_cifar.truncate_jsonl(paths.metrics, keep=lambda record: record.get("step", -1) < start)
         self.wandb = wandb.init(
             project="conditional-flow-matching",
-            name=spec.run_name,
+            name=spec.file_prefix,
             config={**config, "provenance": provenance},
             mode=os.environ.get("WANDB_MODE", mode),
             dir=str(paths.run_dir),
@@ -508,40 +510,28 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
         )
 
     torch.manual_seed(FLAGS.seed + world.rank)
-    if world.is_main:  # one download/extraction; the other ranks read what rank 0 put there
-        utils_cifar.ensure_cifar10(FLAGS.data_dir)
-    barrier(world)
-    images, labels = utils_cifar.load_cifar10(FLAGS.data_dir)
+    with main_first(world):  # one download/extraction; the other ranks read what rank 0 put there
+        images, labels = utils_cifar.load_cifar10(FLAGS.data_dir)
+    stored = ckpt["rank_states"][world.rank] if ckpt is not None and ckpt.get("rank_states") else {}
     data = DataContext(images=images.to(world.device), labels=labels, batch_size=FLAGS.batch_size // world.size,
-                       seed=FLAGS.seed, rank=world.rank, is_main=world.is_main, data_dir=FLAGS.data_dir,
-                       checkpoint=ckpt)
+                       seed=FLAGS.seed, world=world, data_dir=FLAGS.data_dir)
     if spec.make_batches is None:
-        batches = utils_cifar.ShuffledBatches(data.images, data.batch_size, data.seed, data.rank)
+        batches = utils_cifar.ShuffledBatches(data.images, data.batch_size, data.seed, world.rank)
     else:
-        batches = spec.make_batches(data)
+        batches = spec.make_batches(dataclasses.replace(data, stored=stored.get(TRAIN_STREAM)))
     regularizer = spec.make_regularizer(batches) if spec.make_regularizer is not None else None
-    monitor = spec.make_monitor(data) if spec.make_monitor is not None else None
-
-    net = UNetModel(**unet_config).to(world.device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)  # never wrapped in DDP
-    # fused: one kernel for all parameters on CUDA (same maths; not implemented for every CPU build).
-    optimizer = torch.optim.Adam(net.parameters(), lr=FLAGS.lr, fused=world.device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(FLAGS.warmup))
-    ddp_net = None
-    if world.size > 1:
-        ddp_net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[world.device.index] if world.device.type == "cuda" else None
-        )
-    trainer = Trainer(net, ema, optimizer, scheduler, matcher, batches, FLAGS, regularizer, monitor, ddp_net)
-    start = 0
-    if ckpt is not None:
-        start = resume(trainer, ckpt, FLAGS, world)
+    monitor = None
+    if spec.make_monitor is not None:
+        monitor = spec.make_monitor(dataclasses.replace(data, stored=stored.get(MONITOR_STREAM)))
+    trainer = build_trainer(FLAGS, unet_config, world, matcher, batches, regularizer, monitor)
+    start = resume(trainer, ckpt, FLAGS, world) if ckpt is not None else 0
 
     config = flag_dict(FLAGS)
     logger = None
+    provenance = utils_cifar.provenance(world.device)  # the code and machine cannot change mid-run
     if world.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
-        logger = RunLogger(paths, spec, config, FLAGS.wandb_mode, start, utils_cifar.provenance(world.device))
+        logger = RunLogger(paths, spec, config, FLAGS.wandb_mode, start, provenance)
     scorer = prepare_fid(FLAGS, world)
     progress = tqdm(range(start, FLAGS.total_steps), initial=start, total=FLAGS.total_steps,
                     disable=not world.is_main, dynamic_ncols=True)
@@ -551,20 +541,15 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
         is_log = step % FLAGS.log_step == 0 or step == last
         metrics = trainer.step(step, with_metrics=is_log)
         if is_log:
-            # The one host sync of a log step: every metric leaves the device together.
-            tensors = {k: v for k, v in metrics.items() if isinstance(v, Tensor)}
-            stacked = torch.stack([v.float() for v in tensors.values()])
-            if world.size > 1:  # every rank reaches this line on the same steps
-                dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
-            values = dict(zip(tensors, stacked.tolist()))
-            record = {"step": step, **metrics, **values,
-                      "seconds": round(time.perf_counter() - tic, 3)}
+            record = {"step": step, **host_metrics(metrics, world), "seconds": round(time.perf_counter() - tic, 3)}
+            if trainer.regularized_name is not None:  # the published name for the regularizer's value
+                record["regularized_loss"] = record[trainer.regularized_name]
             if logger is not None:
                 logger.log(record)
                 progress.set_postfix(progress_fields(record))
         is_save = FLAGS.save_step > 0 and ((step % FLAGS.save_step == 0 and step > 0) or step == last)
         if is_save:
-            save(trainer, spec, paths, step, unet_config, config, world)
+            save(trainer, paths, step, unet_config, config, provenance, world)
             if scorer is not None:
                 log_fid(scorer, trainer.ema, FLAGS, fid_num_gen(FLAGS, world), step, logger)
             barrier(world)
@@ -573,13 +558,43 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
     return paths
 
 
+def host_metrics(metrics: dict, world: World) -> dict:
+    """A log step's metrics as python numbers, averaged over ranks, in one device-to-host copy.
+
+    `cluster` (this rank's batch cluster) is an id, not a quantity: rank 0's own is kept.
+    """
+    tensors = {k: v.float() for k, v in metrics.items() if isinstance(v, Tensor)}
+    local = torch.stack(list(tensors.values()))
+    reduced = local.clone()
+    if world.size > 1:  # every rank reaches this line on the same steps
+        dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
+    local_values, reduced_values = torch.stack([local, reduced]).tolist()  # the one host sync
+    values = {k: (int(lv) if k == "cluster" else rv) for k, lv, rv in zip(tensors, local_values, reduced_values)}
+    return {**metrics, **values}
+
+
+def build_trainer(FLAGS, unet_config: dict, world: World, matcher, batches, regularizer=None, monitor=None) -> Trainer:
+    """Net, EMA (a frozen copy, never wrapped in DDP), Adam, warm-up schedule and DDP wrapper."""
+    net = UNetModel(**unet_config).to(world.device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    # fused: one kernel for all parameters on CUDA (same maths; not implemented for every CPU build).
+    optimizer = torch.optim.Adam(net.parameters(), lr=FLAGS.lr, fused=world.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(FLAGS.warmup))
+    ddp_net = None
+    if world.size > 1:
+        ddp_net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[world.device.index] if world.device.type == "cuda" else None
+        )
+    return Trainer(net, ema, optimizer, scheduler, matcher, batches, FLAGS, regularizer, monitor, ddp_net)
+
+
 def progress_fields(record: dict) -> dict:
     """What the progress bar shows: losses, lr and (for clustered batches) the batch's cluster."""
     losses = [k for k in record if k in ("loss", "loss_fm") or k.endswith("_loss") and k != "regularized_loss"]
     fields = {k: f"{record[k]:.4f}" for k in losses}
     fields["lr"] = f"{record['lr']:.2e}"
     if "cluster" in record:
-        fields["cluster"] = int(record["cluster"])
+        fields["cluster"] = record["cluster"]
     return fields
 
 
@@ -607,7 +622,7 @@ def resume(trainer: Trainer, ckpt: dict, FLAGS, world: World) -> int:
     return int(ckpt["step"]) + 1
 
 
-def save(trainer: Trainer, spec: RunSpec, paths, step: int, unet_config: dict, config: dict, world: World) -> None:
+def save(trainer: Trainer, paths, step: int, unet_config: dict, config: dict, provenance: dict, world: World) -> None:
     """Sample grids (net and EMA) and an atomic checkpoint holding the state after update `step`."""
     rank_states = gather_to_main(trainer.state_dict(), world)
     if not world.is_main:
@@ -625,6 +640,6 @@ def save(trainer: Trainer, spec: RunSpec, paths, step: int, unet_config: dict, c
         "flags": config,
         "rank_states": rank_states,
         "regularizer": trainer.regularizer.state_dict() if trainer.regularizer is not None else {},
-        "provenance": utils_cifar.provenance(world.device),
+        "provenance": provenance,
     }
     utils_cifar.atomic_save(ckpt, paths.checkpoint(step))

@@ -178,13 +178,12 @@ class ShuffledBatches:
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net, over parameters, as one fused foreach lerp.
+def ema_update(ema_params: list[Tensor], net_params: list[Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * net, over parameter lists, as one fused foreach lerp.
 
-    The UNet has no buffers (GroupNorm keeps no running stats), so parameters are the whole state.
+    Pass `list(ema.parameters())` and `list(net.parameters())`: the UNet has no buffers
+    (GroupNorm keeps no running statistics), so parameters are its whole state.
     """
-    ema_params = list(ema.parameters())
-    net_params = [p.detach() for p in net.parameters()]
     torch._foreach_lerp_(ema_params, net_params, 1.0 - decay)
 
 

@@ -28,7 +28,6 @@ import utils_cifar  # noqa: E402
 from flow_matching import make_matcher  # noqa: E402
 from regularizers import AnchorRegularizer, LocalRegularizer  # noqa: E402
 from samplers import ClassConditionedSampler  # noqa: E402
-from unet import UNetModel  # noqa: E402
 
 flags.DEFINE_integer("steps", 20, "timed steps per measurement")
 flags.DEFINE_integer("warmup_steps", 3, "untimed steps first")
@@ -60,13 +59,12 @@ def main(argv):
     torch.manual_seed(FLAGS.seed)
     images = torch.randint(0, 256, (FLAGS.num_images, 3, 32, 32), dtype=torch.uint8, device=device)
     config = training.unet_config_from_flags(FLAGS)
-    net = UNetModel(**config).to(device)
-    ema = UNetModel(**config).to(device).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=FLAGS.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.warmup_schedule(FLAGS.warmup))
+    world = training.World(rank=0, size=1, device=device)
     batches = utils_cifar.ShuffledBatches(images, FLAGS.batch_size, FLAGS.seed)
     matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing)
-    trainer = training.Trainer(net, ema, optimizer, scheduler, matcher, batches, FLAGS)
+    # Built as training builds it (same optimizer flavour, EMA, schedule).
+    trainer = training.build_trainer(FLAGS, config, world, matcher, batches)
+    net, ema, optimizer, scheduler = trainer.net, trainer.ema, trainer.optimizer, trainer.scheduler
     params = sum(p.numel() for p in net.parameters())
     print(f"device={device} model={FLAGS.model} batch={FLAGS.batch_size} num_channel={FLAGS.num_channel} "
           f"params={params:,} threads={torch.get_num_threads()}")
@@ -86,7 +84,7 @@ def main(argv):
             "anchor": lambda: AnchorRegularizer(1.0, FLAGS.sigma, "full", images, clustered.assignment,
                                                 clustered.num_clusters, reuse_xt=FLAGS.model in ("icfm", "otcfm")),
         }[name]()
-        regularized = training.Trainer(net, ema, optimizer, scheduler, matcher, clustered, FLAGS, regularizer)
+        regularized = training.build_trainer(FLAGS, config, world, matcher, clustered, regularizer)
         for _ in range(FLAGS.warmup_steps):
             regularized.step(next(step))
         regularized_ms[name] = timed(lambda: regularized.step(next(step)), device, FLAGS.steps)
@@ -117,7 +115,7 @@ def main(argv):
         "matcher": lambda: matcher.sample(torch.randn_like(x1), x1),
         "forward+backward": forward_backward,
         "optimizer": optimizer_phase,
-        "ema": lambda: utils_cifar.ema_update(ema, net, FLAGS.ema_decay),
+        "ema": lambda: utils_cifar.ema_update(trainer.ema_params, trainer.params, FLAGS.ema_decay),
     }
     breakdown = {name: timed(fn, device, FLAGS.steps) for name, fn in phases.items()}
 

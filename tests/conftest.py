@@ -10,6 +10,9 @@ from utils_cifar import CIFAR10_DIR, TEST_BATCHES, TRAIN_BATCHES
 
 # Small enough for CPU tests, same family as the paper UNet.
 TINY_UNET_FLAGS = ["--num_channel=32", "--num_res_blocks=1", "--channel_mult=1,2", "--num_head_channels=16"]
+# The same network as UNetModel arguments.
+TINY_UNET_CONFIG = dict(dim=(3, 32, 32), num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+                        attention_resolutions="16", num_heads=4, num_head_channels=16, dropout=0.1)
 
 
 def write_fake_cifar10(root, per_batch: int = 20, seed: int = 0):

@@ -18,10 +18,7 @@ from sampling import generate_samples
 from unet import PAPER_CONFIG, UNetModel
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = dict(
-    dim=(3, 32, 32), num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions="16",
-    num_heads=4, num_head_channels=16, dropout=0.1,
-)
+from conftest import TINY_UNET_CONFIG as TINY_CONFIG
 SAMPLING = ["--fid=False", "--num_gen=8", "--batch_size_fid=5", "--integration_method=euler", "--integration_steps=2"]
 
 OFFLINE = """

@@ -10,10 +10,7 @@ from sampling import SOLVERS, NoiseSource, generate_samples, integrate, noise, s
 from unet import UNetModel
 from utils_cifar import to_uint8
 
-TINY_CONFIG = dict(
-    dim=(3, 32, 32), num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions="16",
-    num_heads=4, num_head_channels=16, dropout=0.1,
-)
+from conftest import TINY_UNET_CONFIG as TINY_CONFIG
 
 # Many small solves: one intra-op thread is faster on a busy 2-core machine (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -39,10 +39,10 @@ def test_ema_update_is_the_closed_form_average():
     torch.manual_seed(0)
     net, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     before = [p.detach().clone() for p in ema.parameters()]
-    utils_cifar.ema_update(ema, net, 0.9)
+    utils_cifar.ema_update(list(ema.parameters()), list(net.parameters()), 0.9)
     for e, b, p in zip(ema.parameters(), before, net.parameters()):
         assert torch.allclose(e, 0.9 * b + 0.1 * p)
-    utils_cifar.ema_update(ema, net, 0.0)  # decay 0 copies the net
+    utils_cifar.ema_update(list(ema.parameters()), list(net.parameters()), 0.0)  # decay 0 copies the net
     assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), net.parameters()))
 
 

@@ -8,7 +8,6 @@ Shapes: B batch, C ``num_channels``, E = 4C time-embedding width, H x W image si
 """
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -161,13 +160,6 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
-def _attention_factors(attention_resolutions, image_size):
-    """Image resolutions ("16", "16,8" or a sequence of ints) -> downsample factors image_size // res."""
-    if isinstance(attention_resolutions, str):
-        attention_resolutions = [r for r in attention_resolutions.split(",") if r.strip()]
-    return {image_size // int(res) for res in attention_resolutions}
-
-
 def normalize_config(config):
     """Construction arguments as canonical plain Python values (lists, str, int, float).
 
@@ -225,7 +217,8 @@ class UNetModel(nn.Module):
                  num_head_channels=num_head_channels, dropout=dropout)
         )
         in_ch, image_size = dim[0], dim[-1]
-        attention_ds = _attention_factors(attention_resolutions, image_size)
+        # Image resolutions with attention -> the downsample factors at which blocks get one.
+        attention_ds = {image_size // int(r) for r in self.config["attention_resolutions"].split(",") if r}
         C, E = num_channels, 4 * num_channels
         self.num_channels = C
 
