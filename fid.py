@@ -38,8 +38,8 @@ import torch
 from scipy import linalg
 from torch import Tensor
 
-from sampling import sample_batches
-from utils_cifar import DataError, UserError, atomic_write, ensure_cifar10, load_cifar10, to_uint8
+from sampling import generate_samples
+from utils_cifar import DataError, UserError, atomic_write, ensure_cifar10, load_cifar10
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 # The URLs clean-fid 0.1.35 downloads from (cleanfid/downloads_helper.py, cleanfid/features.py).
@@ -327,13 +327,10 @@ class FIDScorer:
     ) -> FIDResult:
         """Sample `num_gen` images from `net` (see sampling.py) and score them as they come."""
         start = time.perf_counter()
-        features, kept, nfe_total = [], [], 0
-        for x1, nfe in sample_batches(net, num_gen, batch_size, method, steps, tol, seed):
-            images = to_uint8(x1)
-            features.append(self.features(images))
-            if keep_samples:
-                kept.append(images.cpu())
-            nfe_total += nfe * len(x1)
+        features = []
+        samples, mean_nfe = generate_samples(net, num_gen, batch_size, method, steps, tol, seed,
+                                             on_batch=lambda images: features.append(self.features(images)),
+                                             keep=keep_samples)
         fid = self.fid_of_features(np.concatenate(features))
-        return FIDResult(fid=fid, mean_nfe=nfe_total / num_gen, num_gen=num_gen,
-                         seconds=time.perf_counter() - start, samples=torch.cat(kept) if keep_samples else None)
+        return FIDResult(fid=fid, mean_nfe=mean_nfe, num_gen=num_gen,
+                         seconds=time.perf_counter() - start, samples=samples)

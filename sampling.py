@@ -202,17 +202,25 @@ def generate_samples(
     steps: int = 100,
     tol: float = 1e-5,
     seed: int = 0,
-) -> tuple[Tensor, float]:
-    """Sample `num` images: uint8 NCHW [num, C, H, W] on the CPU, and the mean NFE per sample.
+    on_batch: Callable[[Tensor], None] | None = None,
+    keep: bool = True,
+) -> tuple[Tensor | None, float]:
+    """Sample `num` images: uint8 NCHW [num, C, H, W] on the CPU (None if not `keep`), and the mean
+    NFE per sample.
 
     Mapped to uint8 as published: (x * 127.5 + 128).clip(0, 255) (``utils_cifar.to_uint8``), on the
-    device before the copy to the host. Runs where the net's parameters are.
+    device before the copy to the host. Runs where the net's parameters are. `on_batch` gets each
+    uint8 batch on the device as it is made (e.g. to featurise it for FID while sampling goes on).
     """
     images, nfe_total = [], 0
     for x1, nfe in sample_batches(net, num, batch_size, method, steps, tol, seed):
-        images.append(to_uint8(x1).cpu())
+        batch = to_uint8(x1)
+        if on_batch is not None:
+            on_batch(batch)
+        if keep:
+            images.append(batch.cpu())
         nfe_total += nfe * len(x1)
-    return torch.cat(images), nfe_total / num
+    return (torch.cat(images) if keep else None), nfe_total / num
 
 
 def save_sample_grid(
