@@ -7,11 +7,13 @@ index gather plus a flip there, with no DataLoader workers and no per-image Pyth
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import platform
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -333,20 +335,59 @@ def resolve_device(flag: str | None) -> torch.device:
     return device
 
 
+def json_safe(value):
+    """`value` with every non-finite float replaced by None, so that `json.dumps` writes valid JSON
+    (`null`) where it would write the bare `NaN` / `Infinity` that strict readers reject."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file ([] when it does not exist).
+
+    Tolerant: a line that does not parse as a JSON object (the torn last line of a run killed or out
+    of disk mid-append) is skipped with a warning naming the file and line, so one bad write never
+    makes a run folder unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            warnings.warn(f"{path}:{number} is not a JSON record (a torn write?): skipped.", stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
 def truncate_jsonl(path: str | os.PathLike, keep) -> None:
-    """Rewrite a JSON-lines file with only the records for which `keep(record)` is true (atomically)."""
+    """Rewrite a JSON-lines file with only the records for which `keep(record)` is true (atomically);
+    unreadable lines are dropped (see `read_jsonl`)."""
     path = Path(path)
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
+    lines = [json.dumps(record) for record in read_jsonl(path) if keep(record)]
     atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines).encode()))
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line (flushed at once: a crash keeps every finished line)."""
+    """Append one JSON line (flushed at once: a crash keeps every finished line). Non-finite numbers
+    are written as null (see `json_safe`)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         f.flush()
 
 

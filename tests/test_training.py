@@ -196,3 +196,19 @@ def test_fid_at_save_steps_is_logged_and_missing_files_never_crash(fake_cifar, t
     images, _ = generate_samples(utils_cifar.build_net_from_checkpoint(ckpt), 16, method="euler", steps=2, seed=0)
     mu, sigma = fid.feature_statistics((images.flatten(1).float() @ projection).double().numpy())
     assert fids[0]["fid"] == pytest.approx(fid.frechet_distance(mu, sigma, np.zeros(8), np.eye(8)), rel=1e-6)
+
+
+def test_metrics_lines_are_valid_json_and_a_torn_line_is_survived(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    utils_cifar.append_jsonl(path, {"step": 0, "loss": float("nan"), "terms": [1.0, float("inf")]})
+    utils_cifar.append_jsonl(path, {"step": 1, "loss": 0.5})
+    for line in path.read_text().splitlines():  # strict JSON: no bare NaN / Infinity
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard constant {name}"))
+    with open(path, "a") as f:
+        f.write('{"step": ')  # a write torn by a full disk or a kill
+    with pytest.warns(UserWarning, match="metrics.jsonl:3"):
+        records = utils_cifar.read_jsonl(path)
+    assert records == [{"step": 0, "loss": None, "terms": [1.0, None]}, {"step": 1, "loss": 0.5}]
+    with pytest.warns(UserWarning):
+        utils_cifar.truncate_jsonl(path, keep=lambda r: r["step"] < 1)
+    assert utils_cifar.read_jsonl(path) == records[:1]
