@@ -4,19 +4,21 @@ Both plug into the shared loop of `training.py` (the `Regularizer` protocol): `e
 where the network must also be evaluated; the loop appends those rows to the main batch, makes one
 forward call, splits the output and hands the extra rows back to `loss`.
 
-Both evaluate the network on the straight line ``z_t = t z + (1 - t) x0 + sigma eps`` between
-noise ``x0`` and some image ``z``, for every ``--model`` (as in the published runs). For a field
-that is exactly the conditional target of that line, ``v(z_t, t) = z - x0``, the difference of
-two such predictions sharing ``t``, ``x0`` and ``eps`` is the difference of the two images; the
-losses penalise deviation from that:
+Both are computed as the published scripts compute them: on the batch **as drawn** -- the
+single-cluster images ``x1`` and the noise ``x0`` before any OT re-pairing (otcfm re-pairs, and
+with ``--ot_pairing=replacement`` its batch repeats about a third of its images) -- and on the
+straight line ``z_t = t z + (1 - t) x0 + sigma eps`` between ``x0`` and an image ``z``, for every
+``--model``. For a field that is exactly the conditional target of that line, ``v(z_t, t) = z - x0``,
+the difference of two predictions sharing ``t``, ``x0`` and ``eps`` is the difference of the two
+images; the losses penalise deviation from that:
 
 =========  ==============================================  ======================================
 name       loss (mean over batch, channels and pixels)      points
 =========  ==============================================  ======================================
 local      mean (v(u_t, t) - v(s_t, t) + s - u)^2           u = x1 (one cluster), s = u permuted,
-                                                            fresh t ~ U(0, 1)
+                                                            fresh t ~ U(0, 1), fresh eps
 anchor     full:   mean (v(x_t, t) - v(e_t, t) + e - x1)^2  e = centroid of x1's cluster; the main
-           simple: mean (v(x_t, t) - v(e_t, t))^2           term's t, x0 and eps
+           simple: mean (v(x_t, t) - v(e_t, t))^2           term's t, a fresh eps
 =========  ==============================================  ======================================
 
 "mean" is ``torch.mean`` of the squared difference, the same reduction as ``loss_fm``, so a weight
@@ -25,10 +27,12 @@ lambda means what it meant in the published runs.
 Usage (what `training.Trainer.step` does)::
 
     reg.before_step(step)
-    t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
+    x1, cluster = batches.next_batch(); x0 = torch.randn_like(x1)
+    sample = matcher.sample(x0, x1)                               # may re-pair (otcfm)
+    t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample)   # the batch as drawn
     v = net(torch.cat([sample.t, t_extra]), torch.cat([sample.xt, x_extra]))
     vt, v_extra = v[:B], v[B:]
-    loss = mse(vt, sample.ut) + reg.weight * reg.loss(sample, vt, v_extra, ctx)
+    loss = mse(vt, sample.ut) + reg.weight * reg.loss(vt, v_extra, ctx)
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ from torch import Tensor
 from flow_matching import FlowSample, pad_t_like_x
 
 ANCHOR_LOSS_TYPES = ("full", "simple")
+# published: the anchor term's own x_t from the batch as drawn (two extra rows per sample);
+# main: the main term's re-paired x_t and prediction (one extra row; icfm/otcfm only).
+ANCHOR_PAIRINGS = ("published", "main")
+# Models whose main xt is the straight line the anchor loss needs, so `main` pairing is valid.
+STRAIGHT_LINE_MODELS = ("icfm", "otcfm")
 
 
 def straight_line(t: Tensor, z: Tensor, x0: Tensor, eps: Tensor, sigma: float) -> Tensor:
@@ -50,18 +59,20 @@ def straight_line(t: Tensor, z: Tensor, x0: Tensor, eps: Tensor, sigma: float) -
 class LocalRegularizer:
     """Locality loss: predictions at two images of one cluster differ by the images' difference.
 
-    With ``u = x1`` (a batch from one cluster), ``s = u[perm]`` for a random permutation, a fresh
-    ``t ~ U(0, 1)`` per sample and the main term's ``x0`` and ``eps`` for both::
+    With ``u = x1`` (the batch as drawn, one cluster), ``s = u[perm]`` for a random permutation,
+    the noise ``x0`` as drawn, a fresh ``t ~ U(0, 1)`` per sample and a fresh ``eps`` shared by
+    both lines (the published ``compute_local_loss(net, x1, x0)``)::
 
         u_t = t u + (1 - t) x0 + sigma eps,   s_t = t s + (1 - t) x0 + sigma eps
         loss = mean (v(u_t, t) - v(s_t, t) + s - u)^2
 
-    Two extra evaluations per sample (``E = 2B`` extra rows: ``u_t`` then ``s_t``). The main
-    prediction is not used, so the loss can also be computed alone (``vt=None``), e.g. under
-    ``torch.no_grad()`` to monitor it in a run that does not train on it.
+    Two extra evaluations per sample (``E = 2B`` extra rows: ``u_t`` then ``s_t``). Neither the
+    main sample nor the main prediction is used, so the loss can also be computed alone
+    (``sample=None``, ``vt=None``), e.g. under ``torch.no_grad()`` to monitor it in a run that does
+    not train on it.
 
-    ``t`` and the permutation come from torch's global RNG on ``x1``'s device (``t`` first), which
-    the loop seeds and checkpoints; this object has no state of its own.
+    ``t``, the permutation and ``eps`` come from torch's global RNG on ``x1``'s device, in that
+    order; the loop seeds and checkpoints it, so this object has no state of its own.
 
     Args:
         weight: lambda, the loss's weight in the total loss.
@@ -77,18 +88,21 @@ class LocalRegularizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight}, sigma={self.sigma})"
 
-    def extra_inputs(self, sample: FlowSample, cluster: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns ``(t_extra [2B], x_extra [2B, ...], u - s [B, ...])``; ``cluster`` is unused
-        (the batch is a single cluster by construction of the batch source)."""
-        u = sample.x1
+    def extra_inputs(self, x1: Tensor, x0: Tensor, cluster: Tensor | None,
+                     sample: FlowSample | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns ``(t_extra [2B], x_extra [2B, ...], u - s [B, ...])`` from the batch ``x1`` and
+        noise ``x0`` as drawn; ``cluster`` and ``sample`` are unused (the batch is a single cluster
+        by construction of the batch source)."""
+        u = x1
         batch = u.shape[0]
         t = torch.rand(batch, dtype=u.dtype, device=u.device)
         s = u[torch.randperm(batch, device=u.device)]
-        u_t = straight_line(t, u, sample.x0, sample.eps, self.sigma)
-        s_t = straight_line(t, s, sample.x0, sample.eps, self.sigma)
+        eps = torch.randn_like(u)
+        u_t = straight_line(t, u, x0, eps, self.sigma)
+        s_t = straight_line(t, s, x0, eps, self.sigma)
         return torch.cat([t, t]), torch.cat([u_t, s_t]), u - s
 
-    def loss(self, sample: FlowSample, vt: Tensor | None, v_extra: Tensor, ctx: Tensor) -> Tensor:
+    def loss(self, vt: Tensor | None, v_extra: Tensor, ctx: Tensor) -> Tensor:
         """Scalar ``mean (v(u_t) - v(s_t) - (u - s))^2`` from the ``2B`` extra outputs ``v_extra``."""
         v_u, v_s = v_extra.chunk(2)
         return (v_u - v_s - ctx).square().mean()
@@ -106,22 +120,26 @@ class LocalRegularizer:
 class AnchorRegularizer:
     """Anchor loss: predictions at an image and at its cluster's centroid differ as the two do.
 
-    With ``e = e(x1)`` the centroid of x1's cluster and the main term's pairing, ``t``, ``x0`` and
-    ``eps``::
+    With ``e = e(x1)`` the centroid of x1's cluster, ``t`` the main term's times, and (pairing
+    ``"published"``, the default) the batch ``x1`` and noise ``x0`` as drawn with a fresh ``eps``::
 
-        e_t = t e  + (1 - t) x0 + sigma eps
         x_t = t x1 + (1 - t) x0 + sigma eps
+        e_t = t e  + (1 - t) x0 + sigma eps
         full   = mean (v(x_t, t) - v(e_t, t) + e - x1)^2
         simple = mean (v(x_t, t) - v(e_t, t))^2
 
-    For icfm/otcfm ``x_t`` is the main term's ``xt``, so ``v(x_t, t)`` is the main prediction
-    ``vt`` (``reuse_xt=True``, one extra row per sample: ``e_t``). For fm/si the main ``xt`` lies
-    on another path: pass ``reuse_xt=False`` and ``x_t`` becomes an extra input too (``x_t`` then
-    ``e_t``, two extra rows per sample).
+    Two extra rows per sample (``x_t`` then ``e_t``). For otcfm this ``x_t`` is not the main
+    term's ``xt``: the main term re-pairs ``(x0, x1)`` by OT first, the anchor term does not.
 
-    The centroid is looked up per sample from ``cluster``, but otcfm re-orders ``x1`` inside the
-    matcher without telling the loop: the ids stay aligned with ``sample.x1`` only because every
-    batch comes from one cluster (as `ClassConditionedSampler` guarantees).
+    Pairing ``"main"`` (a deviation from the published scripts, one extra row per sample instead
+    of two) uses the main term's re-paired ``x1``, ``x0`` and ``eps``, so ``x_t`` is the main
+    ``xt`` and ``v(x_t, t)`` is the main prediction ``vt``; only ``e_t`` is an extra row. Valid only
+    where the main ``xt`` is that straight line: ``--model`` in :data:`STRAIGHT_LINE_MODELS`
+    (the training script refuses the others).
+
+    Centroids are looked up per sample from ``cluster``. With ``"main"`` pairing otcfm re-orders
+    ``x1`` inside the matcher; the ids stay aligned only because every batch comes from one
+    cluster (as `ClassConditionedSampler` guarantees).
 
     Centroids (see :meth:`compute_centroids`) are recomputed in :meth:`before_step` when none exist
     yet or when ``step % update_freq == 0``.
@@ -136,8 +154,7 @@ class AnchorRegularizer:
         update_freq: steps between centroid refreshes (``--centroid_update_freq``).
         centroid_samples: members averaged per cluster, drawn without replacement (all members
             when a cluster has fewer); 0 = all members.
-        reuse_xt: take ``v(x_t, t)`` from the main prediction (only valid when the main ``xt`` is
-            the straight line above, i.e. icfm/otcfm with the same sigma).
+        pairing: ``"published"`` or ``"main"`` (see above; ``--anchor_pairing``).
         seed: seed of the CPU generator that draws the centroid subsets.
     """
 
@@ -153,11 +170,13 @@ class AnchorRegularizer:
         num_clusters: int,
         update_freq: int = 1000,
         centroid_samples: int = 500,
-        reuse_xt: bool = True,
+        pairing: str = "published",
         seed: int = 0,
     ):
         if loss_type not in ANCHOR_LOSS_TYPES:
             raise ValueError(f"--anchor_loss_type must be full or simple, got {loss_type!r}.")
+        if pairing not in ANCHOR_PAIRINGS:
+            raise ValueError(f"--anchor_pairing must be published or main, got {pairing!r}.")
         if update_freq <= 0:
             raise ValueError(f"--centroid_update_freq must be positive, got {update_freq}.")
         if centroid_samples < 0:
@@ -178,14 +197,14 @@ class AnchorRegularizer:
         self.num_clusters = int(num_clusters)
         self.update_freq = int(update_freq)
         self.centroid_samples = int(centroid_samples)
-        self.reuse_xt = bool(reuse_xt)
+        self.pairing = pairing
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.centroids: Tensor | None = None  # float32 [K, C, H, W] on images.device
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(weight={self.weight}, sigma={self.sigma}, loss_type={self.loss_type!r}, "
                 f"num_clusters={self.num_clusters}, update_freq={self.update_freq}, "
-                f"centroid_samples={self.centroid_samples}, reuse_xt={self.reuse_xt})")
+                f"centroid_samples={self.centroid_samples}, pairing={self.pairing!r})")
 
     # ---------------------------------------------------------------------------------- centroids
 
@@ -233,32 +252,40 @@ class AnchorRegularizer:
 
     # ------------------------------------------------------------------------------------- loss
 
-    def extra_inputs(self, sample: FlowSample, cluster: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns ``(t_extra [E], x_extra [E, ...], e [B, ...])``: ``E = B`` rows ``e_t`` when
-        reusing ``xt``, else ``E = 2B`` rows ``x_t`` then ``e_t``; ``e`` are the centroids of
-        ``cluster`` ``[B]``."""
+    def extra_inputs(self, x1: Tensor, x0: Tensor, cluster: Tensor,
+                     sample: FlowSample) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """Returns ``(t_extra [E], x_extra [E, ...], (e, x1) [B, ...] each)``.
+
+        ``x1``, ``x0``: the batch and noise as drawn; ``cluster`` ``[B]`` their cluster ids;
+        ``sample``: the main term's draw (its ``t``; with ``"main"`` pairing also its re-paired
+        ``x1``, ``x0``, ``eps``). ``E = 2B`` rows ``x_t`` then ``e_t`` (published), or ``E = B``
+        rows ``e_t`` (main). ``e`` are the centroids of ``cluster``; the ``x1`` returned is the
+        one the loss compares ``e`` with.
+        """
         if self.centroids is None:
             raise RuntimeError("AnchorRegularizer.before_step(step) must run before the first extra_inputs call.")
-        x1 = sample.x1
         e = self.centroids.index_select(0, cluster.to(self.centroids.device)).to(x1.device, x1.dtype)
-        e_t = straight_line(sample.t, e, sample.x0, sample.eps, self.sigma)
-        if self.reuse_xt:
-            return sample.t, e_t, e
-        x_t = straight_line(sample.t, x1, sample.x0, sample.eps, self.sigma)
-        return torch.cat([sample.t, sample.t]), torch.cat([x_t, e_t]), e
+        if self.pairing == "main":
+            e_t = straight_line(sample.t, e, sample.x0, sample.eps, self.sigma)
+            return sample.t, e_t, (e, sample.x1)
+        eps = torch.randn_like(x1)
+        x_t = straight_line(sample.t, x1, x0, eps, self.sigma)
+        e_t = straight_line(sample.t, e, x0, eps, self.sigma)
+        return torch.cat([sample.t, sample.t]), torch.cat([x_t, e_t]), (e, x1)
 
-    def loss(self, sample: FlowSample, vt: Tensor | None, v_extra: Tensor, ctx: Tensor) -> Tensor:
-        """Scalar anchor loss (``full`` or ``simple``) from ``vt`` ``[B, ...]`` (when reusing
-        ``xt``) and the extra outputs ``v_extra`` ``[E, ...]``; ``ctx`` is the centroid batch."""
-        if self.reuse_xt:
+    def loss(self, vt: Tensor | None, v_extra: Tensor, ctx: tuple[Tensor, Tensor]) -> Tensor:
+        """Scalar anchor loss (``full`` or ``simple``) from the extra outputs ``v_extra`` ``[E, ...]``
+        (and, with ``"main"`` pairing, the main prediction ``vt`` ``[B, ...]`` as ``v(x_t)``)."""
+        e, x1 = ctx
+        if self.pairing == "main":
             if vt is None:
-                raise ValueError("the anchor loss with reuse_xt=True needs the main prediction vt.")
+                raise ValueError("the anchor loss with pairing='main' needs the main prediction vt.")
             v_x, v_e = vt, v_extra
         else:
             v_x, v_e = v_extra.chunk(2)
         diff = v_x - v_e
         if self.loss_type == "full":
-            diff = diff + ctx - sample.x1
+            diff = diff + e - x1
         return diff.square().mean()
 
     # ------------------------------------------------------------------------------------ state

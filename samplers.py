@@ -47,9 +47,13 @@ from utils_cifar import atomic_save, to_model_range
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NUM_CLASSES = len(CIFAR10_CLASSES)
 
-# Lloyd iterations are capped: on 5000 x 3072 float32 points one iteration costs ~20-35 ms on one
-# core, so a class never takes more than ~3.5 s even when K-means has not met its tolerance.
+# minibatch: the published sampler's MiniBatchKMeans (batches of min(1024, n), n_init="auto");
+# lloyd: exact K-means (one k-means++ init), the recipe of earlier versions of this repo.
+CLUSTER_ALGORITHMS = ("minibatch", "lloyd")
+# Iterations are capped as published: for MiniBatchKMeans these are passes over the class; for Lloyd
+# one iteration on 5000 x 3072 float32 points costs ~20-35 ms on one core, so ~3.5 s at most.
 KMEANS_MAX_ITER = 100
+MINIBATCH_SIZE = 1024
 # Part of the cache file name: bump it when the clustering recipe changes, so old caches are ignored.
 CACHE_VERSION = 1
 
@@ -73,13 +77,19 @@ def data_digest(images: Tensor, labels: Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_path(cache_dir: str | os.PathLike, digest: str, num_subclasses: int, seed: int) -> Path:
-    """Where the assignment of data `digest` for (num_subclasses, seed) is cached."""
-    return Path(cache_dir) / f"kmeans_{digest}_k{num_subclasses}_seed{seed}_v{CACHE_VERSION}.pt"
+def cache_path(cache_dir: str | os.PathLike, digest: str, num_subclasses: int, seed: int,
+               algorithm: str = "minibatch") -> Path:
+    """Where the assignment of data `digest` for (num_subclasses, seed, algorithm) is cached."""
+    return Path(cache_dir) / f"kmeans_{digest}_k{num_subclasses}_seed{seed}_{algorithm}_v{CACHE_VERSION}.pt"
 
 
 def cluster_assignments(
-    images: Tensor, labels: Tensor, num_subclasses: int, seed: int, cache_dir: str | os.PathLike | None = None
+    images: Tensor,
+    labels: Tensor,
+    num_subclasses: int,
+    seed: int,
+    cache_dir: str | os.PathLike | None = None,
+    algorithm: str = "minibatch",
 ) -> Tensor:
     """Flattened K-means cluster id of every image: `class * num_subclasses + sub`.
 
@@ -89,17 +99,21 @@ def cluster_assignments(
         num_subclasses: K-means clusters per class (1: the cluster is the class, no K-means).
         seed: K-means `random_state`; the same data and seed give the same clusters.
         cache_dir: if given, the assignment is read from / written to
-            `{cache_dir}/kmeans_{data digest}_k{K}_seed{seed}_v{version}.pt` (atomic write).
+            `{cache_dir}/kmeans_{data digest}_k{K}_seed{seed}_{algorithm}_v{version}.pt` (atomic write).
+        algorithm: "minibatch" (the published MiniBatchKMeans) or "lloyd" (exact K-means); see
+            :data:`CLUSTER_ALGORITHMS`. Both run on the un-flipped pixels.
 
     Returns:
         int64 [N] on the CPU, values in [0, 10 * num_subclasses). A class with fewer than
         `num_subclasses` images gets one cluster per image (with a warning), so some ids are empty.
     """
     _check_data(images, labels, num_subclasses)
+    if algorithm not in CLUSTER_ALGORITHMS:
+        raise ValueError(f"unknown clustering algorithm {algorithm!r}: choose one of {', '.join(CLUSTER_ALGORITHMS)}.")
     images, labels = images.detach().cpu(), labels.detach().cpu().to(torch.int64)
     if num_subclasses == 1 or cache_dir is None:
-        return _kmeans_assignments(images, labels, num_subclasses, seed)
-    path = cache_path(cache_dir, data_digest(images, labels), num_subclasses, seed)
+        return _kmeans_assignments(images, labels, num_subclasses, seed, algorithm)
+    path = cache_path(cache_dir, data_digest(images, labels), num_subclasses, seed, algorithm)
     if path.is_file():
         try:
             assignment = check_assignment(torch.load(path, weights_only=True), labels, num_subclasses)
@@ -108,14 +122,19 @@ def cluster_assignments(
         else:
             log.info("cluster assignment read from %s", path)
             return assignment
-    assignment = _kmeans_assignments(images, labels, num_subclasses, seed)
+    assignment = _kmeans_assignments(images, labels, num_subclasses, seed, algorithm)
     atomic_save(assignment, path)
     log.info("cluster assignment written to %s", path)
     return assignment
 
 
-def _kmeans_assignments(images: Tensor, labels: Tensor, num_subclasses: int, seed: int) -> Tensor:
+def _kmeans_assignments(images: Tensor, labels: Tensor, num_subclasses: int, seed: int, algorithm: str) -> Tensor:
     """K-means per class on CPU data; see `cluster_assignments`.
+
+    "minibatch" is the published call, ``MiniBatchKMeans(n_clusters=K, max_iter=100,
+    random_state=seed, batch_size=min(1024, n), n_init="auto")`` on the class's n images in [-1, 1]
+    flattened to 3072 dims (the published sampler ran it on randomly flipped images; here they are
+    un-flipped, so the clusters are a function of the data and the seed alone).
 
     Classes are fitted concurrently, one per CPU core, each fit single-threaded. Why: scikit-learn's
     multi-threaded Lloyd loop (OpenMP, with BLAS inside) collapses when its cores are shared: on a
@@ -123,7 +142,7 @@ def _kmeans_assignments(images: Tensor, labels: Tensor, num_subclasses: int, see
     per fit also makes the result independent of the machine's thread count.
     """
     # Imported here: scikit-learn takes ~1 s to import and only this function needs it.
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans, MiniBatchKMeans
     from threadpoolctl import threadpool_limits
 
     assignment = torch.empty(len(labels), dtype=torch.int64)
@@ -147,7 +166,11 @@ def _kmeans_assignments(images: Tensor, labels: Tensor, num_subclasses: int, see
         with threadpool_limits(limits=1):
             # float32 halves the memory traffic of float64; the data are 8-bit anyway.
             points = to_model_range(images[index]).reshape(len(index), -1).numpy()
-            kmeans = KMeans(n_clusters=k, n_init=1, max_iter=KMEANS_MAX_ITER, random_state=seed)
+            if algorithm == "minibatch":
+                kmeans = MiniBatchKMeans(n_clusters=k, max_iter=KMEANS_MAX_ITER, random_state=seed,
+                                         batch_size=min(MINIBATCH_SIZE, len(index)), n_init="auto")
+            else:
+                kmeans = KMeans(n_clusters=k, n_init=1, max_iter=KMEANS_MAX_ITER, random_state=seed)
             return torch.from_numpy(kmeans.fit_predict(points)).to(torch.int64)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -218,6 +241,8 @@ class ClassConditionedSampler:
         cluster_weighting: "uniform" over non-empty clusters (published) or "size" (prop. to size).
         cache_dir: where `cluster_assignments` caches the clustering (e.g. the data directory).
         assignment: a stored assignment [N] (e.g. from a checkpoint) used instead of clustering.
+        cluster_seed: K-means `random_state` (default: `seed`).
+        algorithm: "minibatch" (published) or "lloyd", see `cluster_assignments`.
 
     Attributes:
         images: the uint8 images as given (the sampler also keeps a flipped copy of them).
@@ -238,6 +263,8 @@ class ClassConditionedSampler:
         cluster_weighting: str = "uniform",
         cache_dir: str | os.PathLike | None = None,
         assignment: Tensor | None = None,
+        cluster_seed: int | None = None,
+        algorithm: str = "minibatch",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -245,7 +272,8 @@ class ClassConditionedSampler:
             raise ValueError(f"cluster_weighting must be 'uniform' or 'size', got {cluster_weighting!r}.")
         _check_data(images, labels, num_subclasses)
         if assignment is None:
-            assignment = cluster_assignments(images, labels, num_subclasses, seed, cache_dir)
+            cluster_seed = seed if cluster_seed is None else cluster_seed
+            assignment = cluster_assignments(images, labels, num_subclasses, cluster_seed, cache_dir, algorithm)
         else:
             assignment = check_assignment(assignment, labels, num_subclasses)
         if len(assignment) == 0:

@@ -228,12 +228,13 @@ def save_sample_grid(
     path: str | os.PathLike,
     num: int = 64,
     method: str = "euler",
-    steps: int = 100,
+    steps: int = 99,
     tol: float = 1e-5,
     seed: int = 0,
     nrow: int = 8,
 ) -> Path:
-    """Write a PNG grid of `num` samples (Euler, 100 steps by default, as the published grids).
+    """Write a PNG grid of `num` samples (Euler, 99 steps by default: the published grids integrate
+    over ``t_span = linspace(0, 1, 100)``, i.e. 99 Euler steps).
 
     Samples are clipped to [-1, 1] and mapped to [0, 1] (x / 2 + 0.5), then written by
     ``torchvision.utils.save_image(..., nrow=8)``. Neither torch's global RNG nor the net's

@@ -10,10 +10,12 @@ loss = loss_fm + lambda_anchor * anchor loss, e = the centroid of the batch's cl
 {output_dir}/{model}_anchor_{anchor_loss_type}/{model}_cifar10_anchor_{lambda_name}_weights_step_{step}.pt.
 """
 
+import sys
+
 from absl import app, flags
 
 import training
-from regularizers import ANCHOR_LOSS_TYPES, AnchorRegularizer
+from regularizers import ANCHOR_LOSS_TYPES, ANCHOR_PAIRINGS, STRAIGHT_LINE_MODELS, AnchorRegularizer
 
 flags.DEFINE_float("lambda_anchor", 1.0, "weight of the anchor loss")
 flags.DEFINE_string("lambda_name", "1e0", "lambda as written in run and file names, e.g. 1e0, 1e-1")
@@ -21,11 +23,17 @@ flags.DEFINE_integer("centroid_update_freq", 1000, "recompute the cluster centro
                      lower_bound=1)
 flags.DEFINE_integer("centroid_samples", 500, "members averaged per centroid (0 = all)", lower_bound=0)
 flags.DEFINE_enum("anchor_loss_type", "full", list(ANCHOR_LOSS_TYPES), "anchor loss: full or simple")
+flags.DEFINE_enum("anchor_pairing", "published", list(ANCHOR_PAIRINGS),
+                  "published: x_t from the batch and noise as drawn (two extra rows per sample); main: the main "
+                  "term's re-paired x_t and prediction (one extra row; icfm/otcfm only)")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
+    if FLAGS.anchor_pairing == "main" and FLAGS.model not in STRAIGHT_LINE_MODELS:
+        sys.exit(f"error: --anchor_pairing=main reuses the main term's straight-line x_t, which --model={FLAGS.model} "
+                 f"does not train on: use --anchor_pairing=published or --model=icfm/otcfm.")
     spec = training.RunSpec(
         run_dir=f"{FLAGS.model}_anchor_{FLAGS.anchor_loss_type}",
         file_prefix=f"{FLAGS.model}_cifar10_anchor_{FLAGS.lambda_name}",
@@ -34,8 +42,7 @@ def main(argv):
             weight=FLAGS.lambda_anchor, sigma=FLAGS.sigma, loss_type=FLAGS.anchor_loss_type,
             images=batches.images, assignment=batches.assignment, num_clusters=batches.num_clusters,
             update_freq=FLAGS.centroid_update_freq, centroid_samples=FLAGS.centroid_samples,
-            # icfm/otcfm train on the straight line itself, so v(x_t, t) is the main prediction.
-            reuse_xt=FLAGS.model in ("icfm", "otcfm"), seed=FLAGS.seed,
+            pairing=FLAGS.anchor_pairing, seed=FLAGS.seed,
         ),
     )
     training.run(FLAGS, spec)

@@ -6,7 +6,9 @@ every rank computes, only rank 0 writes files or logs.
 
 One step (see `Trainer.step`):
     x1, cluster = batches.next_batch()                 # [B,3,32,32] in [-1,1], on device
-    sample = matcher.sample(randn_like(x1), x1)        # t, x0, x1, xt, ut (otcfm re-pairs by exact OT)
+    x0 = randn_like(x1)
+    sample = matcher.sample(x0, x1)                    # t, x0, x1, xt, ut (otcfm re-pairs by exact OT)
+    t_extra, x_extra = regularizer.extra_inputs(x1, x0, cluster, sample)   # the batch as drawn
     v = net(t ++ t_extra, xt ++ x_extra)               # regularizer inputs batched into the same call
     loss = mse(vt, ut) + lambda * regularizer.loss(...)
     backward -> clip (grad_norm) -> Adam -> warm-up schedule -> EMA lerp
@@ -14,10 +16,8 @@ One step (see `Trainer.step`):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import datetime
 import os
 import sys
 import time
@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from absl import flags, logging
 from torch import Tensor
 from tqdm import tqdm
 
 import utils_cifar
+from distributed import World, barrier, gather_to_main, init_world, main_first, mean_over_ranks
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
-from samplers import ClassConditionedSampler, save_cluster_grids
+from samplers import CLUSTER_ALGORITHMS, ClassConditionedSampler, save_cluster_grids
 from sampling import SOLVERS, save_sample_grid
 from unet import PAPER_CONFIG, UNetModel, normalize_config
 
@@ -66,7 +66,8 @@ flags.DEFINE_integer("save_step", 20000, "checkpoint + sample grids every this m
 flags.DEFINE_integer("log_step", 100, "metrics to the progress bar, wandb and metrics.jsonl every this many steps",
                      lower_bound=1)
 flags.DEFINE_integer("grid_size", 64, "images in each sample grid", lower_bound=1)
-flags.DEFINE_integer("grid_steps", 100, "Euler steps for the sample grids", lower_bound=1)
+flags.DEFINE_integer("grid_steps", 99, "Euler steps for the sample grids (99: the published t_span = linspace(0, 1, 100))",
+                     lower_bound=1)
 flags.DEFINE_string("checkpoint_path", "", "resume from this checkpoint")
 flags.DEFINE_bool("overwrite", False, "let a new run replace existing checkpoints in its run folder")
 flags.DEFINE_enum("wandb_mode", "offline", ["online", "offline", "disabled"],
@@ -86,6 +87,9 @@ flags.DEFINE_integer("num_subclasses", 25, "K-means sub-clusters per CIFAR-10 cl
                      lower_bound=1)
 flags.DEFINE_enum("cluster_weighting", "uniform", ["uniform", "size"],
                   "how a batch's cluster is drawn: uniformly (published) or proportional to its size")
+flags.DEFINE_enum("cluster_algorithm", "minibatch", list(CLUSTER_ALGORITHMS),
+                  "per-class clustering: MiniBatchKMeans as published, or exact (Lloyd) K-means")
+flags.DEFINE_integer("cluster_seed", 42, "K-means random_state (42, as published)")
 flags.DEFINE_bool("visualize", True, "save one image grid per cluster and a README.txt at start-up")
 flags.DEFINE_string("group_dir", "./group", "where --visualize writes the cluster grids")
 
@@ -120,10 +124,14 @@ class Regularizer(Protocol):
     name: str  # logged as f"{name}_loss" and as "regularized_loss"
     weight: float
 
-    def extra_inputs(self, sample: FlowSample, cluster: Tensor) -> tuple[Tensor, Tensor, object]:
-        """(t_extra [E], x_extra [E,3,32,32], ctx): where to evaluate the net, and what loss() needs."""
+    def extra_inputs(self, x1: Tensor, x0: Tensor, cluster: Tensor | None,
+                     sample: FlowSample | None) -> tuple[Tensor, Tensor, object]:
+        """(t_extra [E], x_extra [E,3,32,32], ctx): where to evaluate the net, and what loss() needs.
 
-    def loss(self, sample: FlowSample, vt: Tensor | None, v_extra: Tensor, ctx) -> Tensor:
+        x1, x0: the batch and noise as drawn (before any OT re-pairing); sample: the main term's
+        draw (None when monitoring)."""
+
+    def loss(self, vt: Tensor | None, v_extra: Tensor, ctx) -> Tensor:
         """Scalar loss from the main prediction vt [B,...] and the extra outputs v_extra [E,...]."""
 
     def before_step(self, step: int) -> None:
@@ -164,65 +172,6 @@ class RunSpec:
     make_batches: Callable[[DataContext], BatchSource] | None = None
     make_regularizer: Callable[[BatchSource], Regularizer] | None = None
     make_monitor: Callable[[DataContext], tuple[BatchSource, Regularizer]] | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed setup (a plain run is a world of size 1)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class World:
-    rank: int
-    size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-# Rank 0 alone draws grids, writes checkpoints and computes FID while the other ranks wait in the
-# next collective: the default 10-minute watchdog would kill a run at its first FID.
-COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
-
-
-def init_world(device_flag: str) -> World:
-    """Join the torchrun process group if launched by torchrun; pick this rank's device."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = utils_cifar.resolve_device(device_flag)
-    if device.type == "cuda":
-        if size > 1:  # one GPU per process, as torchrun lays them out
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    return World(rank=rank, size=size, device=device)
-
-
-def barrier(world: World) -> None:
-    if world.size > 1:
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def main_first(world: World):
-    """Rank 0 runs the block first (downloads, caches); the other ranks then run it and find its files."""
-    if not world.is_main:
-        barrier(world)
-    yield
-    if world.is_main:
-        barrier(world)
-
-
-def gather_to_main(obj, world: World) -> list | None:
-    """Every rank's `obj`, as a list on rank 0 (None on the others)."""
-    if world.size == 1:
-        return [obj]
-    out = [None] * world.size if world.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +249,7 @@ def cluster_sampler(FLAGS, data: DataContext):
         sampler = ClassConditionedSampler(
             data.images, data.labels, data.batch_size, num_subclasses=num_subclasses, seed=data.seed,
             rank=data.world.rank, cluster_weighting=FLAGS.cluster_weighting, cache_dir=data.data_dir,
-            assignment=stored,
+            assignment=stored, cluster_seed=FLAGS.cluster_seed, algorithm=FLAGS.cluster_algorithm,
         )
     if FLAGS.visualize and data.world.is_main:
         save_cluster_grids(data.images, data.labels, sampler.assignment, num_subclasses, FLAGS.group_dir)
@@ -340,17 +289,18 @@ class Trainer:
         if reg is not None:
             reg.before_step(step)
         x1, cluster = self.batches.next_batch()
-        sample = self.matcher.sample(torch.randn_like(x1), x1)
+        x0 = torch.randn_like(x1)
+        sample = self.matcher.sample(x0, x1)
         t, x = sample.t, sample.xt
-        if reg is not None:
-            t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
+        if reg is not None:  # the regularizer sees the batch as drawn, as the published scripts do
+            t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample)
             t, x = torch.cat([t, t_extra]), torch.cat([x, x_extra])
         v = self.forward_net(t, x)
         vt = v[: len(x1)]
         terms = {"loss_fm": F.mse_loss(vt, sample.ut)}
         loss = terms["loss_fm"]
         if reg is not None:
-            terms[f"{reg.name}_loss"] = reg.loss(sample, vt, v[len(x1):], ctx)
+            terms[f"{reg.name}_loss"] = reg.loss(vt, v[len(x1):], ctx)
             loss = loss + reg.weight * terms[f"{reg.name}_loss"]
 
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses (a float: no sync)
@@ -374,12 +324,12 @@ class Trainer:
 
     @torch.no_grad()
     def monitor_losses(self) -> dict[str, Tensor]:
-        """The monitor regularizer's loss on a batch of its own source, without training on it."""
+        """The monitor regularizer's loss on a batch of its own source and noise of its own (as the
+        published monitor draws them), without training on it."""
         batches, reg = self.monitor
         x1, cluster = batches.next_batch()
-        sample = self.matcher.sample(torch.randn_like(x1), x1)
-        t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
-        return {f"{reg.name}_loss": reg.loss(sample, None, self.net(t_extra, x_extra), ctx)}
+        t_extra, x_extra, ctx = reg.extra_inputs(x1, torch.randn_like(x1), cluster, None)
+        return {f"{reg.name}_loss": reg.loss(None, self.net(t_extra, x_extra), ctx)}
 
     def batch_sources(self) -> dict:
         """The batch sources whose streams a checkpoint keeps, by state key."""
@@ -565,9 +515,7 @@ def host_metrics(metrics: dict, world: World) -> dict:
     """
     tensors = {k: v.float() for k, v in metrics.items() if isinstance(v, Tensor)}
     local = torch.stack(list(tensors.values()))
-    reduced = local.clone()
-    if world.size > 1:  # every rank reaches this line on the same steps
-        dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
+    reduced = mean_over_ranks(local, world)  # every rank reaches this line on the same steps
     local_values, reduced_values = torch.stack([local, reduced]).tolist()  # the one host sync
     values = {k: (int(lv) if k == "cluster" else rv) for k, lv, rv in zip(tensors, local_values, reduced_values)}
     return {**metrics, **values}

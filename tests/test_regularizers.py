@@ -1,19 +1,25 @@
 """Locality and anchor regularizers: closed-form losses on analytic fields, the batched forward
-call of the training loop, gradients through a UNet, centroids, refresh schedule and resume."""
+call of the training loop, gradients through a UNet, the published formulas on the batch as drawn,
+centroids, refresh schedule and resume."""
 
 import io
 import itertools
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from flow_matching import FM, ICFM, SI, pad_t_like_x
+import training
+from flow_matching import FM, ICFM, SI, make_matcher, pad_t_like_x
 from regularizers import AnchorRegularizer, LocalRegularizer
 from unet import UNetModel
 from utils_cifar import to_model_range
 
+REPO = Path(__file__).resolve().parents[1]
 # The small UNet of the other tests, on 16x16 images (a quarter of the CPU time of 32x32; nothing
 # here depends on the image size).
 TINY_UNET = dict(dim=(3, 16, 16), num_channels=32, num_res_blocks=1, channel_mult=(1, 2), num_head_channels=16,
@@ -23,13 +29,13 @@ TINY_UNET = dict(dim=(3, 16, 16), num_channels=32, num_res_blocks=1, channel_mul
 # ------------------------------------------------------------------------------------ helpers
 
 
-def batched_call(field, reg, sample, cluster):
+def batched_call(field, reg, x1, x0, cluster, sample):
     """What Trainer.step does: one call on main ++ extra rows, split, regularizer loss."""
-    t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
+    t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample)
     v = field(torch.cat([sample.t, t_extra]), torch.cat([sample.xt, x_extra]))
     batch = sample.t.shape[0]
     vt, v_extra = v[:batch], v[batch:]
-    return vt, reg.loss(sample, vt, v_extra, ctx)
+    return vt, reg.loss(vt, v_extra, ctx)
 
 
 def over_t(t, x):
@@ -59,12 +65,10 @@ def make_sample(x1, sigma, zero_noise=False, seed=0):
     return ICFM(sigma).path(t, x0, x1, eps)
 
 
-def recover_permutation(s, u):
-    """perm such that s == u[perm] (rows of u are distinct)."""
-    perm = torch.cdist(s.flatten(1), u.flatten(1)).argmin(1)
-    assert torch.equal(perm.sort().values, torch.arange(len(u)))
-    torch.testing.assert_close(s, u[perm])
-    return perm
+def local_draws(seed, batch, like):
+    """The fresh t, permutation and eps a LocalRegularizer draws after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return torch.rand(batch, dtype=like.dtype), torch.randperm(batch), torch.randn_like(like)
 
 
 def clustered_images(sizes, shape=(3, 4, 4), seed=0):
@@ -105,24 +109,22 @@ def tiny_net():
 # ------------------------------------------------------------------------- local: closed form
 
 
-def test_local_inputs_are_the_line_at_fresh_t_and_a_permutation():
+def test_local_inputs_are_the_drawn_batch_at_fresh_t_eps_and_a_permutation():
     torch.manual_seed(0)
     u = torch.randn(6, 3, 4, 4, dtype=torch.float64)
     sample = make_sample(u, sigma=0.3)
+    x0 = torch.randn_like(u)  # the noise as drawn (the sample's own x0 must not be used)
     reg = LocalRegularizer(weight=1.0, sigma=0.3)
     torch.manual_seed(1)
-    t_extra, x_extra, _ = reg.extra_inputs(sample, torch.zeros(6, dtype=torch.long))
-    assert t_extra.shape == (12,) and x_extra.shape == (12, 3, 4, 4)
-    t = t_extra[:6]
-    assert torch.equal(t_extra[6:], t)
-    assert not torch.equal(t, sample.t)  # a fresh t, not the main term's
-    torch.testing.assert_close(x_extra[:6], line(t, u, sample.x0, sample.eps, 0.3))
-    s = (x_extra[6:] - pad_t_like_x(1 - t, u) * sample.x0 - 0.3 * sample.eps) / pad_t_like_x(t, u)
-    perm = recover_permutation(s, u)
-    # drawn from the global RNG: t first, then the permutation
+    t_extra, x_extra, ctx = reg.extra_inputs(u, x0, torch.zeros(6, dtype=torch.long), sample)
+    t, perm, eps = local_draws(1, 6, u)
+    assert not torch.equal(t, sample.t) and not torch.equal(eps, sample.eps)  # fresh, not the main term's
+    assert torch.equal(t_extra, torch.cat([t, t]))
+    torch.testing.assert_close(x_extra, torch.cat([line(t, u, x0, eps, 0.3), line(t, u[perm], x0, eps, 0.3)]))
+    torch.testing.assert_close(ctx, u - u[perm])
+    # nothing of the main draw is used: the monitor calls it with sample=None
     torch.manual_seed(1)
-    torch.testing.assert_close(t, torch.rand(6, dtype=torch.float64))
-    assert torch.equal(perm, torch.randperm(6))
+    assert torch.equal(reg.extra_inputs(u, x0, None, None)[1], x_extra)
 
 
 def test_local_loss_closed_form():
@@ -132,28 +134,27 @@ def test_local_loss_closed_form():
 
     # v = x / t is the target field of the lines from x0 = 0 (sigma = 0): v(u_t) = u, v(s_t) = s
     reg = LocalRegularizer(weight=1.0, sigma=0.0)
-    _, loss = batched_call(over_t, reg, make_sample(u, 0.0, zero_noise=True), cluster)
+    sample = make_sample(u, 0.0, zero_noise=True)
+    _, loss = batched_call(over_t, reg, u, sample.x0, cluster, sample)
     assert loss.item() < 1e-25
 
     # v = 2x: v(u_t) - v(s_t) = 2t (u - s) whatever x0 and eps, so loss = mean((2t - 1)^2 (u - s)^2)
     reg = LocalRegularizer(weight=1.0, sigma=0.3)
     sample = make_sample(u, 0.3)
-    torch.manual_seed(2)
-    t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
-    t = t_extra[:6]
-    s = (x_extra[6:] - pad_t_like_x(1 - t, u) * sample.x0 - 0.3 * sample.eps) / pad_t_like_x(t, u)
-    s = u[recover_permutation(s, u)]
-    expected = (pad_t_like_x(2 * t - 1, u) * (u - s)).square().mean()
+    t, perm, _ = local_draws(2, 6, u)
+    expected = (pad_t_like_x(2 * t - 1, u) * (u - u[perm])).square().mean()
     assert expected > 0.1
     torch.manual_seed(2)  # same t and permutation
-    vt, loss = batched_call(double, reg, sample, cluster)
+    _, loss = batched_call(double, reg, u, sample.x0, cluster, sample)
     torch.testing.assert_close(loss, expected)
     # the main prediction is not needed (monitoring calls it with vt=None)
-    torch.testing.assert_close(reg.loss(sample, None, double(t_extra, x_extra), ctx), expected)
+    torch.manual_seed(2)
+    t_extra, x_extra, ctx = reg.extra_inputs(u, sample.x0, cluster, None)
+    torch.testing.assert_close(reg.loss(None, double(t_extra, x_extra), ctx), expected)
 
     # a batch of one repeated image: s = u, so the loss is 0 for any field
-    same = make_sample(u[:1].expand(6, -1, -1, -1).clone(), 0.3)
-    assert batched_call(double, reg, same, cluster)[1].item() == 0.0
+    same = u[:1].expand(6, -1, -1, -1).clone()
+    assert batched_call(double, reg, same, sample.x0, cluster, make_sample(same, 0.3))[1].item() == 0.0
 
 
 # ------------------------------------------------------------------------ anchor: closed form
@@ -168,18 +169,18 @@ def anchor_batch():
     return images, assignment, x1, torch.full((4,), 1), e
 
 
-@pytest.mark.parametrize("reuse_xt", [True, False])
-def test_anchor_losses_closed_form(anchor_batch, reuse_xt):
+@pytest.mark.parametrize("pairing", ["published", "main"])
+def test_anchor_losses_closed_form(anchor_batch, pairing):
     images, assignment, x1, cluster, e = anchor_batch
     mse = lambda a: a.square().mean()  # noqa: E731
 
     def loss(loss_type, field, sigma, zero_noise):
-        reg = anchor(images, assignment, 3, loss_type=loss_type, sigma=sigma, reuse_xt=reuse_xt, centroid_samples=0)
+        reg = anchor(images, assignment, 3, loss_type=loss_type, sigma=sigma, pairing=pairing, centroid_samples=0)
         reg.before_step(0)
         sample = make_sample(x1, sigma, zero_noise=zero_noise)
-        t_extra, x_extra, _ = reg.extra_inputs(sample, cluster)
-        assert len(t_extra) == len(x_extra) == (4 if reuse_xt else 8)
-        return batched_call(field, reg, sample, cluster)[1], pad_t_like_x(sample.t, x1)
+        t_extra, x_extra, _ = reg.extra_inputs(x1, sample.x0, cluster, sample)
+        assert len(t_extra) == len(x_extra) == (4 if pairing == "main" else 8)
+        return batched_call(field, reg, x1, sample.x0, cluster, sample)[1], pad_t_like_x(sample.t, x1)
 
     # v = x / t (target field of lines from x0 = 0): v(x_t) = x1, v(e_t) = e
     full, _ = loss("full", over_t, 0.0, True)
@@ -197,57 +198,83 @@ def test_anchor_losses_closed_form(anchor_batch, reuse_xt):
     torch.testing.assert_close(simple, mse(2 * t * (x1 - e)))
 
 
-def test_anchor_inputs_use_the_main_terms_t_noise_and_centroid(anchor_batch):
+def test_anchor_inputs_published_and_main(anchor_batch):
     images, assignment, x1, cluster, e = anchor_batch
     sample = make_sample(x1, 0.2)
-    reg = anchor(images, assignment, 3, sigma=0.2, reuse_xt=False, centroid_samples=0)
-    reg.before_step(0)
-    t_extra, x_extra, ctx = reg.extra_inputs(sample, cluster)
-    assert torch.equal(t_extra, torch.cat([sample.t, sample.t]))
-    torch.testing.assert_close(x_extra[:4], sample.xt)  # the icfm xt is the line through x1
-    torch.testing.assert_close(x_extra[4:], line(sample.t, e.expand_as(x1), sample.x0, sample.eps, 0.2))
-    torch.testing.assert_close(ctx, e.expand_as(x1))
+    x0 = torch.randn_like(x1)  # the noise as drawn, not the sample's
+    e = e.expand_as(x1)
+    published = anchor(images, assignment, 3, sigma=0.2, centroid_samples=0)
+    published.before_step(0)
+    torch.manual_seed(3)
+    t_extra, x_extra, (e_got, x1_got) = published.extra_inputs(x1, x0, cluster, sample)
+    torch.manual_seed(3)
+    eps = torch.randn_like(x1)  # a fresh eps, shared by both rows
+    assert torch.equal(t_extra, torch.cat([sample.t, sample.t]))  # the main term's t
+    torch.testing.assert_close(x_extra, torch.cat([line(sample.t, x1, x0, eps, 0.2), line(sample.t, e, x0, eps, 0.2)]))
+    torch.testing.assert_close(e_got, e)
+    assert x1_got is x1
+
+    main = anchor(images, assignment, 3, sigma=0.2, centroid_samples=0, pairing="main")
+    main.before_step(0)
+    t_extra, x_extra, (_, x1_got) = main.extra_inputs(x1, x0, cluster, sample)
+    assert torch.equal(t_extra, sample.t) and x1_got is sample.x1
+    torch.testing.assert_close(x_extra, line(sample.t, e, sample.x0, sample.eps, 0.2))
 
 
-def test_bad_anchor_loss_type():
+def test_bad_anchor_loss_type_and_pairing():
     images, assignment = clustered_images([2, 2])
     message = "--anchor_loss_type must be full or simple, got 'x'."
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         anchor(images, assignment, 2, loss_type="x")
+    with pytest.raises(ValueError, match="^--anchor_pairing must be published or main, got 'x'.$"):
+        anchor(images, assignment, 2, pairing="x")
+
+
+@pytest.mark.parametrize("model", ["fm", "si"])
+def test_main_anchor_pairing_is_refused_for_curved_paths(model, tmp_path):
+    result = subprocess.run([sys.executable, "train_cifar10_anchor.py", f"--model={model}", "--anchor_pairing=main",
+                             f"--output_dir={tmp_path}", f"--data_dir={tmp_path}/none"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: --anchor_pairing=main reuses the main term's straight-line x_t, which --model={model} does not "
+        "train on: use --anchor_pairing=published or --model=icfm/otcfm."]
+    assert not any(tmp_path.iterdir())  # refused before any work
 
 
 # ------------------------------------------------------------------------------ with a UNet
 
 
 def unet_batch(sigma=0.1, batch=3, seed=0):
-    """uint8 images in 3 clusters, an icfm sample of `batch` images of cluster 2, the cluster ids."""
+    """uint8 images in 3 clusters, `batch` images x1 of cluster 2 with noise x0 as drawn, their icfm
+    sample, the cluster ids."""
     images, assignment = clustered_images([4, 3, 5], shape=(3, 16, 16), seed=seed)
     x1 = to_model_range(images[assignment == 2][:batch])
     torch.manual_seed(seed)
-    sample = ICFM(sigma).sample(torch.randn_like(x1), x1)
-    return images, assignment, sample, torch.full((batch,), 2)
+    x0 = torch.randn_like(x1)
+    return images, assignment, x1, x0, ICFM(sigma).sample(x0, x1), torch.full((batch,), 2)
 
 
 def make_reg(kind, images, assignment, sigma=0.1):
     if kind == "local":
         return LocalRegularizer(weight=0.5, sigma=sigma)
-    loss_type, reuse = kind.split("_")[1:]
-    reg = anchor(images, assignment, 3, weight=0.5, sigma=sigma, loss_type=loss_type,
-                 reuse_xt=reuse == "reuse", centroid_samples=0)
+    loss_type, pairing = kind.split("_")[1:]
+    reg = anchor(images, assignment, 3, weight=0.5, sigma=sigma, loss_type=loss_type, pairing=pairing,
+                 centroid_samples=0)
     reg.before_step(0)
     return reg
 
 
-REG_KINDS = ["local", "anchor_full_reuse", "anchor_simple_reuse", "anchor_full_noreuse", "anchor_simple_noreuse"]
+REG_KINDS = ["local", "anchor_full_published", "anchor_simple_published", "anchor_full_main", "anchor_simple_main"]
 
 
-@pytest.mark.parametrize("kind", ["local", "anchor_full_reuse", "anchor_simple_noreuse"])
+@pytest.mark.parametrize("kind", ["local", "anchor_full_main", "anchor_simple_published"])
 def test_gradients_reach_every_parameter(tiny_net, kind):
-    images, assignment, sample, cluster = unet_batch()
+    images, assignment, x1, x0, sample, cluster = unet_batch()
     reg = make_reg(kind, images, assignment)
     net = tiny_net
     torch.manual_seed(1)
-    vt, reg_loss = batched_call(net, reg, sample, cluster)
+    vt, reg_loss = batched_call(net, reg, x1, x0, cluster, sample)
     loss = F.mse_loss(vt, sample.ut) + reg.weight * reg_loss
     params = dict(net.named_parameters())
     reg_grads = dict(zip(params, torch.autograd.grad(reg_loss, list(params.values()), retain_graph=True)))
@@ -266,24 +293,27 @@ def test_gradients_reach_every_parameter(tiny_net, kind):
 def test_batched_call_equals_separate_calls(tiny_net, kind):
     """The loss from the loop's one concatenated call equals the formula evaluated with one net
     call per part (GroupNorm and attention are per sample)."""
-    images, assignment, sample, cluster = unet_batch()
+    images, assignment, x1, x0, sample, cluster = unet_batch()
     reg = make_reg(kind, images, assignment)
     net = tiny_net
-    t, x0, x1, eps = sample.t, sample.x0, sample.x1, sample.eps
     with torch.no_grad():
         torch.manual_seed(1)  # permutation [2, 0, 1]: no fixed point
-        _, batched = batched_call(net, reg, sample, cluster)
+        _, batched = batched_call(net, reg, x1, x0, cluster, sample)
         if kind == "local":
-            torch.manual_seed(1)
-            t_fresh = torch.rand(3)
-            s = x1[torch.randperm(3)]
-            v_u = net(t_fresh, line(t_fresh, x1, x0, eps, 0.1))
-            v_s = net(t_fresh, line(t_fresh, s, x0, eps, 0.1))
+            t, perm, eps = local_draws(1, 3, x1)
+            s = x1[perm]
+            v_u = net(t, line(t, x1, x0, eps, 0.1))
+            v_s = net(t, line(t, s, x0, eps, 0.1))
             separate = (v_u - v_s + s - x1).square().mean()
         else:
             e = naive_centroid(images, assignment, 2).float().expand_as(x1)
-            v_x = net(t, line(t, x1, x0, eps, 0.1))
-            v_e = net(t, line(t, e, x0, eps, 0.1))
+            if kind.endswith("main"):
+                t, x0_, eps = sample.t, sample.x0, sample.eps
+            else:
+                torch.manual_seed(1)
+                t, x0_, eps = sample.t, x0, torch.randn_like(x1)
+            v_x = net(t, line(t, x1, x0_, eps, 0.1))
+            v_e = net(t, line(t, e, x0_, eps, 0.1))
             diff = v_x - v_e + (e - x1 if "full" in kind else 0)
             separate = diff.square().mean()
     assert separate > 1e-4
@@ -291,21 +321,112 @@ def test_batched_call_equals_separate_calls(tiny_net, kind):
 
 
 @pytest.mark.parametrize("loss_type", ["full", "simple"])
-def test_no_reuse_ignores_the_main_path_and_matches_reuse_on_icfm(tiny_net, loss_type):
-    images, assignment, sample, cluster = unet_batch(sigma=0.2)
-    reuse = anchor(images, assignment, 3, sigma=0.2, loss_type=loss_type, reuse_xt=True, centroid_samples=0)
-    no_reuse = anchor(images, assignment, 3, sigma=0.2, loss_type=loss_type, reuse_xt=False, centroid_samples=0)
-    reuse.before_step(0)
-    no_reuse.before_step(0)
-    t, x0, x1, eps = sample.t, sample.x0, sample.x1, sample.eps
+def test_published_pairing_ignores_the_main_path_and_matches_main_on_icfm(tiny_net, loss_type):
+    """With sigma = 0 (eps has no effect) and no re-pairing, the published anchor term of icfm is the
+    main-pairing one; for fm and si, whose main xt is another path, the published term is unchanged."""
+    images, assignment, x1, x0, sample, cluster = unet_batch(sigma=0.0)
+    main = make_reg(f"anchor_{loss_type}_main", images, assignment, sigma=0.0)
+    published = make_reg(f"anchor_{loss_type}_published", images, assignment, sigma=0.0)
+    t, eps = sample.t, sample.eps
     with torch.no_grad():
-        expected = batched_call(tiny_net, reuse, ICFM(0.2).path(t, x0, x1, eps), cluster)[1]
-        for matcher in (ICFM(0.2), FM(0.2), SI(0.2)):
-            got = batched_call(tiny_net, no_reuse, matcher.path(t, x0, x1, eps), cluster)[1]
+        expected = batched_call(tiny_net, main, x1, x0, cluster, ICFM(0.0).path(t, x0, x1, eps))[1]
+        for matcher in (ICFM(0.0), FM(0.0), SI(0.0)):
+            got = batched_call(tiny_net, published, x1, x0, cluster, matcher.path(t, x0, x1, eps))[1]
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        # reusing the fm prediction instead would be wrong: the check above is not vacuous
-        wrong = batched_call(tiny_net, reuse, FM(0.2).path(t, x0, x1, eps), cluster)[1]
+        # main pairing on the si prediction would be wrong: the check above is not vacuous (fm with
+        # sigma = 0 is the icfm line itself)
+        wrong = batched_call(tiny_net, main, x1, x0, cluster, SI(0.0).path(t, x0, x1, eps))[1]
     assert (wrong - expected).abs() > 1e-4
+
+
+# ------------------------------------------------- the training step computes the published terms
+
+
+class FixedBatch:
+    """A batch source that always yields one float64 single-cluster batch (no randomness of its own)."""
+
+    def __init__(self, x1, cluster):
+        self.x1, self.cluster = x1, cluster
+
+    def next_batch(self):
+        return self.x1, self.cluster
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def published_local_loss(net, x1, x0, sigma):
+    """The published compute_local_loss(net, x1, x0), written out: fresh t, permutation, fresh eps."""
+    t = torch.rand(x1.shape[0], dtype=x1.dtype)
+    s = x1[torch.randperm(x1.shape[0])]
+    eps = torch.randn_like(x1)
+    u_t, s_t = line(t, x1, x0, eps, sigma), line(t, s, x0, eps, sigma)
+    return (net(t, u_t) - net(t, s_t) + s - x1).square().mean()
+
+
+def published_anchor_loss(net, x1, x0, t, e, sigma, loss_type):
+    """The published anchor term, written out: the batch and noise as drawn, the main t, fresh eps."""
+    eps = torch.randn_like(x1)
+    diff = net(t, line(t, x1, x0, eps, sigma)) - net(t, line(t, e, x0, eps, sigma))
+    return (diff + (e - x1 if loss_type == "full" else 0)).square().mean()
+
+
+@pytest.mark.parametrize("kind", ["local", "anchor_full", "anchor_simple"])
+def test_otcfm_step_computes_the_published_formulas_on_the_batch_as_drawn(kind, one_thread):
+    """float64, dropout off: the loss a training step logs equals the published formula evaluated
+    directly on the pre-pairing batch and noise, with the same random draws (to 1e-10)."""
+    sigma = 0.1
+    images, assignment = clustered_images([4, 12, 5], shape=(3, 16, 16))
+    x1 = to_model_range(images[assignment == 1][:8]).double()  # 8 distinct images of cluster 1
+    cluster = torch.full((8,), 1)
+    torch.manual_seed(0)
+    net = UNetModel(**TINY_UNET).double().eval()
+    with torch.no_grad():  # randomise the zero-initialised output layer, so the net's terms are not 0
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    if kind == "local":
+        reg = LocalRegularizer(weight=1.0, sigma=sigma)
+    else:
+        reg = anchor(images, assignment, 3, sigma=sigma, loss_type=kind.split("_")[1], centroid_samples=0)
+    matcher = make_matcher("otcfm", sigma)  # replacement pairing: the re-paired batch repeats images
+    ema = UNetModel(**TINY_UNET).double().eval()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    flags_ = type("Flags", (), {"grad_clip": 1.0, "ema_decay": 0.99})
+    trainer = training.Trainer(net, ema, optimizer, scheduler, matcher, FixedBatch(x1, cluster), flags_, reg)
+
+    seen = []
+    extra_inputs = reg.extra_inputs
+    reg.extra_inputs = lambda *args: seen.append(args) or extra_inputs(*args)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    logged = trainer.step(0, with_metrics=True)[f"{reg.name}_loss"]
+
+    # Replay the step's draws up to the regularizer, then evaluate the published formula.
+    reference = UNetModel(**TINY_UNET).double().eval()
+    reference.load_state_dict(before)
+    torch.set_rng_state(state)
+    x0 = torch.randn_like(x1)
+    sample = matcher.sample(x0, x1)
+    assert len({tuple(r.flatten().tolist()) for r in sample.x1}) < 8  # re-pairing repeated images
+    with torch.no_grad():
+        if kind == "local":
+            expected = published_local_loss(reference, x1, x0, sigma)
+        else:
+            reg.before_step(0)
+            e = naive_centroid(images, assignment, 1).expand_as(x1)
+            expected = published_anchor_loss(reference, x1, x0, sample.t, e, sigma, kind.split("_")[1])
+    assert expected > 1e-4
+    assert abs(logged.item() - expected.item()) <= 1e-10 * max(1.0, expected.item())
+    # the regularizer got the drawn batch: each of the 8 images once, no row duplicated by re-pairing
+    (x1_seen, x0_seen, _, _), = seen
+    assert torch.equal(x1_seen, x1) and torch.equal(x0_seen, x0)
+    assert len({tuple(r.flatten().tolist()) for r in x1_seen}) == 8
 
 
 # -------------------------------------------------------------------------------- centroids

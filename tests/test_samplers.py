@@ -79,12 +79,37 @@ def test_kmeans_finds_the_obvious_clusters(data, fitted):
 def test_one_subclass_is_the_class_without_kmeans(data, monkeypatch):
     images, labels, _ = data
     monkeypatch.setattr("sklearn.cluster.KMeans", None)  # any K-means call would fail
+    monkeypatch.setattr("sklearn.cluster.MiniBatchKMeans", None)
     assert torch.equal(cluster_assignments(images, labels, num_subclasses=1, seed=0), labels)
 
 
 def test_same_seed_same_clusters(data, fitted):
     images, labels, _ = data
     assert torch.equal(cluster_assignments(images, labels, num_subclasses=2, seed=0), fitted)
+
+
+@pytest.mark.parametrize("algorithm", ["minibatch", "lloyd"])
+def test_clusters_are_scikit_learns_published_call(algorithm):
+    """Each class's sub-clusters are those of scikit-learn's estimator called directly with the
+    published parameters on that class's un-flipped pixels in [-1, 1] (here 3 clusters of 40 random
+    images, so the estimator's own path decides them)."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(400) % 10
+    got = cluster_assignments(images, labels, num_subclasses=3, seed=42, algorithm=algorithm)
+    for cls in range(10):
+        points = (images[labels == cls].float() / 127.5 - 1).reshape(40, -1).numpy()
+        if algorithm == "minibatch":
+            kmeans = MiniBatchKMeans(n_clusters=3, max_iter=100, random_state=42, batch_size=min(1024, 40),
+                                     n_init="auto")
+        else:
+            kmeans = KMeans(n_clusters=3, n_init=1, max_iter=100, random_state=42)
+        expected = torch.from_numpy(kmeans.fit_predict(points)).long() + 3 * cls
+        assert torch.equal(got[labels == cls], expected), cls
+    with pytest.raises(ValueError, match="unknown clustering algorithm 'x'"):
+        cluster_assignments(images, labels, num_subclasses=3, seed=42, algorithm="x")
 
 
 def test_every_batch_is_one_cluster(data, table, fitted):
@@ -238,20 +263,22 @@ def test_cache_written_reused_and_keyed(data, tmp_path, monkeypatch):
     images, labels, _ = data
     first = cluster_assignments(images, labels, num_subclasses=2, seed=0, cache_dir=tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 1 and files[0].startswith("kmeans_") and "_k2_seed0_" in files[0]
+    assert len(files) == 1 and files[0].startswith("kmeans_") and "_k2_seed0_minibatch_" in files[0]
     cluster_assignments(images, labels, num_subclasses=4, seed=0, cache_dir=tmp_path)
     cluster_assignments(images, labels, num_subclasses=2, seed=1, cache_dir=tmp_path)
+    cluster_assignments(images, labels, num_subclasses=2, seed=0, cache_dir=tmp_path, algorithm="lloyd")
     altered = images.clone()
     altered[0, 0, 0, 0] ^= 1
     cluster_assignments(altered, labels, num_subclasses=2, seed=0, cache_dir=tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
-    assert len(names) == 4 and not any(n.endswith(".tmp") for n in names)
+    assert len(names) == 5 and not any(n.endswith(".tmp") for n in names)
 
     class NoKMeans:
         def __init__(self, *args, **kwargs):
             raise AssertionError("K-means ran although the cache holds the assignment")
 
     monkeypatch.setattr("sklearn.cluster.KMeans", NoKMeans)
+    monkeypatch.setattr("sklearn.cluster.MiniBatchKMeans", NoKMeans)
     assert torch.equal(cluster_assignments(images, labels, num_subclasses=2, seed=0, cache_dir=tmp_path), first)
     sampler = ClassConditionedSampler(images, labels, batch_size=4, num_subclasses=2, cache_dir=tmp_path)
     assert torch.equal(sampler.assignment, first)

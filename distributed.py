@@ -1,0 +1,98 @@
+"""One distributed code path: a plain `python script.py` is a world of size 1, `torchrun` a world
+of one process per GPU (or per CPU process, with gloo). Every rank computes; only rank 0 writes.
+
+World-size invariance: every rank draws the whole global batch from streams shared by all ranks
+(the same seed everywhere), so all ranks hold identical global tensors, and each rank trains on its
+own contiguous block of rows (`own_rows`). DDP averages the blocks' gradients, which is the
+gradient of the global mean loss: N processes train exactly what one process trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import utils_cifar
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# Rank 0 alone draws grids, writes checkpoints and computes FID while the other ranks wait in the
+# next collective: the default 10-minute watchdog would kill a run at its first FID.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def init_world(device_flag: str) -> World:
+    """Join the torchrun process group if launched by torchrun; pick this rank's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = utils_cifar.resolve_device(device_flag)
+    if device.type == "cuda":
+        if size > 1:  # one GPU per process, as torchrun lays them out
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    return World(rank=rank, size=size, device=device)
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(world: World):
+    """Rank 0 runs the block first (downloads, caches); the other ranks then run it and find its files."""
+    if not world.is_main:
+        barrier(world)
+    yield
+    if world.is_main:
+        barrier(world)
+
+
+def gather_to_main(obj, world: World) -> list | None:
+    """Every rank's `obj`, as a list on rank 0 (None on the others)."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def mean_over_ranks(x: Tensor, world: World) -> Tensor:
+    """The element-wise mean of `x` over ranks (a copy; `x` itself when alone). Every rank must
+    call it at the same point."""
+    if world.size == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.AVG)
+    return x
+
+
+def own_rows(x: Tensor, global_batch: int, world: World) -> Tensor:
+    """This rank's block of a global tensor whose rows are ``k`` stacked chunks of the global batch.
+
+    ``x`` is ``[k G, ...]`` with ``G = global_batch`` (``k >= 1`` chunks, e.g. a regularizer's
+    ``u_t`` rows then its ``s_t`` rows); rank ``r`` of ``W`` keeps rows ``[r G / W, (r + 1) G / W)``
+    of every chunk, in chunk order. A row-wise loss on a rank's ``k G / W`` rows thus sees all the
+    rows of each of its samples. A view (no copy) when alone.
+    """
+    if world.size == 1:
+        return x
+    return x.unflatten(0, (-1, world.size, global_batch // world.size))[:, world.rank].flatten(0, 1)
