@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,15 @@ def gather_to_main(obj, world: World) -> list | None:
     return out
 
 
+def broadcast_from_main(obj, world: World):
+    """Rank 0's `obj` (picklable), on every rank."""
+    if world.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean_over_ranks(x: Tensor, world: World) -> Tensor:
     """The element-wise mean of `x` over ranks (a copy; `x` itself when alone). Every rank must
     call it at the same point."""
@@ -96,3 +106,58 @@ def own_rows(x: Tensor, global_batch: int, world: World) -> Tensor:
     if world.size == 1:
         return x
     return x.unflatten(0, (-1, world.size, global_batch // world.size))[:, world.rank].flatten(0, 1)
+
+
+class PeerLost(utils_cifar.UserError):
+    """Another rank stopped answering (it died): this rank exits without writing anything."""
+
+
+class StopRequest:
+    """Pre-emption: SIGTERM, SIGUSR1 and SIGINT set a flag; the loop asks `agreed()` after each step.
+
+    Schedulers send SIGTERM (SLURM, Kubernetes) or a chosen signal such as SIGUSR1 some time before
+    they kill a job, and torchrun forwards INT/TERM to its workers. Acting between steps, never
+    inside one, lets the loop write a consistent checkpoint. Under torchrun every rank must stop
+    after the same step (a checkpoint needs every rank's state, and DDP's collectives would hang),
+    but the signal may reach the ranks at different moments: `agreed()` takes the maximum of the
+    ranks' flags with an all-reduce of one CPU integer on a gloo side group, so the GPU stream is
+    never synchronised for it. A second SIGINT (an impatient Ctrl-C) exits at once, writing nothing.
+    """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
+
+    def __init__(self, world: World):
+        self.world = world
+        self.signum = 0
+        self._previous = {}
+        self._flag = torch.zeros(1, dtype=torch.int32)
+        # A gloo group on top of NCCL: the flag lives on the CPU, so its all-reduce needs no GPU sync.
+        self._group = dist.new_group(backend="gloo") if world.size > 1 else None
+
+    def __enter__(self) -> StopRequest:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise SystemExit(130)
+        self.signum = max(self.signum, signum)
+
+    def agreed(self) -> int:
+        """The signal every rank acts on after this step: 0 to go on, else the largest signal number
+        any rank received. Raises PeerLost when another rank has died. Every rank calls it every step."""
+        if self.world.size == 1:
+            return self.signum
+        self._flag.fill_(self.signum)
+        try:
+            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
+        except Exception as err:  # gloo raises RuntimeError / DistBackendError when a peer is gone
+            raise PeerLost(f"another training process stopped answering ({type(err).__name__}): "
+                           f"this one exits without writing a checkpoint.") from err
+        return int(self._flag.item())  # a CPU tensor: no device sync

@@ -200,21 +200,33 @@ class ICFM(FlowMatcher):
 class OTCFM(ICFM):
     """OT-CFM (Tong et al. 2023): the icfm path after re-pairing ``(x0, x1)`` by minibatch exact OT.
 
-    See :func:`ot_pairing_indices` for the two pairing modes.
+    See :func:`ot_pairing_indices` for the two pairing modes. With ``ot_blocks = W > 1`` the batch
+    is cut into ``W`` equal contiguous blocks and each is paired within itself: what ``W`` torchrun
+    processes of the published DDP script compute on their own ``B / W`` samples
+    (``--ot_scope=local``). The default, one block, pairs the whole (global) batch.
     """
 
     name = "otcfm"
 
-    def __init__(self, sigma: float = 0.0, ot_pairing: str = "replacement"):
+    def __init__(self, sigma: float = 0.0, ot_pairing: str = "replacement", ot_blocks: int = 1):
         super().__init__(sigma)
         _check_ot_pairing(ot_pairing)
+        if ot_blocks < 1:
+            raise ValueError(f"ot_blocks must be >= 1, got {ot_blocks}.")
         self.ot_pairing = ot_pairing
+        self.ot_blocks = int(ot_blocks)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(sigma={self.sigma}, ot_pairing={self.ot_pairing!r})"
+        return f"{type(self).__name__}(sigma={self.sigma}, ot_pairing={self.ot_pairing!r}, ot_blocks={self.ot_blocks})"
 
     def couple(self, x0, x1, generator=None):
-        i, j = ot_pairing_indices(x0, x1, self.ot_pairing, generator)
+        if x1.shape[0] % self.ot_blocks:
+            raise ValueError(f"a batch of {x1.shape[0]} does not split into {self.ot_blocks} OT blocks.")
+        size = x1.shape[0] // self.ot_blocks
+        pairs = [ot_pairing_indices(a, b, self.ot_pairing, generator) for a, b in zip(x0.split(size), x1.split(size))]
+        offsets = [block * size for block in range(self.ot_blocks)]
+        i = torch.cat([i + offset for (i, _), offset in zip(pairs, offsets)])
+        j = torch.cat([j + offset for (_, j), offset in zip(pairs, offsets)])
         return x0[i], x1[j]
 
 
@@ -260,7 +272,7 @@ class SI(FlowMatcher):
 _CLASSES = {cls.name: cls for cls in (OTCFM, ICFM, FM, SI)}
 
 
-def make_matcher(name: str, sigma: float = 0.0, ot_pairing: str = "replacement") -> FlowMatcher:
+def make_matcher(name: str, sigma: float = 0.0, ot_pairing: str = "replacement", ot_blocks: int = 1) -> FlowMatcher:
     """Build the matcher for ``--model name``.
 
     Args:
@@ -268,6 +280,7 @@ def make_matcher(name: str, sigma: float = 0.0, ot_pairing: str = "replacement")
         sigma: width of the Gaussian around the path (``>= 0``; for fm, the final std ``sigma_min``).
         ot_pairing: one of :data:`OT_PAIRINGS`; used by otcfm, validated for every model so a typo
             fails before training starts.
+        ot_blocks: otcfm pairs within this many equal blocks of the batch (see :class:`OTCFM`).
     """
     if name not in _CLASSES:
         raise ValueError(f"unknown --model {name!r}: choose one of {', '.join(MATCHERS)}.")
@@ -275,5 +288,5 @@ def make_matcher(name: str, sigma: float = 0.0, ot_pairing: str = "replacement")
     if not sigma >= 0:
         raise ValueError(f"--sigma must be >= 0, got {sigma}.")
     if name == "otcfm":
-        return OTCFM(sigma, ot_pairing)
+        return OTCFM(sigma, ot_pairing, ot_blocks)
     return _CLASSES[name](sigma)

@@ -71,8 +71,9 @@ class LocalRegularizer:
     (``sample=None``, ``vt=None``), e.g. under ``torch.no_grad()`` to monitor it in a run that does
     not train on it.
 
-    ``t``, the permutation and ``eps`` come from torch's global RNG on ``x1``'s device, in that
-    order; the loop seeds and checkpoints it, so this object has no state of its own.
+    ``t``, the permutation and ``eps`` are drawn in that order from ``generator`` (the loop's
+    step stream, seeded and checkpointed by the loop; torch's global RNG when ``None``), so this
+    object has no state of its own.
 
     Args:
         weight: lambda, the loss's weight in the total loss.
@@ -88,16 +89,16 @@ class LocalRegularizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight}, sigma={self.sigma})"
 
-    def extra_inputs(self, x1: Tensor, x0: Tensor, cluster: Tensor | None,
-                     sample: FlowSample | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def extra_inputs(self, x1: Tensor, x0: Tensor, cluster: Tensor | None, sample: FlowSample | None = None,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Returns ``(t_extra [2B], x_extra [2B, ...], u - s [B, ...])`` from the batch ``x1`` and
         noise ``x0`` as drawn; ``cluster`` and ``sample`` are unused (the batch is a single cluster
-        by construction of the batch source)."""
+        by construction of the batch source). ``generator`` must live on ``x1``'s device."""
         u = x1
         batch = u.shape[0]
-        t = torch.rand(batch, dtype=u.dtype, device=u.device)
-        s = u[torch.randperm(batch, device=u.device)]
-        eps = torch.randn_like(u)
+        t = torch.rand(batch, dtype=u.dtype, device=u.device, generator=generator)
+        s = u[torch.randperm(batch, device=u.device, generator=generator)]
+        eps = torch.randn(u.shape, dtype=u.dtype, device=u.device, generator=generator)
         u_t = straight_line(t, u, x0, eps, self.sigma)
         s_t = straight_line(t, s, x0, eps, self.sigma)
         return torch.cat([t, t]), torch.cat([u_t, s_t]), u - s
@@ -252,15 +253,16 @@ class AnchorRegularizer:
 
     # ------------------------------------------------------------------------------------- loss
 
-    def extra_inputs(self, x1: Tensor, x0: Tensor, cluster: Tensor,
-                     sample: FlowSample) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    def extra_inputs(self, x1: Tensor, x0: Tensor, cluster: Tensor, sample: FlowSample,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         """Returns ``(t_extra [E], x_extra [E, ...], (e, x1) [B, ...] each)``.
 
         ``x1``, ``x0``: the batch and noise as drawn; ``cluster`` ``[B]`` their cluster ids;
         ``sample``: the main term's draw (its ``t``; with ``"main"`` pairing also its re-paired
         ``x1``, ``x0``, ``eps``). ``E = 2B`` rows ``x_t`` then ``e_t`` (published), or ``E = B``
         rows ``e_t`` (main). ``e`` are the centroids of ``cluster``; the ``x1`` returned is the
-        one the loss compares ``e`` with.
+        one the loss compares ``e`` with. The fresh ``eps`` comes from ``generator`` (on ``x1``'s
+        device; torch's global RNG when ``None``).
         """
         if self.centroids is None:
             raise RuntimeError("AnchorRegularizer.before_step(step) must run before the first extra_inputs call.")
@@ -268,7 +270,7 @@ class AnchorRegularizer:
         if self.pairing == "main":
             e_t = straight_line(sample.t, e, sample.x0, sample.eps, self.sigma)
             return sample.t, e_t, (e, sample.x1)
-        eps = torch.randn_like(x1)
+        eps = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=generator)
         x_t = straight_line(sample.t, x1, x0, eps, self.sigma)
         e_t = straight_line(sample.t, e, x0, eps, self.sigma)
         return torch.cat([sample.t, sample.t]), torch.cat([x_t, e_t]), (e, x1)

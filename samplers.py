@@ -21,8 +21,9 @@ Sampling rule, per batch:
      concatenated and cut to B, so each member appears floor(B / |c|) or ceil(B / |c|) times;
   3. flip each image left-right with probability 1/2 (one coin per pass entry, drawn with the pass).
 
-All randomness comes from one CPU `torch.Generator` seeded with `seed + rank`, so each DDP rank
-has its own stream and the stream is the same whatever device holds the data. The sampler keeps
+All randomness comes from one CPU `torch.Generator` seeded with `seed`, so the stream is the same
+whatever device holds the data. Under torchrun every rank draws the same global batch (one
+cluster) and trains on its own block of it (see `distributed.py`). The sampler keeps
 the images and their mirror images as one uint8 table [2N,3,32,32] on the data device (300 MB for
 CIFAR-10), so a flip is part of the index (i + N) and a batch is one `index_select` plus the
 conversion to [-1, 1]: no per-image Python and no host sync (the generator only picks the cluster
@@ -234,10 +235,9 @@ class ClassConditionedSampler:
     Args:
         images: uint8 [N,3,32,32] on the training device (batches are built there).
         labels: int [N], classes 0..9 (any device).
-        batch_size: B, images per batch (per rank under DDP).
+        batch_size: B, images per batch (the global batch under torchrun).
         num_subclasses: K-means clusters per class (1: batches from one class).
-        seed: clustering seed (the same on every rank) and, plus `rank`, the sampling seed.
-        rank: DDP rank; each rank draws its own cluster stream.
+        seed: the sampling seed (and the clustering seed unless `cluster_seed` is given).
         cluster_weighting: "uniform" over non-empty clusters (published) or "size" (prop. to size).
         cache_dir: where `cluster_assignments` caches the clustering (e.g. the data directory).
         assignment: a stored assignment [N] (e.g. from a checkpoint) used instead of clustering.
@@ -259,7 +259,6 @@ class ClassConditionedSampler:
         batch_size: int,
         num_subclasses: int = 25,
         seed: int = 0,
-        rank: int = 0,
         cluster_weighting: str = "uniform",
         cache_dir: str | os.PathLike | None = None,
         assignment: Tensor | None = None,
@@ -284,7 +283,6 @@ class ClassConditionedSampler:
         self._table = torch.cat([images, images.flip(-1)])
         self.batch_size = batch_size
         self.num_subclasses = num_subclasses
-        self.rank = rank
         self.cluster_weighting = cluster_weighting
         self.num_clusters = NUM_CLASSES * num_subclasses
         self.assignment = assignment
@@ -301,7 +299,7 @@ class ClassConditionedSampler:
             if cluster_weighting == "uniform"
             else self.cluster_sizes[self._nonempty].to(torch.float64)
         )
-        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.generator = torch.Generator().manual_seed(seed)
         # Current pass of each cluster (rows of _table, flips included, on the data device) and the
         # position of the next batch in it. An empty pass means "not drawn yet".
         self._passes = [torch.empty(0, dtype=torch.int64, device=images.device)] * self.num_clusters
@@ -344,16 +342,15 @@ class ClassConditionedSampler:
         """Everything that fixes the rest of the stream: generator, passes, positions, assignment.
 
         Tensors (on the CPU) and python scalars only, so `torch.load(weights_only=True)` reads it.
-        Copies the passes to the host: call it on save steps only. Under DDP each rank has its own
-        state; resuming exactly needs every rank's.
+        Copies the passes to the host: call it on save steps only. Under torchrun every rank holds
+        the same state.
         """
         return {
-            "version": 1,
+            "version": 2,
             "generator": self.generator.get_state(),
             "assignment": self.assignment.clone(),
             "num_subclasses": self.num_subclasses,
             "batch_size": self.batch_size,
-            "rank": self.rank,
             "cluster_weighting": self.cluster_weighting,
             "pass_lengths": [len(p) for p in self._passes],
             "passes": torch.cat(self._passes).cpu(),  # rows of the image + mirror table
@@ -362,10 +359,10 @@ class ClassConditionedSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` left off. The sampler must be built with the same
-        assignment (`assignment=state["assignment"]`), batch size, weighting and rank."""
-        if state.get("version") != 1:
-            raise ValueError(f"unknown sampler state version {state.get('version')!r}: expected 1.")
-        for key in ("num_subclasses", "batch_size", "rank", "cluster_weighting"):
+        assignment (`assignment=state["assignment"]`), batch size and weighting."""
+        if state.get("version") != 2:
+            raise ValueError(f"unknown sampler state version {state.get('version')!r}: expected 2.")
+        for key in ("num_subclasses", "batch_size", "cluster_weighting"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"sampler state has {key}={state[key]!r} but this sampler has {getattr(self, key)!r}: "

@@ -5,7 +5,8 @@
 
 Training batches are shuffled across classes. On log steps the local loss of one same-cluster
 batch is computed under no_grad and logged as `local_loss` (monitoring only: it never trains).
-Writes {output_dir}/{model}/{model}_cifar10_weights_step_{step}.pt, sample grids and metrics.jsonl.
+Writes {output_dir}/{model}/{model}_cifar10_weights_step_{step}.pt, sample grids and
+{model}_cifar10_metrics.jsonl.
 Every flag is shared with the other training scripts and defined in training.py.
 """
 

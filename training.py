@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,10 +33,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 import utils_cifar
-from distributed import World, barrier, gather_to_main, init_world, main_first, mean_over_ranks
+from distributed import (StopRequest, World, barrier, broadcast_from_main, gather_to_main, init_world, main_first,
+                         mean_over_ranks, own_rows)
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
 from samplers import CLUSTER_ALGORITHMS, ClassConditionedSampler, save_cluster_grids
 from sampling import SOLVERS, save_sample_grid
+from run_lock import RunLock, RunLocked
 from unet import PAPER_CONFIG, UNetModel, normalize_config
 
 # Flags are declarations, not work: every training script shares these (names as users type them).
@@ -59,16 +62,22 @@ flags.DEFINE_integer("total_steps", 400001, "training steps (loop indices 0..tot
 flags.DEFINE_integer("warmup", 5000, "linear learning-rate warm-up steps", lower_bound=0)
 flags.DEFINE_integer("batch_size", 128, "global batch size (split across ranks)")
 flags.DEFINE_float("ema_decay", 0.9999, "EMA decay, applied every step", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("seed", 0, "seed of every random stream (rank r uses seed + r)")
+flags.DEFINE_integer("seed", 0, "seed of every random stream (shared by all ranks; dropout on rank r uses seed + r)")
+flags.DEFINE_enum("ot_scope", "global", ["global", "local"],
+                  "otcfm under torchrun: pair the whole global batch (global, world-size invariant) or each "
+                  "rank's block within itself (local, as the published DDP script)")
 # Outputs.
 flags.DEFINE_integer("save_step", 20000, "checkpoint + sample grids every this many steps (0 = never)",
                      lower_bound=0)
-flags.DEFINE_integer("log_step", 100, "metrics to the progress bar, wandb and metrics.jsonl every this many steps",
+flags.DEFINE_integer("log_step", 100, "metrics to the progress bar, wandb and {run}_metrics.jsonl every this many steps",
                      lower_bound=1)
 flags.DEFINE_integer("grid_size", 64, "images in each sample grid", lower_bound=1)
 flags.DEFINE_integer("grid_steps", 99, "Euler steps for the sample grids (99: the published t_span = linspace(0, 1, 100))",
                      lower_bound=1)
 flags.DEFINE_string("checkpoint_path", "", "resume from this checkpoint")
+flags.DEFINE_enum("resume", "off", ["off", "auto"],
+                  "auto: continue from the newest checkpoint of this run that loads, or start fresh if it has none "
+                  "(one command for the first launch and every requeue)")
 flags.DEFINE_bool("overwrite", False, "let a new run replace existing checkpoints in its run folder")
 flags.DEFINE_enum("wandb_mode", "offline", ["online", "offline", "disabled"],
                   "wandb mode (WANDB_MODE in the environment wins); offline runs sync later with `wandb sync`")
@@ -148,7 +157,7 @@ class DataContext:
 
     images: Tensor  # uint8 [N,3,32,32] on the training device
     labels: Tensor  # int64 [N] (CPU)
-    batch_size: int  # per rank
+    batch_size: int  # the global batch: every rank draws it whole and trains on its own block
     seed: int
     world: World
     data_dir: str
@@ -248,7 +257,7 @@ def cluster_sampler(FLAGS, data: DataContext):
     with main_first(data.world):  # rank 0 clusters and caches; the other ranks read its cache
         sampler = ClassConditionedSampler(
             data.images, data.labels, data.batch_size, num_subclasses=num_subclasses, seed=data.seed,
-            rank=data.world.rank, cluster_weighting=FLAGS.cluster_weighting, cache_dir=data.data_dir,
+            cluster_weighting=FLAGS.cluster_weighting, cache_dir=data.data_dir,
             assignment=stored, cluster_seed=FLAGS.cluster_seed, algorithm=FLAGS.cluster_algorithm,
         )
     if FLAGS.visualize and data.world.is_main:
@@ -261,46 +270,72 @@ def cluster_sampler(FLAGS, data: DataContext):
 # --------------------------------------------------------------------------------------------
 
 
-# Checkpoint keys of the batch streams (rank_states[rank][key]).
+# Checkpoint keys of the random streams shared by all ranks (ckpt["streams"][key]).
 TRAIN_STREAM, MONITOR_STREAM = "batches", "monitor_batches"
+# The monitor's noise has its own generator, seeded apart from the step stream, so that logging
+# (how often, or at all) never changes what is trained.
+MONITOR_SEED_OFFSET = 1_000_003
 
 
 class Trainer:
-    """Owns net, EMA, optimizer, schedule, matcher and batch sources; `step()` does one update."""
+    """Owns net, EMA, optimizer, schedule, matcher, batch sources and random streams; `step()` does
+    one update.
 
-    def __init__(self, net, ema, optimizer, scheduler, matcher, batches, FLAGS,
+    World-size invariance (see `distributed.py`): the batch sources yield the global batch, and
+    every random draw of a step (noise, t, eps, OT pairing, the regularizer's draws) comes from
+    `generator`, seeded with --seed on every rank. Every rank thus computes the same global sample
+    and trains on its own block of rows. Only dropout uses torch's global RNG (seed + rank).
+    """
+
+    def __init__(self, net, ema, optimizer, scheduler, matcher, batches, FLAGS, world: World,
                  regularizer=None, monitor=None, ddp_net=None):
         self.net = net  # the bare module (EMA source, checkpoints)
         self.forward_net = ddp_net or net  # what the step calls (DDP wrapper when distributed)
         self.ema, self.optimizer, self.scheduler = ema, optimizer, scheduler
         self.matcher, self.batches, self.regularizer = matcher, batches, regularizer
         self.monitor = monitor  # (BatchSource, Regularizer) or None
+        self.world = world
         self.grad_clip, self.ema_decay = FLAGS.grad_clip, FLAGS.ema_decay
+        self.global_batch = FLAGS.batch_size
+        self.generator = torch.Generator(world.device).manual_seed(FLAGS.seed)
+        self.monitor_generator = torch.Generator(world.device).manual_seed(FLAGS.seed + MONITOR_SEED_OFFSET)
         # Listed once: walking 300 parameters per step costs host time the GPU would wait for.
         self.params, self.ema_params = list(net.parameters()), list(ema.parameters())
+        # Divergence watch, on the device (no host sync per step): whether every loss and gradient
+        # norm so far was finite, and the step and values where that first failed.
+        self.finite = torch.ones((), dtype=torch.bool, device=world.device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=world.device)
+        self.first_bad_values: Tensor | None = None
+        self.watched: list[str] = []  # names of the watched values
         # The term logged as `regularized_loss`: the trained regularizer, else the monitored one.
         logged = regularizer if regularizer is not None else monitor[1] if monitor is not None else None
         self.regularized_name = f"{logged.name}_loss" if logged is not None else None
 
+    def own(self, x):
+        """This rank's rows of a global tensor, or of each tensor of a tuple (see distributed.own_rows)."""
+        if isinstance(x, tuple):
+            return tuple(own_rows(part, self.global_batch, self.world) for part in x)
+        return own_rows(x, self.global_batch, self.world)
+
     def step(self, step: int, with_metrics: bool = False) -> dict:
         """One optimisation step. Returns device tensors (no host sync); the full metric set only
         when `with_metrics`, to keep non-log steps free of extra reductions and monitor passes."""
-        reg = self.regularizer
+        reg, g = self.regularizer, self.generator
         if reg is not None:
             reg.before_step(step)
-        x1, cluster = self.batches.next_batch()
-        x0 = torch.randn_like(x1)
-        sample = self.matcher.sample(x0, x1)
-        t, x = sample.t, sample.xt
+        x1, cluster = self.batches.next_batch()  # the global batch, the same on every rank
+        x0 = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=g)
+        sample = self.matcher.sample(x0, x1, generator=g)
+        t, x, ut = self.own(sample.t), self.own(sample.xt), self.own(sample.ut)
         if reg is not None:  # the regularizer sees the batch as drawn, as the published scripts do
-            t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample)
-            t, x = torch.cat([t, t_extra]), torch.cat([x, x_extra])
+            t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample, generator=g)
+            t, x, ctx = torch.cat([t, self.own(t_extra)]), torch.cat([x, self.own(x_extra)]), self.own(ctx)
         v = self.forward_net(t, x)
-        vt = v[: len(x1)]
-        terms = {"loss_fm": F.mse_loss(vt, sample.ut)}
+        vt = v[: len(ut)]
+        terms = {"loss_fm": F.mse_loss(vt, ut)}
         loss = terms["loss_fm"]
         if reg is not None:
-            terms[f"{reg.name}_loss"] = reg.loss(vt, v[len(x1):], ctx)
+            terms[f"{reg.name}_loss"] = reg.loss(vt, v[len(ut):], ctx)
             loss = loss + reg.weight * terms[f"{reg.name}_loss"]
 
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses (a float: no sync)
@@ -310,10 +345,13 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         utils_cifar.ema_update(self.ema_params, self.params, self.ema_decay)
+        self.watch_finite(step, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                                 "grad_norm": grad_norm})
 
         if not with_metrics:
             return {"loss": loss.detach()}
-        metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "lr": lr}
+        metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "lr": lr,
+                   "all_finite": self.finite}
         if cluster is not None:
             metrics["cluster"] = cluster[0]
         metrics["grad_norm"] = grad_norm
@@ -322,14 +360,35 @@ class Trainer:
             metrics.update(self.monitor_losses())
         return metrics
 
+    def watch_finite(self, step: int, values: dict[str, Tensor]) -> None:
+        """Fold this step's values into the divergence watch (a few tiny device ops, no sync)."""
+        stacked = torch.stack(list(values.values())).float()
+        ok = torch.isfinite(stacked).all()
+        newly_bad = self.finite & ~ok
+        if self.first_bad_values is None:
+            self.watched, self.first_bad_values = list(values), torch.zeros_like(stacked)
+        self.first_bad_step = torch.where(newly_bad, step, self.first_bad_step)
+        self.first_bad_values = torch.where(newly_bad, stacked, self.first_bad_values)
+        self.finite = self.finite & ok
+
+    def first_non_finite(self) -> tuple[int, str]:
+        """The first step with a non-finite value (-1 if none on this rank) and its values, e.g.
+        "loss=nan, loss_fm=nan, grad_norm=inf" (a host sync: call it only when stopping)."""
+        step = int(self.first_bad_step.item())
+        if self.first_bad_values is None or step < 0:
+            return step, ""
+        return step, ", ".join(f"{name}={value:.4g}" for name, value in zip(self.watched, self.first_bad_values.tolist()))
+
     @torch.no_grad()
     def monitor_losses(self) -> dict[str, Tensor]:
-        """The monitor regularizer's loss on a batch of its own source and noise of its own (as the
-        published monitor draws them), without training on it."""
+        """The monitor regularizer's loss on a global batch of its own source and noise of its own
+        (as the published monitor draws them), without training on it; each rank evaluates its rows."""
         batches, reg = self.monitor
+        g = self.monitor_generator
         x1, cluster = batches.next_batch()
-        t_extra, x_extra, ctx = reg.extra_inputs(x1, torch.randn_like(x1), cluster, None)
-        return {f"{reg.name}_loss": reg.loss(None, self.net(t_extra, x_extra), ctx)}
+        x0 = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=g)
+        t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, None, generator=g)
+        return {f"{reg.name}_loss": reg.loss(None, self.net(self.own(t_extra), self.own(x_extra)), self.own(ctx))}
 
     def batch_sources(self) -> dict:
         """The batch sources whose streams a checkpoint keeps, by state key."""
@@ -338,17 +397,18 @@ class Trainer:
             sources[MONITOR_STREAM] = self.monitor[0]
         return sources
 
-    def state_dict(self) -> dict:
-        """Per-rank stream state: RNG and batch sources (weights are saved by `save`)."""
-        state = {"rng": utils_cifar.rng_state(next(self.net.parameters()).device)}
+    def streams_state(self) -> dict:
+        """The random streams shared by all ranks: step and monitor generators, batch sources."""
+        state = {"generator": self.generator.get_state(), "monitor_generator": self.monitor_generator.get_state()}
         for key, source in self.batch_sources().items():
             state[key] = {**source.state_dict(), "kind": type(source).__name__}
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore the streams. A source of another kind (e.g. a plain run continued with the
+    def load_streams_state(self, state: dict) -> None:
+        """Restore the shared streams. A source of another kind (e.g. a plain run continued with the
         locality script) cannot continue its stream: it restarts from --seed, with a warning."""
-        utils_cifar.set_rng_state(state["rng"], next(self.net.parameters()).device)
+        self.generator.set_state(state["generator"])
+        self.monitor_generator.set_state(state["monitor_generator"])
         for key, source in self.batch_sources().items():
             stored = state.get(key)
             if stored is None or stored.get("kind") != type(source).__name__:
@@ -364,15 +424,16 @@ class Trainer:
 
 
 class RunLogger:
-    """Rank 0's metrics sink: progress bar, wandb and `metrics.jsonl`."""
+    """Rank 0's metrics sink: progress bar, wandb and `{file_prefix}_metrics.jsonl`."""
 
     def __init__(self, paths: utils_cifar.RunPaths, spec: RunSpec, config: dict, mode: str, start: int,
                  provenance: dict):
         import wandb  # imported here: a slow import that only rank 0 needs
 
         self.paths = paths
-        # metrics.jsonl holds one history: a fresh run starts it anew, a resumed run drops the
-        # lines a crashed run wrote after its checkpoint (they will be logged again).
+        # The metrics file holds one history: a fresh run starts it anew, a resumed run drops the
+        # lines a crashed run wrote after its checkpoint (they will be logged again), and a torn
+        # last line (a kill or a full disk mid-append) with a warning.
         utils_cifar.truncate_jsonl(paths.metrics, keep=lambda record: record.get("step", -1) < start)
         self.wandb = wandb.init(
             project="conditional-flow-matching",
@@ -433,40 +494,95 @@ def log_fid(scorer, ema, FLAGS, num_gen: int, step: int, logger: RunLogger) -> N
 # --------------------------------------------------------------------------------------------
 
 
+class Diverged(utils_cifar.UserError):
+    """A loss term or the gradient norm became NaN or infinite; nothing non-finite was written."""
+
+
 def run(FLAGS, spec: RunSpec) -> None:
-    """Entry point for the scripts: `train`, with user errors as one sentence and exit status 1."""
+    """Entry point for the scripts: `train`, with user errors as one sentence and exit status 1, and
+    exit status 130 after a checkpoint written on SIGINT (0 after SIGTERM / SIGUSR1)."""
     try:
-        train(FLAGS, spec)
+        outcome = train(FLAGS, spec)
     except utils_cifar.UserError as err:
         sys.exit(f"error: {err}")
+    if outcome.stopped_by == signal.SIGINT:
+        sys.exit(130)
 
 
-def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
+@dataclass
+class Outcome:
+    """How `train` ended: its run paths, and the signal that stopped it early (0 if none)."""
+
+    paths: utils_cifar.RunPaths
+    stopped_by: int = 0
+
+
+def find_resume_checkpoint(FLAGS, paths: utils_cifar.RunPaths) -> str:
+    """The checkpoint to resume from: --checkpoint_path, or with --resume=auto the highest-step
+    checkpoint of this run that loads ("" when the run has none: a fresh start). Checkpoints that
+    do not load are named in a warning, never deleted."""
+    if FLAGS.checkpoint_path or FLAGS.resume != "auto":
+        return FLAGS.checkpoint_path
+    candidates = paths.checkpoints_by_step()
+    for path in reversed(candidates):
+        try:
+            utils_cifar.load_checkpoint(path)
+        except utils_cifar.CheckpointError as err:
+            logging.warning("--resume=auto skips %s: %s", path.name, err)
+            continue
+        logging.info("--resume=auto: resuming from %s", path)
+        return str(path)
+    if candidates:
+        raise utils_cifar.CheckpointError(
+            f"--resume=auto found {len(candidates)} checkpoints of {paths.file_prefix} in {paths.run_dir} but none "
+            f"loads: pass a good one with --checkpoint_path, or move them away to start afresh."
+        )
+    return ""
+
+
+def train(FLAGS, spec: RunSpec) -> Outcome:
     world = init_world(FLAGS.device)
     validate_flags(FLAGS, world)
-    matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing)
+    # --ot_scope=local pairs each rank's block within itself, as the published DDP script does.
+    matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing,
+                           ot_blocks=world.size if FLAGS.ot_scope == "local" else 1)
     paths = utils_cifar.RunPaths(Path(FLAGS.output_dir) / spec.run_dir, spec.file_prefix)
-    ckpt = utils_cifar.load_checkpoint(FLAGS.checkpoint_path) if FLAGS.checkpoint_path else None
+    lock = RunLock(paths.run_dir, spec.file_prefix)
+    refusal = None
+    if world.is_main:  # rank 0 decides; every rank stops if it refuses
+        try:
+            lock.acquire()
+        except RunLocked as err:
+            refusal = str(err)
+    refusal = broadcast_from_main(refusal, world)
+    if refusal is not None:
+        raise RunLocked(refusal)
+    try:
+        return train_locked(FLAGS, spec, world, matcher, paths, lock)
+    finally:
+        lock.release()
+
+
+def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar.RunPaths, lock: RunLock) -> Outcome:
+    """`train` once this run's lock is held (rank 0)."""
+    checkpoint_path = find_resume_checkpoint(FLAGS, paths)
+    ckpt = utils_cifar.load_checkpoint(checkpoint_path) if checkpoint_path else None
     unet_config = resolve_unet_config(FLAGS, ckpt)
-    if ckpt is None and paths.existing_checkpoints() and not FLAGS.overwrite:
+    if ckpt is None and paths.checkpoints_by_step() and not FLAGS.overwrite:
         raise utils_cifar.UserError(
-            f"{paths.run_dir} already holds checkpoints ({paths.existing_checkpoints()[-1].name}): "
-            f"resume with --checkpoint_path, pick another --output_dir, or pass --overwrite."
-        )
-    if ckpt is not None and ckpt.get("rank_states") and len(ckpt["rank_states"]) != world.size:
-        raise utils_cifar.UserError(
-            f"the checkpoint was written by {len(ckpt['rank_states'])} processes but this run has {world.size}: "
-            f"resume with the same number of processes."
+            f"{paths.run_dir} already holds checkpoints ({paths.checkpoints_by_step()[-1].name}): "
+            f"resume with --checkpoint_path or --resume=auto, pick another --output_dir, or pass --overwrite."
         )
 
-    torch.manual_seed(FLAGS.seed + world.rank)
+    torch.manual_seed(FLAGS.seed + world.rank)  # dropout: each rank its own masks
     with main_first(world):  # one download/extraction; the other ranks read what rank 0 put there
         images, labels = utils_cifar.load_cifar10(FLAGS.data_dir)
-    stored = ckpt["rank_states"][world.rank] if ckpt is not None and ckpt.get("rank_states") else {}
-    data = DataContext(images=images.to(world.device), labels=labels, batch_size=FLAGS.batch_size // world.size,
+    # The streams are shared by all ranks, so a checkpoint of N processes resumes on M.
+    stored = ckpt.get("streams", {}) if ckpt is not None else {}
+    data = DataContext(images=images.to(world.device), labels=labels, batch_size=FLAGS.batch_size,
                        seed=FLAGS.seed, world=world, data_dir=FLAGS.data_dir)
     if spec.make_batches is None:
-        batches = utils_cifar.ShuffledBatches(data.images, data.batch_size, data.seed, world.rank)
+        batches = utils_cifar.ShuffledBatches(data.images, data.batch_size, data.seed)
     else:
         batches = spec.make_batches(dataclasses.replace(data, stored=stored.get(TRAIN_STREAM)))
     regularizer = spec.make_regularizer(batches) if spec.make_regularizer is not None else None
@@ -474,7 +590,7 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
     if spec.make_monitor is not None:
         monitor = spec.make_monitor(dataclasses.replace(data, stored=stored.get(MONITOR_STREAM)))
     trainer = build_trainer(FLAGS, unet_config, world, matcher, batches, regularizer, monitor)
-    start = resume(trainer, ckpt, FLAGS, world) if ckpt is not None else 0
+    start = resume(trainer, ckpt, checkpoint_path, FLAGS, world) if ckpt is not None else 0
 
     config = flag_dict(FLAGS)
     logger = None
@@ -483,35 +599,53 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         logger = RunLogger(paths, spec, config, FLAGS.wandb_mode, start, provenance)
     scorer = prepare_fid(FLAGS, world)
+    writer = CheckpointWriter(trainer, paths, unet_config, config, provenance, world, last=checkpoint_path)
     progress = tqdm(range(start, FLAGS.total_steps), initial=start, total=FLAGS.total_steps,
                     disable=not world.is_main, dynamic_ncols=True)
     last = FLAGS.total_steps - 1
     tic = time.perf_counter()
-    for step in progress:
-        is_log = step % FLAGS.log_step == 0 or step == last
-        metrics = trainer.step(step, with_metrics=is_log)
-        if is_log:
-            record = {"step": step, **host_metrics(metrics, world), "seconds": round(time.perf_counter() - tic, 3)}
-            if trainer.regularized_name is not None:  # the published name for the regularizer's value
-                record["regularized_loss"] = record[trainer.regularized_name]
-            if logger is not None:
-                logger.log(record)
-                progress.set_postfix(progress_fields(record))
-        is_save = FLAGS.save_step > 0 and ((step % FLAGS.save_step == 0 and step > 0) or step == last)
-        if is_save:
-            save(trainer, paths, step, unet_config, config, provenance, world)
-            if scorer is not None:
-                log_fid(scorer, trainer.ema, FLAGS, fid_num_gen(FLAGS, world), step, logger)
-            barrier(world)
+    with StopRequest(world) as stop_request:
+        for step in progress:
+            is_log = step % FLAGS.log_step == 0 or step == last
+            metrics = trainer.step(step, with_metrics=is_log)
+            if is_log:
+                record = {"step": step, **host_metrics(metrics, world), "seconds": round(time.perf_counter() - tic, 3)}
+                if record.pop("all_finite") < 1:  # any rank's loss or gradient norm was NaN / inf
+                    raise writer.diverged()
+                if trainer.regularized_name is not None:  # the published name for the regularizer's value
+                    record["regularized_loss"] = record[trainer.regularized_name]
+                if logger is not None:
+                    logger.log(record)
+                    lock.heartbeat()
+                    progress.set_postfix(progress_fields(record))
+            is_save = FLAGS.save_step > 0 and ((step % FLAGS.save_step == 0 and step > 0) or step == last)
+            if is_save:
+                writer.save(step, grids=True)
+                if scorer is not None:
+                    log_fid(scorer, trainer.ema, FLAGS, fid_num_gen(FLAGS, world), step, logger)
+                barrier(world)
+            stopped_by = stop_request.agreed()
+            if stopped_by:
+                if not is_save:  # only the checkpoint: the scheduler's kill is near
+                    writer.save(step, grids=False)
+                if world.is_main:
+                    progress.close()
+                    print(f"stopped by {signal.Signals(stopped_by).name} after step {step}: checkpoint "
+                          f"{writer.last}; continue with the same command plus --checkpoint_path={writer.last} "
+                          f"(or --resume=auto).", flush=True)
+                break
+        else:
+            stopped_by = 0
     if logger is not None:
         logger.close()
-    return paths
+    return Outcome(paths, stopped_by)
 
 
 def host_metrics(metrics: dict, world: World) -> dict:
     """A log step's metrics as python numbers, averaged over ranks, in one device-to-host copy.
 
-    `cluster` (this rank's batch cluster) is an id, not a quantity: rank 0's own is kept.
+    `cluster` (the batch's cluster) is an id, not a quantity: rank 0's own is kept. `all_finite`
+    averaged over ranks is 1 only if every rank's values were finite.
     """
     tensors = {k: v.float() for k, v in metrics.items() if isinstance(v, Tensor)}
     local = torch.stack(list(tensors.values()))
@@ -533,7 +667,7 @@ def build_trainer(FLAGS, unet_config: dict, world: World, matcher, batches, regu
         ddp_net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[world.device.index] if world.device.type == "cuda" else None
         )
-    return Trainer(net, ema, optimizer, scheduler, matcher, batches, FLAGS, regularizer, monitor, ddp_net)
+    return Trainer(net, ema, optimizer, scheduler, matcher, batches, FLAGS, world, regularizer, monitor, ddp_net)
 
 
 def progress_fields(record: dict) -> dict:
@@ -546,13 +680,12 @@ def progress_fields(record: dict) -> dict:
     return fields
 
 
-def resume(trainer: Trainer, ckpt: dict, FLAGS, world: World) -> int:
+def resume(trainer: Trainer, ckpt: dict, source: str, FLAGS, world: World) -> int:
     """Load weights, EMA, optimizer, schedule and stream states; return the first step to run.
 
     Published TorchCFM checkpoints carry only weights, optimizer, schedule and step: their random
     streams restart from --seed.
     """
-    source = FLAGS.checkpoint_path
     utils_cifar.load_weights(trainer.net, ckpt["net_model"], f"{source} (net_model)")
     utils_cifar.load_weights(trainer.ema, ckpt["ema_model"], f"{source} (ema_model)")
     trainer.optimizer.load_state_dict(ckpt["optim"])
@@ -563,31 +696,67 @@ def resume(trainer: Trainer, ckpt: dict, FLAGS, world: World) -> int:
     for group in trainer.optimizer.param_groups:
         group["initial_lr"] = FLAGS.lr
         group["lr"] = FLAGS.lr * warmup_schedule(FLAGS.warmup)(scheduler.last_epoch)
-    if ckpt.get("rank_states"):
-        trainer.load_state_dict(ckpt["rank_states"][world.rank])
+    if "streams" in ckpt:
+        trainer.load_streams_state(ckpt["streams"])
+    else:
+        logging.warning("%s holds no shared random streams (a published or older checkpoint): they restart "
+                        "from --seed.", source)
+    rank_states = ckpt.get("rank_states") or []
+    if world.rank < len(rank_states) and "rng" in rank_states[world.rank]:
+        utils_cifar.set_rng_state(rank_states[world.rank]["rng"], world.device)  # this rank's dropout RNG
+    elif FLAGS.dropout > 0:
+        logging.warning("the checkpoint holds no dropout RNG for rank %d: its dropout masks restart from "
+                        "--seed + rank.", world.rank)
     if trainer.regularizer is not None and ckpt.get("regularizer"):
         trainer.regularizer.load_state_dict(ckpt["regularizer"])
     return int(ckpt["step"]) + 1
 
 
-def save(trainer: Trainer, paths, step: int, unet_config: dict, config: dict, provenance: dict, world: World) -> None:
-    """Sample grids (net and EMA) and an atomic checkpoint holding the state after update `step`."""
-    rank_states = gather_to_main(trainer.state_dict(), world)
-    if not world.is_main:
-        return
-    for kind, model in (("normal", trainer.net), ("ema", trainer.ema)):
-        save_sample_grid(model, paths.grid(kind, step), num=config["grid_size"], steps=config["grid_steps"],
-                         seed=config["seed"])
-    ckpt = {
-        "net_model": trainer.net.state_dict(),
-        "ema_model": trainer.ema.state_dict(),
-        "sched": trainer.scheduler.state_dict(),
-        "optim": trainer.optimizer.state_dict(),
-        "step": step,
-        "unet_config": unet_config,
-        "flags": config,
-        "rank_states": rank_states,
-        "regularizer": trainer.regularizer.state_dict() if trainer.regularizer is not None else {},
-        "provenance": provenance,
-    }
-    utils_cifar.atomic_save(ckpt, paths.checkpoint(step))
+class CheckpointWriter:
+    """Writes the run's checkpoints (rank 0; every rank calls `save` on the same steps) and
+    remembers the last one written. State with a non-finite loss or gradient behind it is never
+    written: `save` raises `Diverged` instead."""
+
+    def __init__(self, trainer: Trainer, paths: utils_cifar.RunPaths, unet_config: dict, config: dict,
+                 provenance: dict, world: World, last: str = ""):
+        self.trainer, self.paths, self.world = trainer, paths, world
+        self.unet_config, self.config, self.provenance = unet_config, config, provenance
+        self.last = last  # the newest good checkpoint of this run ("" before the first)
+
+    def save(self, step: int, grids: bool) -> None:
+        """Sample grids (net and EMA; skipped when a scheduler's kill is near) and an atomic
+        checkpoint holding the state after update `step`."""
+        trainer, world = self.trainer, self.world
+        if mean_over_ranks(trainer.finite.float(), world).item() < 1:  # a host sync: save steps only
+            raise self.diverged()
+        # Each rank's own RNG drives only its dropout masks; the shared streams are the same everywhere.
+        rank_states = gather_to_main({"rng": utils_cifar.rng_state(world.device)}, world)
+        path = self.paths.checkpoint(step)
+        if world.is_main:
+            if grids:
+                for kind, model in (("normal", trainer.net), ("ema", trainer.ema)):
+                    save_sample_grid(model, self.paths.grid(kind, step), num=self.config["grid_size"],
+                                     steps=self.config["grid_steps"], seed=self.config["seed"])
+            ckpt = {
+                "net_model": trainer.net.state_dict(),
+                "ema_model": trainer.ema.state_dict(),
+                "sched": trainer.scheduler.state_dict(),
+                "optim": trainer.optimizer.state_dict(),
+                "step": step,
+                "unet_config": self.unet_config,
+                "flags": self.config,
+                "streams": trainer.streams_state(),
+                "rank_states": rank_states,
+                "regularizer": trainer.regularizer.state_dict() if trainer.regularizer is not None else {},
+                "provenance": self.provenance,
+            }
+            utils_cifar.atomic_save(ckpt, path)
+        self.last = str(path)
+
+    def diverged(self) -> Diverged:
+        """The error that stops a diverged run: the first bad step, its values, the last good checkpoint."""
+        step, values = self.trainer.first_non_finite()
+        where = f"at step {step} ({values})" if step >= 0 else "on another rank"
+        last = f"the last good checkpoint is {self.last}" if self.last else "no checkpoint was written yet"
+        return Diverged(f"training diverged: a loss term or the gradient norm became NaN or infinite {where}; "
+                        f"nothing non-finite was written and {last}: resume from it with a lower --lr or --grad_clip.")

@@ -140,13 +140,14 @@ class ShuffledBatches:
 
     Epoch-wise permutations without replacement; a batch that crosses an epoch boundary continues in
     the next permutation, so every batch has `batch_size` images. All randomness comes from one CPU
-    generator seeded with `seed + rank` (each DDP rank its own stream), stored in `state_dict()`.
+    generator seeded with `seed`, stored in `state_dict()`; under torchrun every rank draws the same
+    global batch and trains on its own block of it (see `distributed.py`).
     """
 
-    def __init__(self, images: Tensor, batch_size: int, seed: int = 0, rank: int = 0):
+    def __init__(self, images: Tensor, batch_size: int, seed: int = 0):
         self.images = images
         self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.generator = torch.Generator().manual_seed(seed)
         self.order = torch.randperm(len(images), generator=self.generator)
         self.position = 0
 
@@ -238,7 +239,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def load_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    """Load a state dict strictly after stripping `module.`/`_orig_mod.` prefixes; say what differs."""
+    """Load a state dict strictly after stripping `module.`/`_orig_mod.` prefixes; say what differs.
+    Non-finite weights (a diverged run) are refused."""
     state_dict = strip_state_dict_prefixes(state_dict)
     own = net.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -254,6 +256,12 @@ def load_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoi
             k = wrong[0]
             parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)})")
         raise CheckpointError(f"{source} does not fit this UNet: {'; '.join(parts)}.")
+    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise CheckpointError(
+            f"{source} holds NaN or infinite weights ({len(non_finite)} tensors, e.g. {non_finite[0]}): the run "
+            f"that wrote it had diverged; use an earlier checkpoint."
+        )
     net.load_state_dict(state_dict, strict=True)
 
 
@@ -401,12 +409,19 @@ class RunPaths:
     def checkpoint(self, step: int) -> Path:
         return self.run_dir / f"{self.file_prefix}_weights_step_{step}.pt"
 
-    def existing_checkpoints(self) -> list[Path]:
-        return sorted(self.run_dir.glob(f"{self.file_prefix}_weights_step_*.pt"))
+    def checkpoints_by_step(self) -> list[Path]:
+        """This run's checkpoints, oldest first by step number (not by file name: step_100000 sorts
+        before step_20000 as text)."""
+        prefix = f"{self.file_prefix}_weights_step_"
+        found = [(int(p.name[len(prefix):-3]), p) for p in self.run_dir.glob(f"{prefix}*.pt")
+                 if p.name[len(prefix):-3].isdigit()]
+        return [p for _, p in sorted(found)]
 
     def grid(self, kind: str, step: int) -> Path:
         return self.run_dir / f"{kind}_generated_FM_images_step_{step}.png"
 
     @property
     def metrics(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        """`{file_prefix}_metrics.jsonl`: one history per run name, so runs that share a folder (anchor
+        runs with different --lambda_name) never touch each other's."""
+        return self.run_dir / f"{self.file_prefix}_metrics.jsonl"

@@ -239,3 +239,19 @@ def test_si_target_closed_form():
     c, sn = math.sqrt(3) / 2, 0.5
     torch.testing.assert_close(s.xt, c * x0 + sn * x1, rtol=0, atol=1e-12)
     torch.testing.assert_close(s.ut, math.pi / 2 * (c * x1 - sn * x0), rtol=0, atol=1e-12)
+
+
+def test_ot_blocks_pair_each_block_within_itself():
+    """--ot_scope=local: with 2 blocks, each half is re-paired by its own optimal permutation (as
+    two ranks of the published DDP script would), never across the halves."""
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
+    sample = make_matcher("otcfm", ot_pairing="permutation", ot_blocks=2).sample(x0, x1)
+    for half in (slice(0, 4), slice(4, 8)):
+        rows, cols = linear_sum_assignment(torch.cdist(x0[half], x1[half]).square().numpy())
+        expected = x0[half][rows[np.argsort(cols)]]  # the noise matched to each data row, in data order
+        assert torch.equal(sample.x1[half], x1[half]) and torch.equal(sample.x0[half], expected)
+    whole = make_matcher("otcfm", ot_pairing="permutation").sample(x0, x1)
+    assert not torch.equal(whole.x0, sample.x0)  # one block over 8 pairs across the halves
+    with pytest.raises(ValueError, match="does not split into 3 OT blocks"):
+        make_matcher("otcfm", ot_blocks=3).sample(x0, x1)

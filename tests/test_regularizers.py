@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import training
+from distributed import World
 from flow_matching import FM, ICFM, SI, make_matcher, pad_t_like_x
 from regularizers import AnchorRegularizer, LocalRegularizer
 from unet import UNetModel
@@ -397,20 +398,19 @@ def test_otcfm_step_computes_the_published_formulas_on_the_batch_as_drawn(kind, 
     ema = UNetModel(**TINY_UNET).double().eval()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    flags_ = type("Flags", (), {"grad_clip": 1.0, "ema_decay": 0.99})
-    trainer = training.Trainer(net, ema, optimizer, scheduler, matcher, FixedBatch(x1, cluster), flags_, reg)
+    flags_ = type("Flags", (), {"grad_clip": 1.0, "ema_decay": 0.99, "batch_size": 8, "seed": 7})
+    world = World(rank=0, size=1, device=torch.device("cpu"))
+    trainer = training.Trainer(net, ema, optimizer, scheduler, matcher, FixedBatch(x1, cluster), flags_, world, reg)
 
     seen = []
     extra_inputs = reg.extra_inputs
-    reg.extra_inputs = lambda *args: seen.append(args) or extra_inputs(*args)
-    torch.manual_seed(7)
-    state = torch.get_rng_state()
+    reg.extra_inputs = lambda *args, **kwargs: seen.append(args) or extra_inputs(*args, **kwargs)
     logged = trainer.step(0, with_metrics=True)[f"{reg.name}_loss"]
 
     # Replay the step's draws up to the regularizer, then evaluate the published formula.
     reference = UNetModel(**TINY_UNET).double().eval()
     reference.load_state_dict(before)
-    torch.set_rng_state(state)
+    torch.manual_seed(7)  # the step's draws all come from its generator, seeded with --seed
     x0 = torch.randn_like(x1)
     sample = matcher.sample(x0, x1)
     assert len({tuple(r.flatten().tolist()) for r in sample.x1}) < 8  # re-pairing repeated images

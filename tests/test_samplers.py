@@ -196,15 +196,15 @@ def assert_same_stream(a, b):
         assert torch.equal(xa, xb) and torch.equal(ia, ib)
 
 
-def test_same_seed_same_stream_other_rank_other_stream(data, fitted):
+def test_same_seed_same_stream_other_seed_other_stream(data, fitted):
     images, labels, _ = data
-    make = lambda rank: ClassConditionedSampler(  # noqa: E731
-        images, labels, batch_size=8, num_subclasses=2, seed=5, rank=rank, assignment=fitted
+    make = lambda seed: ClassConditionedSampler(  # noqa: E731
+        images, labels, batch_size=8, num_subclasses=2, seed=seed, assignment=fitted
     )
-    assert_same_stream(batches(make(0), 25), batches(make(0), 25))
-    ids0 = [int(i[0]) for _, i in batches(make(0), 25)]
-    ids1 = [int(i[0]) for _, i in batches(make(1), 25)]
-    assert ids0 != ids1
+    assert_same_stream(batches(make(5), 25), batches(make(5), 25))
+    ids5 = [int(i[0]) for _, i in batches(make(5), 25)]
+    ids6 = [int(i[0]) for _, i in batches(make(6), 25)]
+    assert ids5 != ids6
 
 
 def test_state_dict_round_trip_continues_exactly(data, fitted):
@@ -222,9 +222,9 @@ def test_state_dict_round_trip_continues_exactly(data, fitted):
     resumed.load_state_dict(state)
     assert_same_stream(batches(resumed, 40), expected)
 
-    other_rank = ClassConditionedSampler(images, labels, assignment=fitted, rank=1, **kwargs)
-    with pytest.raises(ValueError, match="rank"):
-        other_rank.load_state_dict(state)
+    other_batch = ClassConditionedSampler(images, labels, assignment=fitted, **{**kwargs, "batch_size": 6})
+    with pytest.raises(ValueError, match="batch_size"):
+        other_batch.load_state_dict(state)
     shuffled = fitted.clone()
     shuffled[[0, 1]] = shuffled[[1, 0]]  # images 0 and 1: class 0, other sub-clusters
     with pytest.raises(ValueError, match="assignment"):

@@ -1,6 +1,7 @@
 """The three training scripts run their published commands and resume exactly (N == N/2 + N/2)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def tiny(data_dir, out, *extra):
 
 
 def records(path):
-    """The metric lines of a metrics.jsonl (not its start lines, which record provenance)."""
+    """The metric lines of a metrics file (not its start lines, which record provenance)."""
     return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("event") != "start"]
 
 
@@ -70,8 +71,8 @@ def test_published_command_runs_and_resumes_exactly(kind, fake_cifar, tmp_path):
 
     # The resumed history equals the uninterrupted one: the 'crashed' run's step-4 line was dropped
     # and logged again with the same values.
-    full = records(tmp_path / f"full/{run_dir}/metrics.jsonl")
-    resumed = records(tmp_path / f"part/{run_dir}/metrics.jsonl")
+    full = records(tmp_path / f"full/{run_dir}/{prefix}_metrics.jsonl")
+    resumed = records(tmp_path / f"part/{run_dir}/{prefix}_metrics.jsonl")
     assert [r["step"] for r in full] == [r["step"] for r in resumed] == [0, 2, 4, 5]
     for x, y in zip(full, resumed):
         assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
@@ -101,7 +102,7 @@ def test_a_regularizer_can_start_from_a_plain_checkpoint(fake_cifar, tmp_path):
     assert "restarts from --seed" in result.stderr
     ckpt = torch.load(tmp_path / f"{run_dir}/{prefix}_weights_step_3.pt", weights_only=True)
     assert ckpt["optim"]["state"][0]["step"].item() == 4  # 3 updates before the checkpoint, 1 after
-    assignment = ckpt["rank_states"][0]["batches"]["assignment"]
+    assignment = ckpt["streams"]["batches"]["assignment"]
     assert torch.equal(assignment // 2, torch.as_tensor(labels))  # the clusters it trained on are stored
 
 
@@ -114,27 +115,82 @@ def test_bad_anchor_loss_type_is_a_clear_error(fake_cifar, tmp_path):
     assert not (tmp_path / "otcfm_anchor_fancy").exists()
 
 
-def test_torchrun_two_processes_train_and_resume_exactly(fake_cifar, tmp_path):
-    """The published DDP command under torchrun (2 CPU processes, gloo): every rank computes, rank 0
-    writes, each rank's streams are checkpointed, and a 2-process resume matches the straight run."""
-    data_dir, _, _ = fake_cifar
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
-    published = ("--model=otcfm --lr=2e-4 --ema_decay=0.9999 --batch_size=128 --total_steps=400001 "
+# ---------------------------------------------------------------- world-size invariance (torchrun)
+
+DDP_PUBLISHED = ("--model=otcfm --lr=2e-4 --ema_decay=0.9999 --batch_size=128 --total_steps=400001 "
                  "--save_step=20000 --parallel=True --master_addr=MASTER_ADDR --master_port=MASTER_PORT").split()
 
-    def run(out, *extra):
-        args = [*torchrun, "train_cifar10_ddp.py", *published, *tiny(data_dir, out, "--batch_size=8", *extra),
-                "--undefok=centroid_update_freq,centroid_samples"]
-        result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
 
-    run(tmp_path / "full", "--total_steps=4", "--save_step=2")
-    run(tmp_path / "part", "--total_steps=3", "--save_step=2")
-    run(tmp_path / "part", "--total_steps=4", "--save_step=2",
-        f"--checkpoint_path={tmp_path}/part/otcfm/otcfm_cifar10_weights_step_2.pt")
-    a = torch.load(tmp_path / "full/otcfm/otcfm_cifar10_weights_step_3.pt", weights_only=True)
-    b = torch.load(tmp_path / "part/otcfm/otcfm_cifar10_weights_step_3.pt", weights_only=True)
-    assert all(torch.equal(a["net_model"][k], b["net_model"][k]) for k in a["net_model"])
-    states = a["rank_states"]
-    assert len(states) == 2 and not torch.equal(states[0]["batches"]["order"], states[1]["batches"]["order"])
-    assert a["flags"]["batch_size"] == 8  # global: 4 per rank
+def train_on(procs, script, published, out, data_dir, *extra):
+    """Run `script` with its `published` flags on `procs` processes (torchrun with gloo when > 1),
+    global batch 8, no dropout."""
+    launcher = [sys.executable]
+    if procs > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={procs}"]
+    args = [*launcher, script, *published, *tiny(data_dir, out, "--batch_size=8", "--dropout=0", *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def world_runs(fake_cifar, tmp_path_factory):
+    """The same runs on 1 and on 2 processes: otcfm (plus a 1-process resume of the 2-process
+    checkpoint), icfm and the anchor script. Returns {name: net weights at the last step}."""
+    data_dir, _, _ = fake_cifar
+    root = tmp_path_factory.mktemp("world")
+    plain = [*DDP_PUBLISHED, "--undefok=centroid_update_freq,centroid_samples"]
+    anchor = PUBLISHED["anchor"][3].split()
+    runs = {
+        "otcfm": ("train_cifar10_ddp.py", plain, ["--total_steps=4", "--save_step=2"], "otcfm/otcfm_cifar10_weights_step_3.pt"),
+        "icfm": ("train_cifar10_ddp.py", plain, ["--model=icfm", "--total_steps=3"], "icfm/icfm_cifar10_weights_step_2.pt"),
+        "anchor": ("train_cifar10_anchor.py", anchor, ["--total_steps=3"],
+                   "otcfm_anchor_full/otcfm_cifar10_anchor_1e0_weights_step_2.pt"),
+    }
+    weights = {}
+    for name, (script, published, args, ckpt) in runs.items():
+        for procs in (1, 2):
+            out = root / f"{name}{procs}"
+            train_on(procs, script, published, out, data_dir, *args)
+            weights[f"{name}{procs}"] = torch.load(out / ckpt, weights_only=True)
+    # A 2-process checkpoint resumed on 1 process (the streams are shared, so any world size fits).
+    resumed = root / "otcfm2"
+    ckpt2 = resumed / "otcfm/otcfm_cifar10_weights_step_2.pt"
+    (resumed / "otcfm/otcfm_cifar10_weights_step_3.pt").unlink()
+    train_on(1, "train_cifar10_ddp.py", plain, resumed, data_dir, *runs["otcfm"][2], f"--checkpoint_path={ckpt2}")
+    weights["otcfm2->1"] = torch.load(resumed / runs["otcfm"][3], weights_only=True)
+    return weights
+
+
+def relative_difference(a, b):
+    """max |w_a - w_b| / max |w_a| over all tensors of two state dicts."""
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    scale = max(a[k].abs().max().item() for k in a)
+    return diff / scale
+
+
+@pytest.mark.parametrize("name", ["otcfm", "icfm", "anchor"])
+def test_two_processes_train_what_one_process_trains(world_runs, name):
+    one, two = world_runs[f"{name}1"], world_runs[f"{name}2"]
+    assert relative_difference(one["net_model"], two["net_model"]) <= 1e-5
+    assert relative_difference(one["ema_model"], two["ema_model"]) <= 1e-5
+    # not vacuous: the step changed the weights by far more than the tolerance
+    assert one["optim"]["state"][0]["step"].item() > 1
+    assert len(two["rank_states"]) == 2 and "streams" in two
+    assert two["flags"]["batch_size"] == 8  # global: 4 rows per rank
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one(world_runs):
+    assert relative_difference(world_runs["otcfm1"]["net_model"], world_runs["otcfm2->1"]["net_model"]) <= 1e-5
+
+
+def test_local_ot_scope_pairs_within_each_rank(fake_cifar, tmp_path):
+    """--ot_scope=local (the published per-rank pairing) trains something else on 2 processes."""
+    data_dir, _, _ = fake_cifar
+    published = [*DDP_PUBLISHED, "--undefok=centroid_update_freq,centroid_samples"]
+    train_on(2, "train_cifar10_ddp.py", published, tmp_path / "global", data_dir, "--total_steps=2")
+    train_on(2, "train_cifar10_ddp.py", published, tmp_path / "local", data_dir, "--total_steps=2", "--ot_scope=local")
+    ckpt = "otcfm/otcfm_cifar10_weights_step_1.pt"
+    a, b = (torch.load(tmp_path / run / ckpt, weights_only=True)["net_model"] for run in ("global", "local"))
+    assert relative_difference(a, b) > 1e-4

@@ -103,7 +103,7 @@ def test_script_runs_the_published_command_end_to_end(fake_cifar, tmp_path):
     for kind in ("normal", "ema"):
         with Image.open(run_dir / f"{kind}_generated_FM_images_step_4.png") as img:
             assert img.size == (2 + 4 * 34, 2 + 34)  # 4 images of 32 px in one row, 2 px padding
-    start, *records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    start, *records = [json.loads(line) for line in (run_dir / "otcfm_cifar10_metrics.jsonl").read_text().splitlines()]
     assert start["event"] == "start" and start["provenance"]["packages"]["torch"] == torch.__version__
     assert [r["step"] for r in records] == [0, 2, 4]
     for key in ("loss_fm", "grad_norm", "vector_field_mean_norm", "lr", "step"):
@@ -158,7 +158,7 @@ def test_overwrite_flag_allows_a_fresh_run(fake_cifar, tmp_path):
     run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2"))
     run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2", "--overwrite", "--seed=1"))
     assert torch.load(tmp_path / "otcfm/otcfm_cifar10_weights_step_2.pt", weights_only=True)["flags"]["seed"] == 1
-    lines = (tmp_path / "otcfm/metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / "otcfm/otcfm_cifar10_metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 0, 2]  # start line + 2 logs: the old run's are gone
 
 
@@ -174,7 +174,7 @@ def test_fid_at_save_steps_is_logged_and_missing_files_never_crash(fake_cifar, t
     monkeypatch.setattr(fid, "cleanfid_cache_paths", lambda: {fid.INCEPTION_FILENAME: tmp_path / "none",
                                                               fid.STATS_FILENAME: tmp_path / "none"})
     run_plain(tiny_args(data_dir, tmp_path / "a", "--total_steps=3", "--save_step=2", "--fid_num_gen=4"))
-    records = (tmp_path / "a/otcfm/metrics.jsonl").read_text()
+    records = (tmp_path / "a/otcfm/otcfm_cifar10_metrics.jsonl").read_text()
     assert '"fid"' not in records and (tmp_path / "a/otcfm/otcfm_cifar10_weights_step_2.pt").is_file()
 
     # With files (a stand-in 8-feature extractor and matching statistics), FID is logged at save steps.
@@ -187,7 +187,7 @@ def test_fid_at_save_steps_is_logged_and_missing_files_never_crash(fake_cifar, t
     run_plain(tiny_args(data_dir, tmp_path / "b", "--total_steps=3", "--save_step=2", "--fid_num_gen=16",
                         "--integration_method=euler", "--integration_steps=2",
                         f"--fid_inception_path={weights}", f"--fid_stats_path={stats}"))
-    fids = [json.loads(line) for line in (tmp_path / "b/otcfm/metrics.jsonl").read_text().splitlines()
+    fids = [json.loads(line) for line in (tmp_path / "b/otcfm/otcfm_cifar10_metrics.jsonl").read_text().splitlines()
             if '"fid"' in line]
     assert [r["step"] for r in fids] == [2]
     assert fids[0]["fid_nfe"] == 2 and fids[0]["fid_num_gen"] == 16 and np.isfinite(fids[0]["fid"])
