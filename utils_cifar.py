@@ -6,6 +6,7 @@ index gather plus a flip there, with no DataLoader workers and no per-image Pyth
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -82,12 +83,49 @@ def _missing_data_message(data_dir: Path, why: str) -> str:
     )
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch is made of; any other global is refused before it runs.
+
+    A pickle can call any importable function while it loads (`os.system`, say), so a data file
+    from a mirror or a shared folder must not be read with plain `pickle.load`. A batch needs dicts,
+    lists, str/bytes and ints (pickle opcodes, no lookup) plus numpy array reconstruction: the real
+    files were written by Python 2 with numpy 1 (`numpy.core.multiarray._reconstruct`, renamed
+    `numpy._core` in numpy 2), Python 3 writes bytes in protocol 2 as `_codecs.encode(text,
+    "latin1")`, and protocol 5 arrays come back through `numeric._frombuffer`.
+    """
+
+    def find_class(self, module: str, name: str):
+        import numpy as np
+
+        core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to numpy._core
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): _latin1_encode,
+        }
+        for old_or_new in ("numpy.core", "numpy._core"):
+            allowed[f"{old_or_new}.multiarray", "_reconstruct"] = core.multiarray._reconstruct
+            allowed[f"{old_or_new}.numeric", "_frombuffer"] = core.numeric._frombuffer
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never needs")
+        return allowed[module, name]
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """`_codecs.encode` as Python 3 uses it to pickle bytes (protocol <= 2): latin1 text only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"it encodes bytes as {encoding!r}, where a pickle of bytes uses latin1")
+    return codecs.encode(text, "latin1")
+
+
 def read_cifar_batches(folder: str | os.PathLike, names=TRAIN_BATCHES) -> tuple[Tensor, Tensor]:
     """Read CIFAR python-pickle batches into `images` uint8 [N,3,32,32] and `labels` int64 [N].
 
     Each batch is a pickled dict with `data` (uint8 [n, 3072], channel-major rows) and `labels`
     (list of ints in 0..9). Validated by structure, not checksum, so a small data set written in the
-    same format (as the tests do) loads too.
+    same format (as the tests do) loads too. Batches are unpickled by `_CifarUnpickler`, which
+    refuses anything but the data types above: a malformed, truncated or hostile file is a
+    `DataError` naming it.
     """
     images, labels = [], []
     for name in names:
@@ -95,7 +133,15 @@ def read_cifar_batches(folder: str | os.PathLike, names=TRAIN_BATCHES) -> tuple[
         if not path.is_file():
             raise DataError(f"{path} is missing: re-extract {CIFAR10_ARCHIVE} into {Path(folder).parent}.")
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            try:
+                entry = _CifarUnpickler(f, encoding="latin1").load()
+            except Exception as err:  # truncated (EOFError), refused or garbled (UnpicklingError), ...
+                raise DataError(
+                    f"{path} is not a readable CIFAR-10 batch ({err or type(err).__name__}): "
+                    f"delete it and re-extract {CIFAR10_ARCHIVE}."
+                ) from err
+        if not isinstance(entry, dict):
+            raise DataError(f"{path} holds a {type(entry).__name__}, not a CIFAR-10 batch dict: re-extract {CIFAR10_ARCHIVE}.")
         data = entry.get("data")
         batch_labels = entry.get("labels")
         shape = getattr(data, "shape", None)
