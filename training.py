@@ -32,6 +32,7 @@ from absl import flags, logging
 from torch import Tensor
 from tqdm import tqdm
 
+import checks
 import utils_cifar
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
 from samplers import ClassConditionedSampler, save_cluster_grids
@@ -52,6 +53,9 @@ flags.DEFINE_list("channel_mult", [str(m) for m in PAPER_CONFIG["channel_mult"]]
 flags.DEFINE_string("attention_resolutions", PAPER_CONFIG["attention_resolutions"], "resolutions with self-attention, e.g. 16 or 16,8")
 flags.DEFINE_integer("num_head_channels", PAPER_CONFIG["num_head_channels"], "channels per attention head")
 flags.DEFINE_float("dropout", PAPER_CONFIG["dropout"], "dropout in residual blocks")
+# A malformed list is a parse error (one line, from absl), not a traceback once the data are loaded.
+flags.register_validator("channel_mult", checks.positive_ints, message="must be comma-separated positive integers")
+flags.register_validator("attention_resolutions", checks.positive_ints, message="must be comma-separated positive integers")
 # Optimisation (the published recipe).
 flags.DEFINE_float("lr", 2e-4, "Adam learning rate")
 flags.DEFINE_float("grad_clip", 1.0, "gradient norm clip")
@@ -498,6 +502,7 @@ def train(FLAGS, spec: RunSpec) -> utils_cifar.RunPaths:
     paths = utils_cifar.RunPaths(Path(FLAGS.output_dir) / spec.run_dir, spec.file_prefix)
     ckpt = utils_cifar.load_checkpoint(FLAGS.checkpoint_path) if FLAGS.checkpoint_path else None
     unet_config = resolve_unet_config(FLAGS, ckpt)
+    checks.check_training_inputs(FLAGS, paths, ckpt, unet_config, ARCH_FLAGS)  # before data and clustering
     if ckpt is None and paths.existing_checkpoints() and not FLAGS.overwrite:
         raise utils_cifar.UserError(
             f"{paths.run_dir} already holds checkpoints ({paths.existing_checkpoints()[-1].name}): "

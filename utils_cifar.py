@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from unet import PAPER_CONFIG, UNetModel, strip_state_dict_prefixes
+from unet import PAPER_CONFIG, UNetModel, check_config, strip_state_dict_prefixes
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -292,6 +292,21 @@ def _umask() -> int:
     return mask
 
 
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be created in `folder` (created on demand), or None if they can.
+
+    Judged on the folder or, while it does not exist, its nearest existing ancestor, without
+    writing anything. `os.access` also sees a read-only file system, even for root.
+    """
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call `write(f)` on a temp file `.{name}.XXXXXXXX.tmp` in the same folder, then os.replace it
     onto `path`.
@@ -353,8 +368,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    """Load a state dict strictly after stripping `module.`/`_orig_mod.` prefixes; say what differs."""
+def check_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> dict:
+    """`state_dict` without `module.`/`_orig_mod.` prefixes, if its keys and shapes are exactly `net`'s;
+    else a `CheckpointError` saying what differs. `net` may live on the meta device (no memory)."""
     state_dict = strip_state_dict_prefixes(state_dict)
     own = net.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -369,8 +385,14 @@ def load_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoi
         if wrong:
             k = wrong[0]
             parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)})")
-        raise CheckpointError(f"{source} does not fit this UNet: {'; '.join(parts)}.")
-    net.load_state_dict(state_dict, strict=True)
+        raise CheckpointError(f"{source} does not fit this UNet ({'; '.join(parts)}): build the UNet it was trained "
+                              f"with (e.g. its --num_channel).")
+    return state_dict
+
+
+def load_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """Load a state dict strictly after stripping `module.`/`_orig_mod.` prefixes; say what differs."""
+    net.load_state_dict(check_weights(net, state_dict, source), strict=True)
 
 
 def unet_config_from_checkpoint(ckpt: dict, fallback: dict | None = None) -> dict:
@@ -386,7 +408,12 @@ def build_net_from_checkpoint(
 ) -> UNetModel:
     """Rebuild the UNet a checkpoint was trained with and load its EMA (or raw) weights; eval mode."""
     key = "ema_model" if use_ema and "ema_model" in ckpt else "net_model"
-    net = UNetModel(**unet_config_from_checkpoint(ckpt, fallback_config))
+    config = unet_config_from_checkpoint(ckpt, fallback_config)
+    try:
+        check_config(config)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    net = UNetModel(**config)
     load_weights(net, ckpt[key], source=f"{source} ({key})")
     return net.to(device).eval().requires_grad_(False)
 
@@ -445,9 +472,19 @@ def resolve_device(flag: str | None) -> torch.device:
     """`--device` ("", "auto", "cpu", "cuda", "cuda:1", ...) -> a device; empty/auto = cuda if available."""
     if not flag or flag == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(flag)
+    try:
+        device = torch.device(flag)
+    except RuntimeError:  # torch's message lists every backend it knows, few of which train here
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={flag} is not a device this code runs on: pass cpu, cuda, cuda:N, mps or auto.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={flag} but no CUDA device is visible: pass --device=cpu or run on a GPU.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device={flag} but only {torch.cuda.device_count()} CUDA devices are visible: "
+                        f"pick cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={flag} but no Apple GPU is available: pass --device=cpu.")
     return device
 
 
