@@ -35,7 +35,7 @@ from tqdm import tqdm
 import checks
 import utils_cifar
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
-from samplers import ClassConditionedSampler, save_cluster_grids
+from samplers import ClassConditionedSampler, kmeans_cache_dir, save_cluster_grids
 from sampling import SOLVERS, save_sample_grid
 from unet import PAPER_CONFIG, UNetModel, normalize_config
 
@@ -288,8 +288,9 @@ def warmup_schedule(warmup: int):
 def cluster_sampler(FLAGS, data: DataContext):
     """A K-means ClassConditionedSampler over `data` (one cluster per batch).
 
-    The clustering is cached under --data_dir; a resumed run takes the assignment stored in its
-    checkpoint, so it trains on the same clusters.
+    The clustering is cached under --data_dir (elsewhere if it is read-only: see
+    `samplers.kmeans_cache_dir`); a resumed run takes the assignment stored in its checkpoint, so it
+    trains on the same clusters.
     """
     stored = (data.stored or {}).get("assignment")  # absent when the checkpoint's stream was shuffled
     num_subclasses = FLAGS.num_subclasses
@@ -303,8 +304,8 @@ def cluster_sampler(FLAGS, data: DataContext):
     with main_first(data.world):  # rank 0 clusters and caches; the other ranks read its cache
         sampler = ClassConditionedSampler(
             data.images, data.labels, data.batch_size, num_subclasses=num_subclasses, seed=data.seed,
-            rank=data.world.rank, cluster_weighting=FLAGS.cluster_weighting, cache_dir=data.data_dir,
-            assignment=stored,
+            rank=data.world.rank, cluster_weighting=FLAGS.cluster_weighting,
+            cache_dir=kmeans_cache_dir(data.data_dir), assignment=stored,
         )
     if FLAGS.visualize and data.world.is_main:
         save_cluster_grids(data.images, data.labels, sampler.assignment, num_subclasses, FLAGS.group_dir)

@@ -239,7 +239,7 @@ def test_a_failed_save_is_one_sentence_and_keeps_the_previous_checkpoint(fake_ci
     else:
         monkeypatch.setattr(os, "replace", read_only)
     with pytest.raises(SystemExit) as exit_info:
-        run_plain(tiny_args(data_dir, tmp_path, "--total_steps=5", "--save_step=2"))
+        run_plain(tiny_args(data_dir, tmp_path, "--total_steps=5", "--save_step=2", "--monitor_local=False"))
     message = str(exit_info.value.code)
     run_dir = tmp_path / "otcfm"
     assert message.startswith(f"error: cannot write {run_dir / 'otcfm_cifar10_weights_step_4.pt'} (")
@@ -267,3 +267,32 @@ def test_stale_temp_files_of_the_run_are_removed(tmp_path):
         path.write_bytes(b"x")
     assert sorted(paths.remove_stale_temp_files()) == sorted(stale)
     assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
+def test_read_only_data_dir_trains_with_the_cache_elsewhere(fake_cifar, tmp_path, monkeypatch):
+    """A shared read-only --data_dir: the K-means cache goes to $XDG_CACHE_HOME, and without any
+    writable cache folder the run trains uncached, with a warning."""
+    data_dir, _, _ = fake_cifar
+    access = os.access
+    unwritable = [str(data_dir)]
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if any(str(path).startswith(p) for p in unwritable)
+                        else access(path, mode, **kw))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = sorted(data_dir.rglob("*"))
+    run_plain(tiny_args(data_dir, tmp_path / "a", "--total_steps=1", "--save_step=0", "--visualize=False"))
+    assert len(list((tmp_path / "xdg/cifar10-flow-matching").glob("kmeans_*.pt"))) == 1
+    unwritable.append(str(tmp_path / "xdg"))
+    with pytest.warns(UserWarning, match="K-means assignment is not cached"):
+        run_plain(tiny_args(data_dir, tmp_path / "b", "--total_steps=1", "--save_step=0", "--visualize=False"))
+    assert sorted(data_dir.rglob("*")) == before
+    assert (tmp_path / "b/otcfm/metrics.jsonl").is_file()
+
+
+def test_monitor_local_false_skips_clustering(fake_cifar, tmp_path, monkeypatch):
+    import samplers
+
+    data_dir, _, _ = fake_cifar
+    monkeypatch.setattr(samplers, "cluster_assignments", lambda *a, **k: pytest.fail("clustered"))
+    run_plain(tiny_args(data_dir, tmp_path, "--total_steps=1", "--save_step=0", "--monitor_local=False"))
+    (record,) = [json.loads(line) for line in (tmp_path / "otcfm/metrics.jsonl").read_text().splitlines()][1:]
+    assert "loss_fm" in record and "local_loss" not in record
