@@ -54,8 +54,8 @@ flags.DEFINE_string("attention_resolutions", PAPER_CONFIG["attention_resolutions
 flags.DEFINE_integer("num_head_channels", PAPER_CONFIG["num_head_channels"], "channels per attention head")
 flags.DEFINE_float("dropout", PAPER_CONFIG["dropout"], "dropout in residual blocks")
 # A malformed list is a parse error (one line, from absl), not a traceback once the data are loaded.
-flags.register_validator("channel_mult", checks.positive_ints, message="must be comma-separated positive integers")
-flags.register_validator("attention_resolutions", checks.positive_ints, message="must be comma-separated positive integers")
+for _flag in ("channel_mult", "attention_resolutions"):
+    flags.register_validator(_flag, checks.positive_ints, message="must be comma-separated positive integers")
 # Optimisation (the published recipe).
 flags.DEFINE_float("lr", 2e-4, "Adam learning rate")
 flags.DEFINE_float("grad_clip", 1.0, "gradient norm clip")

@@ -143,7 +143,9 @@ def read_cifar_batches(folder: str | os.PathLike, names=TRAIN_BATCHES) -> tuple[
                     f"delete it and re-extract {CIFAR10_ARCHIVE}."
                 ) from err
         if not isinstance(entry, dict):
-            raise DataError(f"{path} holds a {type(entry).__name__}, not a CIFAR-10 batch dict: re-extract {CIFAR10_ARCHIVE}.")
+            raise DataError(
+                f"{path} holds a {type(entry).__name__}, not a CIFAR-10 batch dict: re-extract {CIFAR10_ARCHIVE}."
+            )
         data = entry.get("data")
         batch_labels = entry.get("labels")
         shape = getattr(data, "shape", None)

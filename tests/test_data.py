@@ -145,7 +145,9 @@ def python2_batch(data: np.ndarray, labels: list[int]) -> bytes:
         return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
 
     def integer(i: int) -> bytes:  # BININT1, BININT2 or BININT
-        return b"K" + bytes([i]) if 0 <= i < 256 else b"M" + struct.pack("<H", i) if 0 <= i < 65536 else b"J" + struct.pack("<i", i)
+        if 0 <= i < 256:
+            return b"K" + bytes([i])
+        return b"M" + struct.pack("<H", i) if 0 <= i < 65536 else b"J" + struct.pack("<i", i)
 
     n, width = data.shape
     array = (

@@ -202,6 +202,7 @@ def test_stripped_wrapped_state_dict_loads_strictly():
     (dict(attention_resolutions="8,4"), "attention_resolutions=8,4 asks for attention at 4x4, .* pick among 16,8"),
     (dict(channel_mult=(1,) * 6), "channel_mult=1,1,1,1,1,1 has 6 levels"),
     (dict(num_heads=3), "num_heads=3 does not split"),
+    (dict(num_heads=48), "num_heads=48 does not split"),  # not silently 64 heads of 1 channel
     (dict(num_channels=48), "num_channels=48 is not a positive multiple of 32"),
     (dict(dropout=1.5), "dropout=1.5 is not a probability"),
 ])

@@ -100,10 +100,9 @@ class ResBlock(nn.Module):
 def attention_heads(ch, num_heads, num_head_channels):
     """Heads of an attention block over ``ch`` channels: ``ch // num_head_channels``, or
     ``num_heads`` when num_head_channels is -1; None when the heads do not split ``ch`` evenly."""
-    width = num_head_channels if num_head_channels != -1 else ch // num_heads if num_heads > 0 else 0
-    if width <= 0 or ch % width:
-        return None
-    return ch // width
+    if num_head_channels == -1:
+        return num_heads if num_heads > 0 and ch % num_heads == 0 else None
+    return ch // num_head_channels if num_head_channels > 0 and ch % num_head_channels == 0 else None
 
 
 class AttentionBlock(nn.Module):
@@ -207,7 +206,8 @@ def check_config(config, names=None):
 
     size, C, mults = config["dim"][-1], config["num_channels"], config["channel_mult"]
     if C <= 0 or C % 32:
-        raise ValueError(f"{show('num_channels')} is not a positive multiple of 32 (GroupNorm's groups): pick 32, 64, 128, ...")
+        raise ValueError(f"{show('num_channels')} is not a positive multiple of 32 (GroupNorm's groups): "
+                         f"pick 32, 64, 128, ...")
     if not mults or min(mults) <= 0:
         raise ValueError(f"{show('channel_mult')} needs one or more positive multipliers, e.g. 1,2,2,2.")
     halvings = (size & -size).bit_length() - 1  # times `size` pixels halve evenly
@@ -224,8 +224,8 @@ def check_config(config, names=None):
     widths = {mults[levels.index(r)] * C for r in resolutions} | {mults[-1] * C}
     if any(attention_heads(ch, config["num_heads"], config["num_head_channels"]) is None for ch in widths):
         arg = "num_head_channels" if config["num_head_channels"] != -1 else "num_heads"
-        raise ValueError(f"{show(arg)} does not split the attention blocks' channels ({','.join(map(str, sorted(widths)))}) "
-                         f"into equal heads: pick a divisor of {math.gcd(*widths)}.")
+        raise ValueError(f"{show(arg)} does not split the attention blocks' channels "
+                         f"({','.join(map(str, sorted(widths)))}) into equal heads: pick a divisor of {math.gcd(*widths)}.")
     if not 0.0 <= config["dropout"] <= 1.0:
         raise ValueError(f"{show('dropout')} is not a probability: pick a value in [0, 1].")
 
