@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from utils_cifar import atomic_save, to_model_range
+from utils_cifar import SaveError, atomic_save, to_model_range, unwritable_reason
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NUM_CLASSES = len(CIFAR10_CLASSES)
@@ -84,6 +84,24 @@ def cache_path(cache_dir: str | os.PathLike, digest: str, num_subclasses: int, s
     return Path(cache_dir) / f"kmeans_{digest}_k{num_subclasses}_seed{seed}_{algorithm}_v{CACHE_VERSION}.pt"
 
 
+def kmeans_cache_dir(data_dir: str | os.PathLike) -> Path | None:
+    """Where the training scripts cache K-means assignments: `data_dir` (next to the data), else
+    `$XDG_CACHE_HOME/cifar10-flow-matching` (default `~/.cache/...`), else None (no cache, with a
+    warning). A shared data folder is often read-only; the cache must never cost the run.
+    """
+    fallback = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar10-flow-matching"
+    reasons = []
+    for folder in (Path(data_dir), fallback):
+        reason = unwritable_reason(folder)
+        if reason is None:
+            if reasons:
+                log.warning("K-means cache in %s (%s).", folder, reasons[0])
+            return folder
+        reasons.append(reason)
+    warnings.warn(f"the K-means assignment is not cached ({'; '.join(reasons)}): it is recomputed at every start.")
+    return None
+
+
 def cluster_assignments(
     images: Tensor,
     labels: Tensor,
@@ -100,7 +118,8 @@ def cluster_assignments(
         num_subclasses: K-means clusters per class (1: the cluster is the class, no K-means).
         seed: K-means `random_state`; the same data and seed give the same clusters.
         cache_dir: if given, the assignment is read from / written to
-            `{cache_dir}/kmeans_{data digest}_k{K}_seed{seed}_{algorithm}_v{version}.pt` (atomic write).
+            `{cache_dir}/kmeans_{data digest}_k{K}_seed{seed}_{algorithm}_v{version}.pt` (atomic write; a
+            write that fails, say on a full disk, is a warning).
         algorithm: "minibatch" (the published MiniBatchKMeans) or "lloyd" (exact K-means); see
             :data:`CLUSTER_ALGORITHMS`. Both run on the un-flipped pixels.
 
@@ -124,8 +143,12 @@ def cluster_assignments(
             log.info("cluster assignment read from %s", path)
             return assignment
     assignment = _kmeans_assignments(images, labels, num_subclasses, seed, algorithm)
-    atomic_save(assignment, path)
-    log.info("cluster assignment written to %s", path)
+    try:
+        atomic_save(assignment, path)
+    except SaveError as err:  # a cache is an optimisation: a full or read-only disk must not stop the run
+        warnings.warn(f"the K-means assignment is not cached: cannot write {err.path} ({err.reason}).")
+    else:
+        log.info("cluster assignment written to %s", path)
     return assignment
 
 

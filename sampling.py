@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from utils_cifar import to_uint8
+from utils_cifar import to_uint8, writing
 
 SOLVERS = ("dopri5", "euler", "midpoint", "heun", "rk4")
 
@@ -239,11 +239,13 @@ def save_sample_grid(
     Samples are clipped to [-1, 1] and mapped to [0, 1] (x / 2 + 0.5), then written by
     ``torchvision.utils.save_image(..., nrow=8)``. Neither torch's global RNG nor the net's
     train/eval mode is changed, so a training run continues exactly as if no grid had been drawn.
+    A failed write is a `utils_cifar.SaveError`.
     """
     from torchvision.utils import save_image
 
     x1 = torch.cat([x for x, _ in sample_batches(net, num, num, method, steps, tol, seed)])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(x1.clip(-1, 1).cpu() / 2 + 0.5, path, nrow=nrow)
+    with writing(path):  # a full disk or read-only folder: one sentence (SaveError)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(x1.clip(-1, 1).cpu() / 2 + 0.5, path, nrow=nrow)
     return path

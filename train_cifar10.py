@@ -4,10 +4,11 @@
         --total_steps=400001 --save_step=20000 --num_subclasses=25 --visualize=True
 
 Training batches are shuffled across classes. On log steps the local loss of one same-cluster
-batch is computed under no_grad and logged as `local_loss` (monitoring only: it never trains).
+batch is computed under no_grad and logged as `local_loss` (monitoring only: it never trains);
+--monitor_local=False skips it, and with it the K-means clustering it needs.
 Writes {output_dir}/{model}/{model}_cifar10_weights_step_{step}.pt, sample grids and
 {model}_cifar10_metrics.jsonl.
-Every flag is shared with the other training scripts and defined in training.py.
+Every other flag is shared with the other training scripts and defined in training.py.
 """
 
 from absl import app, flags
@@ -15,18 +16,21 @@ from absl import app, flags
 import training
 from regularizers import LocalRegularizer
 
+flags.DEFINE_bool("monitor_local", True, "log the local loss of a same-cluster batch on log steps (needs the "
+                  "K-means clusters; False skips the clustering)")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
+
+    def monitor(data):
+        return training.cluster_sampler(FLAGS, data), LocalRegularizer(weight=0.0, sigma=FLAGS.sigma)
+
     spec = training.RunSpec(
         run_dir=FLAGS.model,
         file_prefix=f"{FLAGS.model}_cifar10",
-        make_monitor=lambda data: (
-            training.cluster_sampler(FLAGS, data),
-            LocalRegularizer(weight=0.0, sigma=FLAGS.sigma),
-        ),
+        make_monitor=monitor if FLAGS.monitor_local else None,
     )
     training.run(FLAGS, spec)
 

@@ -32,11 +32,12 @@ from absl import flags, logging
 from torch import Tensor
 from tqdm import tqdm
 
+import checks
 import utils_cifar
 from distributed import (StopRequest, World, barrier, broadcast_from_main, gather_to_main, init_world, main_first,
                          mean_over_ranks, own_rows)
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
-from samplers import CLUSTER_ALGORITHMS, ClassConditionedSampler, save_cluster_grids
+from samplers import CLUSTER_ALGORITHMS, ClassConditionedSampler, kmeans_cache_dir, save_cluster_grids
 from sampling import SOLVERS, save_sample_grid
 from run_lock import RunLock, RunLocked
 from unet import PAPER_CONFIG, UNetModel, normalize_config
@@ -55,6 +56,9 @@ flags.DEFINE_list("channel_mult", [str(m) for m in PAPER_CONFIG["channel_mult"]]
 flags.DEFINE_string("attention_resolutions", PAPER_CONFIG["attention_resolutions"], "resolutions with self-attention, e.g. 16 or 16,8")
 flags.DEFINE_integer("num_head_channels", PAPER_CONFIG["num_head_channels"], "channels per attention head")
 flags.DEFINE_float("dropout", PAPER_CONFIG["dropout"], "dropout in residual blocks")
+# A malformed list is a parse error (one line, from absl), not a traceback once the data are loaded.
+for _flag in ("channel_mult", "attention_resolutions"):
+    flags.register_validator(_flag, checks.positive_ints, message="must be comma-separated positive integers")
 # Optimisation (the published recipe).
 flags.DEFINE_float("lr", 2e-4, "Adam learning rate")
 flags.DEFINE_float("grad_clip", 1.0, "gradient norm clip")
@@ -242,8 +246,9 @@ def warmup_schedule(warmup: int):
 def cluster_sampler(FLAGS, data: DataContext):
     """A K-means ClassConditionedSampler over `data` (one cluster per batch).
 
-    The clustering is cached under --data_dir; a resumed run takes the assignment stored in its
-    checkpoint, so it trains on the same clusters.
+    The clustering is cached under --data_dir (elsewhere if it is read-only: see
+    `samplers.kmeans_cache_dir`); a resumed run takes the assignment stored in its checkpoint, so it
+    trains on the same clusters.
     """
     stored = (data.stored or {}).get("assignment")  # absent when the checkpoint's stream was shuffled
     num_subclasses = FLAGS.num_subclasses
@@ -257,7 +262,7 @@ def cluster_sampler(FLAGS, data: DataContext):
     with main_first(data.world):  # rank 0 clusters and caches; the other ranks read its cache
         sampler = ClassConditionedSampler(
             data.images, data.labels, data.batch_size, num_subclasses=num_subclasses, seed=data.seed,
-            cluster_weighting=FLAGS.cluster_weighting, cache_dir=data.data_dir,
+            cluster_weighting=FLAGS.cluster_weighting, cache_dir=kmeans_cache_dir(data.data_dir),
             assignment=stored, cluster_seed=FLAGS.cluster_seed, algorithm=FLAGS.cluster_algorithm,
         )
     if FLAGS.visualize and data.world.is_main:
@@ -547,6 +552,7 @@ def train(FLAGS, spec: RunSpec) -> Outcome:
     matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing,
                            ot_blocks=world.size if FLAGS.ot_scope == "local" else 1)
     paths = utils_cifar.RunPaths(Path(FLAGS.output_dir) / spec.run_dir, spec.file_prefix)
+    checks.check_output_dir(FLAGS, paths)
     lock = RunLock(paths.run_dir, spec.file_prefix)
     refusal = None
     if world.is_main:  # rank 0 decides; every rank stops if it refuses
@@ -554,6 +560,8 @@ def train(FLAGS, spec: RunSpec) -> Outcome:
             lock.acquire()
         except RunLocked as err:
             refusal = str(err)
+        else:  # a run killed mid-save left temp files; with the lock held, none of them is live
+            paths.remove_stale_temp_files()
     refusal = broadcast_from_main(refusal, world)
     if refusal is not None:
         raise RunLocked(refusal)
@@ -568,6 +576,7 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar
     checkpoint_path = find_resume_checkpoint(FLAGS, paths)
     ckpt = utils_cifar.load_checkpoint(checkpoint_path) if checkpoint_path else None
     unet_config = resolve_unet_config(FLAGS, ckpt)
+    checks.check_training_inputs(FLAGS, ckpt, checkpoint_path, unet_config, ARCH_FLAGS)  # before data and clustering
     if ckpt is None and paths.checkpoints_by_step() and not FLAGS.overwrite:
         raise utils_cifar.UserError(
             f"{paths.run_dir} already holds checkpoints ({paths.checkpoints_by_step()[-1].name}): "

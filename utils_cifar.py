@@ -6,6 +6,9 @@ index gather plus a flip there, with no DataLoader workers and no per-image Pyth
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import glob
 import json
 import math
 import os
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from unet import PAPER_CONFIG, UNetModel, strip_state_dict_prefixes
+from unet import PAPER_CONFIG, UNetModel, check_config, strip_state_dict_prefixes
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -82,12 +85,49 @@ def _missing_data_message(data_dir: Path, why: str) -> str:
     )
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch is made of; any other global is refused before it runs.
+
+    A pickle can call any importable function while it loads (`os.system`, say), so a data file
+    from a mirror or a shared folder must not be read with plain `pickle.load`. A batch needs dicts,
+    lists, str/bytes and ints (pickle opcodes, no lookup) plus numpy array reconstruction: the real
+    files were written by Python 2 with numpy 1 (`numpy.core.multiarray._reconstruct`, renamed
+    `numpy._core` in numpy 2), Python 3 writes bytes in protocol 2 as `_codecs.encode(text,
+    "latin1")`, and protocol 5 arrays come back through `numeric._frombuffer`.
+    """
+
+    def find_class(self, module: str, name: str):
+        import numpy as np
+
+        core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to numpy._core
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): _latin1_encode,
+        }
+        for old_or_new in ("numpy.core", "numpy._core"):
+            allowed[f"{old_or_new}.multiarray", "_reconstruct"] = core.multiarray._reconstruct
+            allowed[f"{old_or_new}.numeric", "_frombuffer"] = core.numeric._frombuffer
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never needs")
+        return allowed[module, name]
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """`_codecs.encode` as Python 3 uses it to pickle bytes (protocol <= 2): latin1 text only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"it encodes bytes as {encoding!r}, where a pickle of bytes uses latin1")
+    return codecs.encode(text, "latin1")
+
+
 def read_cifar_batches(folder: str | os.PathLike, names=TRAIN_BATCHES) -> tuple[Tensor, Tensor]:
     """Read CIFAR python-pickle batches into `images` uint8 [N,3,32,32] and `labels` int64 [N].
 
     Each batch is a pickled dict with `data` (uint8 [n, 3072], channel-major rows) and `labels`
     (list of ints in 0..9). Validated by structure, not checksum, so a small data set written in the
-    same format (as the tests do) loads too.
+    same format (as the tests do) loads too. Batches are unpickled by `_CifarUnpickler`, which
+    refuses anything but the data types above: a malformed, truncated or hostile file is a
+    `DataError` naming it.
     """
     images, labels = [], []
     for name in names:
@@ -95,7 +135,17 @@ def read_cifar_batches(folder: str | os.PathLike, names=TRAIN_BATCHES) -> tuple[
         if not path.is_file():
             raise DataError(f"{path} is missing: re-extract {CIFAR10_ARCHIVE} into {Path(folder).parent}.")
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            try:
+                entry = _CifarUnpickler(f, encoding="latin1").load()
+            except Exception as err:  # truncated (EOFError), refused or garbled (UnpicklingError), ...
+                raise DataError(
+                    f"{path} is not a readable CIFAR-10 batch ({err or type(err).__name__}): "
+                    f"delete it and re-extract {CIFAR10_ARCHIVE}."
+                ) from err
+        if not isinstance(entry, dict):
+            raise DataError(
+                f"{path} holds a {type(entry).__name__}, not a CIFAR-10 batch dict: re-extract {CIFAR10_ARCHIVE}."
+            )
         data = entry.get("data")
         batch_labels = entry.get("labels")
         shape = getattr(data, "shape", None)
@@ -199,29 +249,112 @@ class CheckpointError(UserError):
     """A checkpoint a user pointed at that cannot be used; the message names the fix."""
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call `write(f)` on a temp file in the same folder, then os.replace it onto `path`.
+class SaveError(UserError):
+    """A file could not be written (disk full, read-only folder, permissions): `path`, and the
+    operating system's `reason` (e.g. "No space left on device")."""
 
-    A crash or error midway leaves the previous file (if any) intact and no temp file behind.
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"cannot write {path} ({reason}): free disk space or make its folder writable, and run again.")
+        self.path, self.reason = Path(path), reason
+
+
+def os_error_in(err: BaseException) -> OSError | None:
+    """The OSError that caused `err`, if any: `err` itself or one it was raised from or while
+    handling (torch.save, say, reports a failed write as a RuntimeError raised from it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """Turn a failed write of `path` into a `SaveError`: one sentence naming the file and the cause
+    (a full disk otherwise surfaces as tens of lines of chained tracebacks). Other errors pass."""
+    try:
+        yield
+    except Exception as err:
+        cause = os_error_in(err)
+        if cause is None:
+            raise
+        raise SaveError(path, cause.strerror or str(cause) or type(cause).__name__) from err
+
+
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere it can only be read by setting it
+    (and setting it straight back), which briefly applies to files other threads create."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be created in `folder` (created on demand), or None if they can.
+
+    Judged on the folder or, while it does not exist, its nearest existing ancestor, without
+    writing anything. `os.access` also sees a read-only file system, even for root.
+    """
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call `write(f)` on a temp file `.{name}.XXXXXXXX.tmp` in the same folder, then os.replace it
+    onto `path`.
+
+    A crash or error midway leaves the previous file (if any) intact and no temp file behind (only a
+    killed process leaves one: see `remove_stale_temp_files`). The file gets the permissions of any
+    new file (0666 less the umask), not mkstemp's owner-only 0600, so a shared folder can read it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):  # a temp file that cannot be removed goes at the next start
+            os.unlink(tmp)
         raise
     return path
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save, atomically (see `atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save, atomically (see `atomic_write`); a failed write is a `SaveError`."""
+    with writing(path):
+        return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, names) -> list[Path]:
+    """Delete the temp files `atomic_write` left for `names` in `folder` when its process was killed
+    (`.{name}.XXXXXXXX.tmp`); return them. `names` are file names or globs (`ckpt_step_*.pt`).
+
+    Call it only while no other process writes these files (e.g. holding the run's lock): a live
+    writer's temp file looks the same.
+    """
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -238,9 +371,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    """Load a state dict strictly after stripping `module.`/`_orig_mod.` prefixes; say what differs.
-    Non-finite weights (a diverged run) are refused."""
+def check_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> dict:
+    """`state_dict` without `module.`/`_orig_mod.` prefixes, if its keys and shapes are exactly `net`'s;
+    else a `CheckpointError` saying what differs. `net` may live on the meta device (no memory)."""
     state_dict = strip_state_dict_prefixes(state_dict)
     own = net.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -255,14 +388,21 @@ def load_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoi
         if wrong:
             k = wrong[0]
             parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)})")
-        raise CheckpointError(f"{source} does not fit this UNet: {'; '.join(parts)}.")
+        raise CheckpointError(f"{source} does not fit this UNet ({'; '.join(parts)}): build the UNet it was trained "
+                              f"with (e.g. its --num_channel).")
     non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if non_finite:
         raise CheckpointError(
             f"{source} holds NaN or infinite weights ({len(non_finite)} tensors, e.g. {non_finite[0]}): the run "
             f"that wrote it had diverged; use an earlier checkpoint."
         )
-    net.load_state_dict(state_dict, strict=True)
+    return state_dict
+
+
+def load_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """Load a state dict strictly after stripping `module.`/`_orig_mod.` prefixes; say what differs.
+    Non-finite weights (a diverged run) are refused."""
+    net.load_state_dict(check_weights(net, state_dict, source), strict=True)
 
 
 def unet_config_from_checkpoint(ckpt: dict, fallback: dict | None = None) -> dict:
@@ -278,7 +418,12 @@ def build_net_from_checkpoint(
 ) -> UNetModel:
     """Rebuild the UNet a checkpoint was trained with and load its EMA (or raw) weights; eval mode."""
     key = "ema_model" if use_ema and "ema_model" in ckpt else "net_model"
-    net = UNetModel(**unet_config_from_checkpoint(ckpt, fallback_config))
+    config = unet_config_from_checkpoint(ckpt, fallback_config)
+    try:
+        check_config(config)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    net = UNetModel(**config)
     load_weights(net, ckpt[key], source=f"{source} ({key})")
     return net.to(device).eval().requires_grad_(False)
 
@@ -337,9 +482,19 @@ def resolve_device(flag: str | None) -> torch.device:
     """`--device` ("", "auto", "cpu", "cuda", "cuda:1", ...) -> a device; empty/auto = cuda if available."""
     if not flag or flag == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(flag)
+    try:
+        device = torch.device(flag)
+    except RuntimeError:  # torch's message lists every backend it knows, few of which train here
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={flag} is not a device this code runs on: pass cpu, cuda, cuda:N, mps or auto.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={flag} but no CUDA device is visible: pass --device=cpu or run on a GPU.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device={flag} but only {torch.cuda.device_count()} CUDA devices are visible: "
+                        f"pick cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={flag} but no Apple GPU is available: pass --device=cpu.")
     return device
 
 
@@ -393,10 +548,12 @@ def truncate_jsonl(path: str | os.PathLike, keep) -> None:
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line (flushed at once: a crash keeps every finished line). Non-finite numbers
     are written as null (see `json_safe`)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-        f.flush()
+    line = json.dumps(json_safe(record), allow_nan=False) + "\n"
+    with writing(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line)
+            f.flush()
 
 
 @dataclass
@@ -425,3 +582,9 @@ class RunPaths:
         """`{file_prefix}_metrics.jsonl`: one history per run name, so runs that share a folder (anchor
         runs with different --lambda_name) never touch each other's."""
         return self.run_dir / f"{self.file_prefix}_metrics.jsonl"
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the temp files a killed run left behind for its checkpoints and metrics file
+        (see `remove_stale_temp_files`: call it holding the run's lock)."""
+        names = [f"{glob.escape(self.file_prefix)}_weights_step_*.pt", self.metrics.name]
+        return remove_stale_temp_files(self.run_dir, names)

@@ -129,3 +129,83 @@ def _roundtrip(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+def python2_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled as the real CIFAR-10 files were: by Python 2's cPickle (protocol 2) with
+    numpy 1, so str is a byte string and the array is rebuilt by `numpy.core.multiarray._reconstruct`
+    (a name numpy 2 no longer has) from raw bytes held in a byte string.
+
+    Python 3 cannot write this (its str is unicode and its numpy is 2), so it is assembled from
+    pickle opcodes (see pickletools) exactly as ndarray.__reduce__ in numpy 1 returns it.
+    """
+    import struct
+
+    def string(b: bytes) -> bytes:  # a Python 2 str: SHORT_BINSTRING, or BINSTRING past 255 bytes
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def integer(i: int) -> bytes:  # BININT1, BININT2 or BININT
+        if 0 <= i < 256:
+            return b"K" + bytes([i])
+        return b"M" + struct.pack("<H", i) if 0 <= i < 65536 else b"J" + struct.pack("<i", i)
+
+    n, width = data.shape
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + integer(0) + b"\x85" + string(b"b")
+        + b"\x87R"  # _reconstruct(ndarray, (0,), 'b')
+        + b"(" + integer(1) + integer(n) + integer(width) + b"\x86"  # __setstate__((1, shape, dtype, False, raw))
+        + b"cnumpy\ndtype\n" + string(b"u1") + integer(0) + integer(1) + b"\x87R"
+        + b"(" + integer(3) + string(b"|") + b"NNN" + integer(-1) + integer(-1) + integer(0) + b"tb"
+        + b"\x89" + string(data.tobytes()) + b"tb"
+    )
+    label_list = b"](" + b"".join(integer(int(y)) for y in labels) + b"e"
+    return b"\x80\x02}(" + string(b"data") + array + string(b"labels") + label_list + b"u."
+
+
+def test_reads_the_python2_numpy1_pickles_of_the_real_files(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    data[0, :4] = [10, 13, 0, 255]  # bytes that text decoding would mangle: CR, LF-like, NUL, 0xff
+    (tmp_path / "data_batch_1").write_bytes(python2_batch(data, [7, 0, 9]))
+    x, y = utils_cifar.read_cifar_batches(tmp_path, names=("data_batch_1",))
+    assert np.array_equal(x.numpy(), data.reshape(3, 3, 32, 32)) and y.tolist() == [7, 0, 9]
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a tampered 'data batch' could do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_a_batch_that_would_run_code_is_refused_before_it_runs(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    write_fake_cifar10(tmp_path, per_batch=10)
+    batch = tmp_path / utils_cifar.CIFAR10_DIR / "data_batch_2"
+    batch.write_bytes(pickle.dumps({"data": _RunsCode(f"touch {marker}"), "labels": [0]}, protocol=2))
+    with pytest.raises(utils_cifar.DataError) as err:
+        utils_cifar.load_cifar10(tmp_path)
+    message = str(err.value)
+    assert str(batch) in message and "system" in message and "\n" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (lambda good: good[: len(good) // 2], "not a readable CIFAR-10 batch"),  # truncated download or copy
+    (lambda good: b"not a pickle at all", "not a readable CIFAR-10 batch"),
+    (lambda good: __import__("pickle").dumps([1, 2, 3]), "holds a list, not a CIFAR-10 batch dict"),
+])
+def test_truncated_or_foreign_batch_is_one_sentence_naming_the_file(tmp_path, content, expected):
+    write_fake_cifar10(tmp_path, per_batch=10)
+    batch = tmp_path / utils_cifar.CIFAR10_DIR / "data_batch_4"
+    batch.write_bytes(content(batch.read_bytes()))
+    with pytest.raises(utils_cifar.DataError) as err:
+        utils_cifar.load_cifar10(tmp_path)
+    message = str(err.value)
+    assert expected in message and str(batch) in message and "\n" not in message

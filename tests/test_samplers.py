@@ -330,3 +330,38 @@ def test_cluster_grids_one_subclass_and_cap(data, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"class_{c:03d}.png" for c in range(10)]
     assert Image.open(tmp_path / "class_000.png").size == (8 * 34 + 2, 2 * 34 + 2)  # capped at 16
     assert "\t40\t" in (tmp_path / "README.txt").read_text()
+
+
+def test_a_cache_write_that_fails_is_a_warning(data, fitted, tmp_path, monkeypatch):
+    """Root on a read-only mount or a full disk: the write fails where os.access saw no problem."""
+    import errno
+    import os
+
+    images, labels, _ = data
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.warns(UserWarning, match=r"not cached: cannot write .*kmeans_.*\(No space left on device\)"):
+        assignment = cluster_assignments(images, labels, num_subclasses=2, seed=0, cache_dir=tmp_path)
+    assert torch.equal(assignment, fitted) and list(tmp_path.iterdir()) == []  # no temp file either
+
+
+def test_cache_folder_falls_back_when_the_data_folder_is_read_only(tmp_path, monkeypatch):
+    import os
+
+    from samplers import kmeans_cache_dir
+
+    data_dir, cache_home = tmp_path / "data", tmp_path / "xdg"
+    data_dir.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    assert kmeans_cache_dir(data_dir) == data_dir
+    access = os.access
+    unwritable = [str(data_dir)]
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if str(path) in unwritable
+                        else access(path, mode, **kw))
+    assert kmeans_cache_dir(data_dir) == cache_home / "cifar10-flow-matching"  # created when written
+    unwritable.append(str(tmp_path))  # the nearest existing folder of the cache home
+    with pytest.warns(UserWarning, match="recomputed at every start"):
+        assert kmeans_cache_dir(data_dir) is None

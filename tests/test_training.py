@@ -61,7 +61,7 @@ def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch)
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(utils_cifar.SaveError, match=f"cannot write {path} \\(disk full\\)"):
         utils_cifar.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
@@ -212,3 +212,87 @@ def test_metrics_lines_are_valid_json_and_a_torn_line_is_survived(tmp_path):
     with pytest.warns(UserWarning):
         utils_cifar.truncate_jsonl(path, keep=lambda r: r["step"] < 1)
     assert utils_cifar.read_jsonl(path) == records[:1]
+
+
+@pytest.mark.parametrize("failure", ["ENOSPC", "EROFS"])
+def test_a_failed_save_is_one_sentence_and_keeps_the_previous_checkpoint(fake_cifar, tmp_path, monkeypatch, failure):
+    """The step-4 save fails (disk full while writing; read-only when renaming): the run stops with
+    one sentence naming the file and the cause, the step-2 checkpoint is intact, no temp file stays."""
+    import errno
+
+    data_dir, _, _ = fake_cifar
+    real_save, real_replace = torch.save, os.replace
+
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f, *args, **kwargs)
+
+    def read_only(src, dst, *args, **kwargs):
+        if "step_4" in str(dst):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+        real_replace(src, dst, *args, **kwargs)
+
+    if failure == "ENOSPC":
+        monkeypatch.setattr(torch, "save", full_disk)
+    else:
+        monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        run_plain(tiny_args(data_dir, tmp_path, "--total_steps=5", "--save_step=2", "--monitor_local=False"))
+    message = str(exit_info.value.code)
+    run_dir = tmp_path / "otcfm"
+    assert message.startswith(f"error: cannot write {run_dir / 'otcfm_cifar10_weights_step_4.pt'} (")
+    assert os.strerror(getattr(errno, failure)) in message and "\n" not in message
+    assert torch.load(run_dir / "otcfm_cifar10_weights_step_2.pt", weights_only=True)["step"] == 2
+    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*.tmp"))
+
+
+def test_checkpoints_get_ordinary_permissions(tmp_path):
+    """0666 less the umask, as any new file (mkstemp alone would leave 0600: unreadable to the group)."""
+    old = os.umask(0o022)
+    try:
+        path = utils_cifar.atomic_save({"step": 1}, tmp_path / "ckpt.pt")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_stale_temp_files_of_the_run_are_removed(tmp_path):
+    paths = utils_cifar.RunPaths(tmp_path, "otcfm_cifar10")
+    stale = [tmp_path / ".otcfm_cifar10_weights_step_20000.pt.a1b2c3d4.tmp", tmp_path / ".metrics.jsonl.x_9yzabc.tmp"]
+    kept = [tmp_path / ".icfm_cifar10_weights_step_20000.pt.a1b2c3d4.tmp",  # another run's
+            tmp_path / "otcfm_cifar10_weights_step_20000.pt", tmp_path / "notes.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    assert sorted(paths.remove_stale_temp_files()) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
+def test_read_only_data_dir_trains_with_the_cache_elsewhere(fake_cifar, tmp_path, monkeypatch):
+    """A shared read-only --data_dir: the K-means cache goes to $XDG_CACHE_HOME, and without any
+    writable cache folder the run trains uncached, with a warning."""
+    data_dir, _, _ = fake_cifar
+    access = os.access
+    unwritable = [str(data_dir)]
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if any(str(path).startswith(p) for p in unwritable)
+                        else access(path, mode, **kw))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = sorted(data_dir.rglob("*"))
+    run_plain(tiny_args(data_dir, tmp_path / "a", "--total_steps=1", "--save_step=0", "--visualize=False"))
+    assert len(list((tmp_path / "xdg/cifar10-flow-matching").glob("kmeans_*.pt"))) == 1
+    unwritable.append(str(tmp_path / "xdg"))
+    with pytest.warns(UserWarning, match="K-means assignment is not cached"):
+        run_plain(tiny_args(data_dir, tmp_path / "b", "--total_steps=1", "--save_step=0", "--visualize=False"))
+    assert sorted(data_dir.rglob("*")) == before
+    assert (tmp_path / "b/otcfm/metrics.jsonl").is_file()
+
+
+def test_monitor_local_false_skips_clustering(fake_cifar, tmp_path, monkeypatch):
+    import samplers
+
+    data_dir, _, _ = fake_cifar
+    monkeypatch.setattr(samplers, "cluster_assignments", lambda *a, **k: pytest.fail("clustered"))
+    run_plain(tiny_args(data_dir, tmp_path, "--total_steps=1", "--save_step=0", "--monitor_local=False"))
+    (record,) = [json.loads(line) for line in (tmp_path / "otcfm/metrics.jsonl").read_text().splitlines()][1:]
+    assert "loss_fm" in record and "local_loss" not in record

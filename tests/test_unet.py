@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from unet import PAPER_CONFIG, UNetModel, strip_state_dict_prefixes
+from unet import PAPER_CONFIG, UNetModel, check_config, strip_state_dict_prefixes
 
 DATA = Path(__file__).parent / "data"
 TINY = dict(dim=(3, 16, 16), num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
@@ -195,3 +195,19 @@ def test_stripped_wrapped_state_dict_loads_strictly():
     wrapped = nn.DataParallel(net)  # keys gain "module."
     assert next(iter(wrapped.state_dict())).startswith("module.")
     UNetModel(**TINY).load_state_dict(strip_state_dict_prefixes(wrapped.state_dict()), strict=True)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(attention_resolutions="7"), "attention_resolutions=7 asks for attention at 7x7"),  # not silently none
+    (dict(attention_resolutions="8,4"), "attention_resolutions=8,4 asks for attention at 4x4, .* pick among 16,8"),
+    (dict(channel_mult=(1,) * 6), "channel_mult=1,1,1,1,1,1 has 6 levels"),
+    (dict(num_heads=3), "num_heads=3 does not split"),
+    (dict(num_heads=48), "num_heads=48 does not split"),  # not silently 64 heads of 1 channel
+    (dict(num_channels=48), "num_channels=48 is not a positive multiple of 32"),
+    (dict(dropout=1.5), "dropout=1.5 is not a probability"),
+])
+def test_unet_refuses_a_config_it_would_build_wrongly(change, expected):
+    with pytest.raises(ValueError, match=expected):
+        UNetModel(**{**TINY, **change})
+    with pytest.raises(ValueError, match=f"--{expected}"):  # callers name the arguments their way
+        check_config({**TINY, **change}, names={k: f"--{k}" for k in TINY})

@@ -97,6 +97,14 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + self.out_layers(h)
 
 
+def attention_heads(ch, num_heads, num_head_channels):
+    """Heads of an attention block over ``ch`` channels: ``ch // num_head_channels``, or
+    ``num_heads`` when num_head_channels is -1; None when the heads do not split ``ch`` evenly."""
+    if num_head_channels == -1:
+        return num_heads if num_heads > 0 and ch % num_heads == 0 else None
+    return ch // num_head_channels if num_head_channels > 0 and ch % num_head_channels == 0 else None
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, with a residual connection.
 
@@ -108,13 +116,10 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, ch, num_heads, num_head_channels):
         super().__init__()
-        if num_head_channels != -1:
-            if ch % num_head_channels:
-                raise ValueError(
-                    f"{ch} channels do not split into heads of {num_head_channels}; change num_head_channels."
-                )
-            num_heads = ch // num_head_channels
-        self.num_heads = num_heads
+        self.num_heads = attention_heads(ch, num_heads, num_head_channels)
+        if self.num_heads is None:
+            raise ValueError(f"{ch} channels do not split into heads (num_heads={num_heads}, "
+                             f"num_head_channels={num_head_channels}); change num_head_channels.")
         self.norm = GroupNorm32(ch)
         self.qkv = nn.Conv1d(ch, 3 * ch, 1)
         self.proj_out = zero_module(nn.Conv1d(ch, ch, 1))
@@ -181,6 +186,50 @@ def normalize_config(config):
     )
 
 
+def check_config(config, names=None):
+    """Raise ValueError, one sentence naming the argument to change, if ``config`` does not build the
+    network it describes (which would otherwise fail in the first forward pass or, for attention
+    resolutions, silently lose the attention).
+
+    ``names`` maps argument names to what the caller calls them (e.g. ``{"num_channels":
+    "--num_channel"}``). Rules: GroupNorm32 needs a multiple of 32 channels (every level's width is
+    ``num_channels * mult``); the image halves evenly once per level after the first; each attention
+    resolution is one of the levels' (32, 16, ... for 32-pixel images); heads split the channels of
+    every attention block (those resolutions and the middle block); dropout is a probability.
+    """
+    config = normalize_config(config)
+
+    def show(arg):
+        value = config[arg]
+        value = ",".join(map(str, value)) if isinstance(value, list) else value
+        return f"{(names or {}).get(arg, arg)}={value}"
+
+    size, C, mults = config["dim"][-1], config["num_channels"], config["channel_mult"]
+    if C <= 0 or C % 32:
+        raise ValueError(f"{show('num_channels')} is not a positive multiple of 32 (GroupNorm's groups): "
+                         f"pick 32, 64, 128, ...")
+    if not mults or min(mults) <= 0:
+        raise ValueError(f"{show('channel_mult')} needs one or more positive multipliers, e.g. 1,2,2,2.")
+    halvings = (size & -size).bit_length() - 1  # times `size` pixels halve evenly
+    if len(mults) - 1 > halvings:
+        raise ValueError(f"{show('channel_mult')} has {len(mults)} levels but {size}-pixel images halve evenly only "
+                         f"{halvings} times: use at most {halvings + 1} multipliers.")
+    levels = [size >> level for level in range(len(mults))]  # each level's resolution
+    resolutions = [int(r) for r in config["attention_resolutions"].split(",") if r]
+    for r in resolutions:
+        if r not in levels:
+            raise ValueError(f"{show('attention_resolutions')} asks for attention at {r}x{r}, a resolution this UNet "
+                             f"does not have: pick among {','.join(map(str, levels))}.")
+    # The widths of the attention blocks: the chosen levels' and the middle block's (always there).
+    widths = {mults[levels.index(r)] * C for r in resolutions} | {mults[-1] * C}
+    if any(attention_heads(ch, config["num_heads"], config["num_head_channels"]) is None for ch in widths):
+        arg = "num_head_channels" if config["num_head_channels"] != -1 else "num_heads"
+        raise ValueError(f"{show(arg)} does not split the attention blocks' channels "
+                         f"({','.join(map(str, sorted(widths)))}) into equal heads: pick a divisor of {math.gcd(*widths)}.")
+    if not 0.0 <= config["dropout"] <= 1.0:
+        raise ValueError(f"{show('dropout')} is not a probability: pick a value in [0, 1].")
+
+
 class UNetModel(nn.Module):
     """ADM UNet predicting the velocity vt(t, x).
 
@@ -216,6 +265,7 @@ class UNetModel(nn.Module):
                  attention_resolutions=attention_resolutions, num_heads=num_heads,
                  num_head_channels=num_head_channels, dropout=dropout)
         )
+        check_config(self.config)
         in_ch, image_size = dim[0], dim[-1]
         # Image resolutions with attention -> the downsample factors at which blocks get one.
         attention_ds = {image_size // int(r) for r in self.config["attention_resolutions"].split(",") if r}

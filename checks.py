@@ -1,0 +1,117 @@
+"""Up-front checks of a training run's inputs, run before any heavy work.
+
+Loading CIFAR-10 and clustering it take seconds to minutes; a mistake found after them (or at the
+first step, or never) costs that time and often a traceback. `check_training_inputs` runs once, in
+`training.train`, after the flags are parsed and the checkpoint is read (`check_output_dir` earlier,
+before the run's lock file is written there), and turns each mistake a user can make into one
+`UserError` sentence naming the fix:
+
+    learning rate      finite and >= 0 (Adam takes NaN silently, a negative rate only later)
+    UNet arguments     see `unet.check_config` (heads, attention resolutions, widths, levels)
+    --output_dir       a writable folder (or one that can be created there)
+    --checkpoint_path  holds what resuming needs (weights, EMA, optimizer, schedule, step), with
+                       weights and optimizer state shaped for the UNet being built
+
+Single-flag formats are checked earlier, by absl at parsing (bounds, and `positive_ints` for list
+flags); the device by `utils_cifar.resolve_device`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+import utils_cifar
+from unet import UNetModel, check_config
+
+# What `training.resume` reads. The published TorchCFM checkpoints hold exactly these.
+RESUME_KEYS = ("net_model", "ema_model", "optim", "sched", "step")
+
+
+def positive_ints(values) -> bool:
+    """absl validator of a list flag: every entry is a positive integer (e.g. --channel_mult=1,2,2,2)."""
+    items = values.split(",") if isinstance(values, str) else values
+    try:
+        return all(int(item) > 0 for item in items if item.strip())
+    except ValueError:
+        return False
+
+
+def check_output_dir(FLAGS, paths: utils_cifar.RunPaths) -> None:
+    """Raise a `UserError` unless the run folder can be created and written."""
+    reason = utils_cifar.unwritable_reason(paths.run_dir)
+    if reason is not None:
+        raise utils_cifar.UserError(
+            f"--output_dir={FLAGS.output_dir} cannot hold the run folder ({reason}): pass a writable --output_dir."
+        )
+
+
+def check_training_inputs(FLAGS, ckpt: dict | None, checkpoint_path: str, unet_config: dict,
+                          arch_flags: dict[str, str]) -> None:
+    """Raise a `UserError` for the first input that would fail (or silently go wrong) later.
+
+    `ckpt` is the checkpoint being resumed (read from `checkpoint_path`), or None;
+    `unet_config` is the architecture this run builds (the checkpoint's or the flags');
+    `arch_flags` maps each architecture flag to its UNet argument, so messages name the flag.
+    """
+    if not math.isfinite(FLAGS.lr) or FLAGS.lr < 0:
+        raise utils_cifar.UserError(f"--lr={FLAGS.lr} is not a learning rate: pass a finite number >= 0, e.g. 2e-4.")
+    try:
+        check_config(unet_config, names={arg: f"--{flag}" for flag, arg in arch_flags.items()})
+    except ValueError as err:
+        raise utils_cifar.UserError(str(err)) from err
+    if ckpt is not None:
+        check_resumable(ckpt, checkpoint_path, unet_config)
+
+
+def check_resumable(ckpt: dict, path: str | Path, unet_config: dict) -> None:
+    """Raise a `CheckpointError` unless `ckpt` holds everything `training.resume` loads, shaped for
+    a UNet built with `unet_config`: weights and EMA (keys and shapes), the optimizer state (one
+    entry per parameter, moment buffers of the parameter's shape), the schedule and the step.
+
+    The UNet is built on the meta device: shapes only, no memory, no time.
+    """
+    missing = [key for key in RESUME_KEYS if key not in ckpt]
+    if missing:
+        raise utils_cifar.CheckpointError(
+            f"checkpoint {path} lacks {', '.join(missing)}, which resuming needs: pass a checkpoint written by a "
+            f"training script (it holds {', '.join(RESUME_KEYS)})."
+        )
+    with torch.device("meta"):
+        net = UNetModel(**unet_config)
+    for key in ("net_model", "ema_model"):
+        utils_cifar.check_weights(net, ckpt[key], f"{path} ({key})")
+    try:
+        int(ckpt["step"])
+        usable = isinstance(ckpt["sched"], dict) and "last_epoch" in ckpt["sched"]
+    except (TypeError, ValueError, RuntimeError):
+        usable = False
+    if not usable:
+        raise utils_cifar.CheckpointError(
+            f"checkpoint {path} holds no usable 'step' number or 'sched' state: pass a checkpoint written by a "
+            f"training script."
+        )
+    problem = optimizer_state_problem(ckpt["optim"], list(net.parameters()))
+    if problem is not None:
+        raise utils_cifar.CheckpointError(
+            f"checkpoint {path}: its optimizer state does not fit this UNet ({problem}): resume with the "
+            f"architecture it was trained with."
+        )
+
+
+def optimizer_state_problem(state: dict, params: list) -> str | None:
+    """What keeps `torch.optim.Optimizer.load_state_dict(state)` from fitting `params` (one
+    parameter group or several, in `net.parameters()` order), or None. torch itself only compares
+    the counts; a mis-shaped moment buffer would crash the first step."""
+    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list) or "state" not in state:
+        return "no 'param_groups' and 'state'"
+    ids = [index for group in state["param_groups"] for index in group.get("params", [])]
+    if len(ids) != len(params):
+        return f"{len(ids)} parameters, this UNet has {len(params)}"
+    for number, (index, param) in enumerate(zip(ids, params)):
+        for name, value in state["state"].get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                return f"parameter {number}'s {name} is {tuple(value.shape)}, the parameter {tuple(param.shape)}"
+    return None

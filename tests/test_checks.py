@@ -1,0 +1,123 @@
+"""Up-front checks: every input mistake is one sentence and a non-zero exit, before any data are loaded."""
+
+import os
+
+import pytest
+import torch
+from absl import flags
+
+import utils_cifar
+from conftest import TINY_UNET_CONFIG
+from test_training import run_plain, tiny_args
+from unet import UNetModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Any attempt to load CIFAR-10 (which comes before clustering) fails the test."""
+    monkeypatch.setattr(utils_cifar, "load_cifar10", lambda *a, **k: pytest.fail("the data were loaded"))
+
+
+def one_sentence(args) -> str:
+    """The message a bad training command exits with; asserts it is one line after 'error: '."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_plain(args)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and message.endswith("."), message
+    return message
+
+
+def resumable(**changes) -> dict:
+    """A checkpoint of the tiny UNet as training writes it after one update (Adam moments present)."""
+    torch.manual_seed(0)
+    net = UNetModel(**TINY_UNET_CONFIG)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    sum(p.sum() for p in net.parameters()).backward()
+    optimizer.step()
+    scheduler.step()
+    ckpt = {"net_model": net.state_dict(), "ema_model": net.state_dict(), "optim": optimizer.state_dict(),
+            "sched": scheduler.state_dict(), "step": 0}
+    ckpt.update(changes)
+    return {k: v for k, v in ckpt.items() if v is not None}
+
+
+def swapped_moments(ckpt: dict) -> dict:
+    """The optimizer state with the first and last parameters' moments exchanged (the parameter
+    count matches, which is all torch's own load_state_dict compares)."""
+    optim = {"state": dict(ckpt["optim"]["state"]), "param_groups": ckpt["optim"]["param_groups"]}
+    last = max(optim["state"])
+    optim["state"][0], optim["state"][last] = optim["state"][last], optim["state"][0]
+    return optim
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--lr=nan"], "--lr=nan is not a learning rate"),
+    (["--lr=-1e-4"], "--lr=-0.0001 is not a learning rate"),
+    (["--num_head_channels=24"], "--num_head_channels=24 does not split the attention blocks' channels (64)"),
+    (["--attention_resolutions=7"], "--attention_resolutions=7 asks for attention at 7x7"),
+    (["--attention_resolutions=16,8"], "attention at 8x8, a resolution this UNet does not have: pick among 32,16"),
+    (["--num_channel=48"], "--num_channel=48 is not a positive multiple of 32"),
+    (["--device=tpu"], "--device=tpu is not a device this code runs on"),
+])
+def test_bad_flags_are_one_sentence_before_the_data(fake_cifar, tmp_path, no_data, extra, expected):
+    data_dir, _, _ = fake_cifar
+    assert expected in one_sentence(tiny_args(data_dir, tmp_path, *extra))
+
+
+@pytest.mark.parametrize("flag", ["--channel_mult=a,b", "--attention_resolutions=16,x"])
+def test_malformed_list_flags_fail_at_parsing(flag):
+    with pytest.raises(flags.IllegalFlagValueError, match="must be comma-separated positive integers"):
+        run_plain([flag])
+
+
+def test_unwritable_output_dir_is_one_sentence_before_the_data(fake_cifar, tmp_path, no_data, monkeypatch):
+    data_dir, _, _ = fake_cifar
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    assert f"{a_file} is a file" in one_sentence(tiny_args(data_dir, a_file))
+
+    # Read-only (a read-only mount refuses root too; os.access is what the check asks).
+    read_only = tmp_path / "shared"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if str(path).startswith(str(read_only))
+                        else access(path, mode, **kw))
+    message = one_sentence(tiny_args(data_dir, read_only / "runs"))
+    assert f"{read_only} is not writable" in message and "pass a writable --output_dir" in message
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(optim=None, sched=None), "lacks optim, sched, which resuming needs"),
+    (dict(ema_model=None), "lacks ema_model"),
+    (dict(step=None), "lacks step"),
+    (dict(step="last"), "holds no usable 'step' number or 'sched' state"),
+    (dict(sched=[]), "holds no usable 'step' number or 'sched' state"),
+    ("swap", "optimizer state does not fit this UNet (parameter 0's exp_avg is (3,), the parameter (128, 32))"),
+    (dict(optim={"state": {}, "param_groups": [{"params": [0, 1]}]}), "(2 parameters, this UNet has"),
+    ("wider", "(net_model) does not fit this UNet"),
+])
+def test_incomplete_or_mismatched_checkpoint_is_one_sentence_before_the_data(fake_cifar, tmp_path, no_data,
+                                                                              change, expected):
+    data_dir, _, _ = fake_cifar
+    ckpt = resumable()
+    if change == "swap":
+        ckpt["optim"] = swapped_moments(ckpt)
+    elif change == "wider":  # a published-style checkpoint (no unet_config) of another width
+        wider = UNetModel(**{**TINY_UNET_CONFIG, "num_channels": 64}).state_dict()
+        ckpt.update(net_model=wider, ema_model=wider)
+    else:
+        ckpt = resumable(**change)
+    path = tmp_path / "ckpt.pt"
+    torch.save(ckpt, path)
+    message = one_sentence(tiny_args(data_dir, tmp_path / "out", f"--checkpoint_path={path}"))
+    assert expected in message and str(path) in message
+
+
+def test_a_complete_checkpoint_passes_the_checks():
+    """The checks accept what they must (training itself resumes such files: test_training)."""
+    import checks
+
+    checks.check_resumable(resumable(), "ckpt.pt", UNetModel(**TINY_UNET_CONFIG).config)
