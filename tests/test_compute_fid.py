@@ -30,8 +30,7 @@ def refuse(url, *args, **kwargs):
     raise urllib.error.URLError("offline (test)")
 
 urllib.request.urlopen = refuse
-fid.cleanfid_cache_paths = lambda: {fid.INCEPTION_FILENAME: Path("no-cache") / fid.INCEPTION_FILENAME,
-                                    fid.STATS_FILENAME: Path("no-cache") / fid.STATS_FILENAME}
+fid.cleanfid_cache_path = lambda filename: Path("no-cache") / filename
 """
 
 # Stand-in for Inception: a fixed random projection of each image to 16 features.
