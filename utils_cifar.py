@@ -223,24 +223,32 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint (ours or a published TorchCFM one) with `weights_only=True`."""
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", source: str | None = None) -> dict:
+    """Read a checkpoint (ours or a published TorchCFM one) with `weights_only=True`; errors call the
+    file `source` (default: its path)."""
     path = Path(path)
+    source = source or str(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: check --checkpoint_path / --checkpoint.")
+        raise CheckpointError(f"checkpoint {source} does not exist: check --checkpoint_path / --checkpoint.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}).") from err
+        raise CheckpointError(f"checkpoint {source} cannot be read ({type(err).__name__}: {err}).") from err
     if not isinstance(ckpt, dict) or "net_model" not in ckpt and "ema_model" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} holds no 'net_model'/'ema_model' weights.")
+        raise CheckpointError(f"checkpoint {source} holds no 'net_model'/'ema_model' weights.")
     return ckpt
 
 
 def load_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
     """Load a state dict strictly after stripping `module.`/`_orig_mod.` prefixes; say what differs."""
     state_dict = strip_state_dict_prefixes(state_dict)
-    own = net.state_dict()
+    check_fit(net.state_dict(), state_dict, source)
+    net.load_state_dict(state_dict, strict=True)
+
+
+def check_fit(own: dict, state_dict: dict, source: str = "checkpoint") -> None:
+    """Raise CheckpointError unless `state_dict` has exactly the keys and shapes of `own` (a net's
+    state dict; a net built on the meta device will do), naming the first difference of each kind."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
@@ -254,7 +262,6 @@ def load_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoi
             k = wrong[0]
             parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)})")
         raise CheckpointError(f"{source} does not fit this UNet: {'; '.join(parts)}.")
-    net.load_state_dict(state_dict, strict=True)
 
 
 def unet_config_from_checkpoint(ckpt: dict, fallback: dict | None = None) -> dict:

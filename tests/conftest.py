@@ -55,3 +55,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """(folder, base_url, requests): an HTTP server on 127.0.0.1 serving `folder`, logging each path
+    requested. It runs in a daemon thread, is shut down after the test, and stops by itself after
+    two minutes in any case."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):  # quiet test output
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    deadline = threading.Timer(120, server.shutdown)
+    deadline.daemon = True
+    deadline.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_port}", requests
+    finally:
+        deadline.cancel()
+        server.shutdown()
+        server.server_close()
