@@ -389,6 +389,24 @@ def truncate_jsonl(path: str | os.PathLike, keep) -> None:
     atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines).encode()))
 
 
+def ensure_writable(path: str | os.PathLike, flag: str) -> None:
+    """Raise UserError unless a file can be written at `path` (given by `flag`), creating its folder.
+
+    Meant for output paths checked before long work: a probe file is created (and removed) in the
+    folder, which catches what permission bits alone do not (read-only mounts, full quotas).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag}={path} is a folder: name a file.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {flag}={path} ({type(err).__name__}: {err.strerror or err}): "
+                        "choose a writable folder.") from err
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line (flushed at once: a crash keeps every finished line). Non-finite numbers
     are written as null (see `json_safe`)."""

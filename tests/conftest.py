@@ -15,6 +15,12 @@ TINY_UNET_CONFIG = dict(dim=(3, 32, 32), num_channels=32, num_res_blocks=1, chan
                         attention_resolutions="16", num_heads=4, num_head_channels=16, dropout=0.1)
 
 
+def stand_in_extractor(num_features: int = 16):
+    """A stand-in for Inception: images [B, 3, 32, 32] -> a fixed random projection [B, num_features] (float64)."""
+    weight = torch.randn(3 * 32 * 32, num_features, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return lambda images: images.double().reshape(len(images), -1) @ weight
+
+
 def write_fake_cifar10(root, per_batch: int = 20, seed: int = 0):
     """Write `{root}/cifar-10-batches-py/` with python-pickle batches shaped like CIFAR-10's.
 
