@@ -3,15 +3,25 @@
     python compute_fid.py --model=otcfm --step=400000 --integration_method=dopri5
     python compute_fid.py --checkpoint=results/otcfm/otcfm_cifar10_weights_step_400000.pt \
         --integration_method=euler --integration_steps=100 --save_samples=samples.npz
+    python compute_fid.py --pretrained=otcfm --sweep="euler:1,2,5,10,20,50,100;dopri5:1e-3,1e-5" --straightness=1000
+    torchrun --standalone --nproc_per_node=8 compute_fid.py --pretrained=icfm --fid_split=test
 
-Works with our checkpoints (they store the UNet's construction arguments) and with the published
-TorchCFM ones (no arguments stored: the paper UNet with --num_channel channels is rebuilt). Each
-result is printed and appended to `fid.jsonl` in the checkpoint's folder. Missing FID files are
-reported before any sampling starts (see fid.py for where they are looked up).
+Works with our checkpoints (they store the UNet's construction arguments), with the published
+TorchCFM ones (no arguments stored: the paper UNet with --num_channel channels is rebuilt), and
+with the published ones by name (--pretrained, fetched into {data_dir}/weights/, see pretrained.py).
+Each result is printed and appended to `fid.jsonl` in the checkpoint's folder, one line per solver
+setting (--sweep: FID against NFE, every setting on the same noise). Flag mistakes, unwritable
+output paths and missing FID files are reported before any sampling starts (see fid.py for where
+the FID files are looked up).
+
+Under torchrun the samples are split across ranks by whole --batch_size_fid batches (batch k on rank
+k mod W; the noise is keyed by sample index), so the samples and the FID are those of one process
+with the same seed; rank 0 writes the results.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -22,8 +32,10 @@ import torch
 from absl import app, flags
 
 import fid
+import pretrained
 import utils_cifar
-from sampling import SOLVERS, generate_samples
+from distributed import World, init_world, main_first
+from sampling import SOLVERS, SolverSetting, generate_samples, parse_sweep, straightness
 
 FLAGS = flags.FLAGS
 
@@ -31,21 +43,31 @@ flags.DEFINE_string("model", "otcfm", "Method name, used in the default checkpoi
 flags.DEFINE_string("input_dir", "./results", "Folder holding {model}/{model}_cifar10_weights_step_{step}.pt.")
 flags.DEFINE_integer("step", 400000, "Training step of the checkpoint (default path; used if the checkpoint stores none).")
 flags.DEFINE_string("checkpoint", None, "Checkpoint path; overrides --input_dir/--model/--step.")
+flags.DEFINE_enum("pretrained", None, list(pretrained.PUBLISHED),
+                  "Score the published TorchCFM 1.0.4 weights of this method (fetched into {data_dir}/weights/).")
 flags.DEFINE_enum("integration_method", "dopri5", SOLVERS, "ODE solver.")
 flags.DEFINE_integer("integration_steps", 100, "Steps of the fixed-step solvers.", lower_bound=1)
 flags.DEFINE_float("tol", 1e-5, "atol = rtol of dopri5.", lower_bound=1e-12)
+flags.DEFINE_string("sweep", None, "FID against NFE: solver settings 'SOLVER:V1,V2;...', step counts for the fixed-step "
+                    "solvers, tolerances for dopri5 (e.g. euler:1,2,5,10,20,50,100;midpoint:5,10,50;dopri5:1e-3,1e-4,1e-5); "
+                    "one fid.jsonl line per setting, all on the same noise. Replaces --integration_method/_steps/--tol.")
+flags.DEFINE_integer("straightness", 0, "Also measure the straightness of this many paths on the Euler grid of "
+                     "--integration_steps (0 = off).", lower_bound=0)
 flags.DEFINE_integer("num_gen", 50000, "Number of generated samples.", lower_bound=1)
 flags.DEFINE_integer("batch_size_fid", 1024, "Samples per ODE solve (one system) and per Inception batch.", lower_bound=1)
 flags.DEFINE_integer("num_channel", 128, "Base UNet width, only for checkpoints that store no UNet config.", lower_bound=1)
 flags.DEFINE_bool("use_ema", True, "Sample with the EMA weights (else the raw network).")
-flags.DEFINE_integer("seed", 0, "Seed of the noise x0 (sample i is the same whatever the batch size).", lower_bound=0)
+flags.DEFINE_integer("seed", 0, "Seed of the noise x0 (sample i is the same whatever the batch size and the number "
+                     "of processes).", lower_bound=0)
 flags.DEFINE_bool("fid", True, "Compute FID; False only generates (and saves) samples.")
 flags.DEFINE_string("save_samples", None, "Write the samples to this .npz (uint8 NHWC under 'arr_0').")
 flags.DEFINE_string("grid", None, "Write a PNG grid of the first 64 samples here.")
-flags.DEFINE_string("data_dir", "./data", "CIFAR-10 and FID files ({data_dir}/fid/) live here.")
+flags.DEFINE_enum("fid_split", "train", fid.SPLITS, "Reference statistics: CIFAR-10 train (as published) or test.")
+flags.DEFINE_string("data_dir", "./data", "CIFAR-10, FID files ({data_dir}/fid/) and --pretrained weights ({data_dir}/weights/).")
 flags.DEFINE_string("fid_inception_path", None, "Local inception-2015-12-05.pt (else $FID_INCEPTION_PATH, caches, download).")
 flags.DEFINE_string("fid_stats_path", None, "Local reference statistics .npz with mu, sigma (else $FID_STATS_PATH, ...).")
 flags.DEFINE_string("device", "auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+flags.DEFINE_bool("quiet", False, "No progress bars (samples, straightness, download).")
 
 
 def fail(message: str) -> None:
@@ -63,74 +85,111 @@ def default_checkpoint() -> Path:
     return published if FLAGS.model == "icfm" and not path.is_file() and published.is_file() else path
 
 
+def check_flags() -> list[SolverSetting]:
+    """The solver settings to score; flag conflicts and unwritable output paths raise UserError
+    (one sentence) here, before anything heavy is loaded or sampled."""
+    if FLAGS.pretrained and FLAGS.checkpoint:
+        raise utils_cifar.UserError("--pretrained and --checkpoint both name the weights: pass one of them.")
+    for flag in ("save_samples", "grid"):
+        if FLAGS[flag].value:
+            utils_cifar.ensure_writable(FLAGS[flag].value, f"--{flag}")
+    if FLAGS.sweep is None:
+        return [SolverSetting(FLAGS.integration_method, FLAGS.integration_steps, FLAGS.tol)]
+    if not FLAGS.fid:
+        raise utils_cifar.UserError("--sweep scores every setting with FID: drop --fid=False.")
+    if FLAGS.save_samples or FLAGS.grid:
+        raise utils_cifar.UserError("--save_samples and --grid keep one setting's samples: drop them or --sweep.")
+    return parse_sweep(FLAGS.sweep)
+
+
+def load_net(world: World) -> tuple[Path, dict, torch.nn.Module]:
+    """The checkpoint path, its contents and its (EMA) net on this rank's device."""
+    if FLAGS.pretrained:
+        path, ckpt = pretrained.published_checkpoint(FLAGS.pretrained, FLAGS.data_dir, progress=not FLAGS.quiet)
+    else:
+        path = Path(FLAGS.checkpoint) if FLAGS.checkpoint else default_checkpoint()
+        ckpt = utils_cifar.load_checkpoint(path)
+    fallback = dict(utils_cifar.PAPER_CONFIG, num_channels=FLAGS.num_channel)
+    net = utils_cifar.build_net_from_checkpoint(ckpt, FLAGS.use_ema, fallback, world.device, source=str(path))
+    return path, ckpt, net
+
+
 def save_outputs(samples: torch.Tensor) -> None:
     """--save_samples (uint8 NHWC npz, the common evaluator format) and --grid (8 per row)."""
     if FLAGS.save_samples:
         path = Path(FLAGS.save_samples)
-        path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, arr_0=samples.permute(0, 2, 3, 1).contiguous().numpy())
         print(f"samples: {path}")
     if FLAGS.grid:
         from torchvision.utils import save_image
 
         path = Path(FLAGS.grid)
-        path.parent.mkdir(parents=True, exist_ok=True)
         save_image(samples[:64].float() / 255, path, nrow=8)
         print(f"grid: {path}")
 
 
 def main(argv):
     del argv
-    path = Path(FLAGS.checkpoint) if FLAGS.checkpoint else default_checkpoint()
     scorer = None
     try:
-        device = utils_cifar.resolve_device(FLAGS.device)
-        ckpt = utils_cifar.load_checkpoint(path)
-        fallback = dict(utils_cifar.PAPER_CONFIG, num_channels=FLAGS.num_channel)
-        net = utils_cifar.build_net_from_checkpoint(ckpt, FLAGS.use_ema, fallback, device, source=str(path))
-        if FLAGS.fid:
-            scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
-                                           device=device, batch_size=FLAGS.batch_size_fid)
-    except utils_cifar.UserError as err:  # checkpoint, data, FID files, device
+        settings = check_flags()
+        world = init_world(FLAGS.device)
+        with main_first(world):  # rank 0 downloads and caches weights and FID files; the others find them
+            path, ckpt, net = load_net(world)
+            if FLAGS.fid:
+                scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
+                                               device=world.device, batch_size=FLAGS.batch_size_fid,
+                                               split=FLAGS.fid_split)
+    except utils_cifar.UserError as err:  # flags, output paths, checkpoint, weights, data, FID files, device
         fail(str(err))
-    step = int(ckpt.get("step", FLAGS.step))
-    method = FLAGS.integration_method
+    progress = not FLAGS.quiet
+    extra = {"sweep": FLAGS.sweep} if FLAGS.sweep else {}  # the same in every record of this run
+    if FLAGS.straightness:
+        start = time.perf_counter()
+        value = straightness(net, FLAGS.straightness, FLAGS.batch_size_fid, FLAGS.integration_steps, FLAGS.seed,
+                             world, progress)
+        extra.update(straightness=value, straightness_paths=FLAGS.straightness,
+                     straightness_steps=FLAGS.integration_steps,
+                     straightness_seconds=round(time.perf_counter() - start, 2))
     keep = bool(FLAGS.save_samples or FLAGS.grid)
-    sampler_args = dict(method=method, steps=FLAGS.integration_steps, tol=FLAGS.tol, seed=FLAGS.seed)
-
-    start = time.perf_counter()
-    if scorer is not None:
-        result = scorer.evaluate_net(net, FLAGS.num_gen, FLAGS.batch_size_fid, keep_samples=keep, **sampler_args)
-        samples, mean_nfe, score = result.samples, result.mean_nfe, result.fid
-    else:
-        samples, mean_nfe = generate_samples(net, FLAGS.num_gen, FLAGS.batch_size_fid, **sampler_args)
-        score = None
-    seconds = time.perf_counter() - start
-    if keep:
-        save_outputs(samples)
-
-    record = {
-        "checkpoint": str(path),
-        "step": step,
-        "model": FLAGS.model,
-        "use_ema": FLAGS.use_ema,
-        "integration_method": method,
-        **({"tol": FLAGS.tol} if method == "dopri5" else {"integration_steps": FLAGS.integration_steps}),
-        "mean_nfe": mean_nfe,
-        "num_gen": FLAGS.num_gen,
-        "batch_size_fid": FLAGS.batch_size_fid,
-        "seed": FLAGS.seed,
-        "fid": score,
-        "seconds": round(seconds, 2),
-    }
-    if scorer is None:
-        print(json.dumps(record))
-        return
-    record.update(fid_stats=str(scorer.stats_path), fid_stats_source=scorer.stats_source,
-                  provenance=utils_cifar.provenance(device))
-    utils_cifar.append_jsonl(path.parent / "fid.jsonl", record)
-    print(f"FID {score:.4f} ({FLAGS.num_gen} samples, {method}, mean NFE {mean_nfe:.1f}, {seconds:.0f} s); "
-          f"appended to {path.parent / 'fid.jsonl'}")
+    for setting in settings:
+        start = time.perf_counter()
+        kwargs = dict(**dataclasses.asdict(setting), seed=FLAGS.seed, world=world, progress=progress)
+        if scorer is not None:
+            result = scorer.evaluate_net(net, FLAGS.num_gen, FLAGS.batch_size_fid, keep_samples=keep, **kwargs)
+            outcome = result and (result.samples, result.mean_nfe, result.fid)
+        else:
+            outcome = (*generate_samples(net, FLAGS.num_gen, FLAGS.batch_size_fid, **kwargs), None)
+        if not world.is_main:  # rank 0 holds the gathered results and writes them
+            continue
+        samples, mean_nfe, score = outcome
+        seconds = time.perf_counter() - start
+        if keep:
+            save_outputs(samples)
+        record = {
+            "checkpoint": str(path),
+            "step": int(ckpt.get("step", FLAGS.step)),
+            "model": FLAGS.pretrained or FLAGS.model,
+            "use_ema": FLAGS.use_ema,
+            **setting.describe(),
+            "mean_nfe": mean_nfe,
+            "num_gen": FLAGS.num_gen,
+            "batch_size_fid": FLAGS.batch_size_fid,
+            "world_size": world.size,
+            "seed": FLAGS.seed,
+            "fid": score,
+            "seconds": round(seconds, 2),
+            **extra,
+        }
+        if scorer is None:
+            print(json.dumps(record))
+            continue
+        record.update(fid_split=FLAGS.fid_split, fid_stats=str(scorer.stats_path),
+                      fid_stats_source=scorer.stats_source, provenance=utils_cifar.provenance(world.device))
+        utils_cifar.append_jsonl(path.parent / "fid.jsonl", record)
+        straight = f"straightness {extra['straightness']:.4g}, " if FLAGS.straightness else ""
+        print(f"FID {score:.4f} ({FLAGS.num_gen} samples, {setting}, mean NFE {mean_nfe:.1f}, {straight}{seconds:.0f} s); "
+              f"appended to {path.parent / 'fid.jsonl'}")
 
 
 if __name__ == "__main__":

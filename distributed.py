@@ -38,6 +38,14 @@ class World:
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
+def process_rank() -> int:
+    """This process's rank: the process group's if one is joined, else torchrun's $RANK, else 0.
+
+    For code deep in a helper with no World at hand (a progress bar that only rank 0 draws).
+    """
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def init_world(device_flag: str) -> World:
     """Join the torchrun process group if launched by torchrun; pick this rank's device."""
     size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,4 +1,4 @@
-"""FID as published: clean-fid ``legacy_tensorflow`` Inception features vs CIFAR-10 train statistics.
+"""FID as published: clean-fid ``legacy_tensorflow`` Inception features vs CIFAR-10 train (or test) statistics.
 
 The number matches clean-fid 0.1.35's ``fid.compute_fid(gen=..., dataset_name="cifar10",
 dataset_res=32, dataset_split="train", mode="legacy_tensorflow")`` used for the published results:
@@ -7,15 +7,17 @@ dataset_res=32, dataset_split="train", mode="legacy_tensorflow")`` used for the 
               2048-d pool features; in legacy_tensorflow mode the 32x32 images go in unresized,
               values in [0, 255], and the network resizes to 299x299 itself.
     reference mu, sigma of those features on the 50,000 CIFAR-10 train images, the statistics file
-              ``cifar10_legacy_tensorflow_train_32.npz`` clean-fid downloads.
+              ``cifar10_legacy_tensorflow_train_32.npz`` clean-fid downloads (split "train", the
+              published reference); split "test": the 10,000 test images,
+              ``cifar10_legacy_tensorflow_test_32.npz`` (``dataset_split="test"`` in clean-fid).
     FID       ||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)) with S = np.cov(features).
 
 Offline use: both files are looked up, in order, at an explicit path (flag), an environment variable
 (``FID_INCEPTION_PATH``, ``FID_STATS_PATH``), ``{data_dir}/fid/`` and clean-fid's own cache
 (``/tmp`` for the weights, ``cleanfid/stats/`` for the statistics), then downloaded into
 ``{data_dir}/fid/``. If the published statistics cannot be fetched, they are computed once from the
-local CIFAR-10 train set with the same extractor and cached as
-``{data_dir}/fid/cifar10_legacy_tensorflow_train_32_computed.npz`` (the result records which).
+local CIFAR-10 images of the same split with the same extractor and cached as
+``{data_dir}/fid/cifar10_legacy_tensorflow_{split}_32_computed.npz`` (the result records which).
 When neither works, ``FIDUnavailable`` says in one sentence which files to put where.
 
 Our own ``frechet_distance`` is clean-fid's formula (same sqrtm, same singular-product fallback)
@@ -38,15 +40,15 @@ import torch
 from scipy import linalg
 from torch import Tensor
 
-from sampling import generate_samples
+from distributed import World
+from sampling import gather_batches, generate_samples
 from utils_cifar import DataError, UserError, atomic_write, ensure_cifar10, load_cifar10
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 # The URLs clean-fid 0.1.35 downloads from (cleanfid/downloads_helper.py, cleanfid/features.py).
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILENAME}"
-STATS_FILENAME = "cifar10_legacy_tensorflow_train_32.npz"
-STATS_URL = f"https://www.cs.cmu.edu/~clean-fid/stats/{STATS_FILENAME}"
-COMPUTED_STATS_FILENAME = "cifar10_legacy_tensorflow_train_32_computed.npz"
+STATS_BASE_URL = "https://www.cs.cmu.edu/~clean-fid/stats"
+SPLITS = ("train", "test")
 INCEPTION_ENV = "FID_INCEPTION_PATH"
 STATS_ENV = "FID_STATS_PATH"
 DOWNLOAD_TIMEOUT_S = 60
@@ -57,6 +59,13 @@ FeatureExtractor = Callable[[Tensor], Tensor]
 
 class FIDUnavailable(UserError):
     """FID cannot be computed (missing Inception weights or reference statistics); one sentence."""
+
+
+def stats_filename(split: str = "train", computed: bool = False) -> str:
+    """clean-fid's name for the CIFAR-10 statistics of `split`, or ours for those computed locally."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown CIFAR-10 split {split!r}: choose one of {', '.join(SPLITS)}.")
+    return f"cifar10_legacy_tensorflow_{split}_32{'_computed' if computed else ''}.npz"
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,14 +118,13 @@ def extract_features(extractor: FeatureExtractor, images: Tensor, batch_size: in
 # --------------------------------------------------------------------------------------------
 
 
-def cleanfid_cache_paths() -> dict[str, Path]:
-    """Where clean-fid itself caches the two files (reused when present; never written here)."""
+def cleanfid_cache_path(filename: str) -> Path:
+    """Where clean-fid itself caches `filename` (reused when present; never written here)."""
+    if filename == INCEPTION_FILENAME:
+        return Path("/tmp") / INCEPTION_FILENAME
     import cleanfid  # imported here: only the lookup needs clean-fid's install location
 
-    return {
-        INCEPTION_FILENAME: Path("/tmp") / INCEPTION_FILENAME,
-        STATS_FILENAME: Path(cleanfid.__file__).parent / "stats" / STATS_FILENAME,
-    }
+    return Path(cleanfid.__file__).parent / "stats" / filename
 
 
 def _download(url: str, dest: Path) -> str | None:
@@ -147,10 +155,11 @@ class FIDFiles:
     stats: Path | None
     stats_source: str  # "given" (flag/env), "published" (clean-fid's file), "computed" (local CIFAR-10)
     data_dir: Path
+    split: str = "train"
 
     @property
     def computed_stats(self) -> Path:
-        return self.data_dir / "fid" / COMPUTED_STATS_FILENAME
+        return self.data_dir / "fid" / stats_filename(self.split, computed=True)
 
 
 def resolve_fid_files(
@@ -158,15 +167,18 @@ def resolve_fid_files(
     stats_path: str | os.PathLike | None = None,
     data_dir: str | os.PathLike = "./data",
     download: bool = True,
+    split: str = "train",
 ) -> FIDFiles:
-    """Find (or download) the Inception weights and the reference statistics; cheap when cached.
+    """Find (or download) the Inception weights and the reference statistics of CIFAR-10 `split`
+    (train or test); cheap when cached.
 
     Raises FIDUnavailable naming the missing files and where to put them. When the published
-    statistics are missing, the local CIFAR-10 train set must be reachable instead (it is checked,
-    and downloaded if `download`); `stats` is then None and ``FIDScorer.prepare`` computes them.
+    statistics are missing, the local CIFAR-10 must be reachable instead (it is checked, and
+    downloaded if `download`); `stats` is then None and ``FIDScorer.prepare`` computes them.
     """
-    data_dir = Path(data_dir)
-    cache, folder = cleanfid_cache_paths(), data_dir / "fid"
+    data_dir, folder = Path(data_dir), Path(data_dir) / "fid"
+    published, computed = stats_filename(split), stats_filename(split, computed=True)
+    stats_url = f"{STATS_BASE_URL}/{published}"
     for given, env, what in ((inception_path, INCEPTION_ENV, "--fid_inception_path"), (stats_path, STATS_ENV, "--fid_stats_path")):
         path = _explicit(given, env)
         if path is not None and not path.is_file():
@@ -178,7 +190,7 @@ def resolve_fid_files(
         # clean-fid's loader takes a folder and a fixed file name.
         raise FIDUnavailable(f"the Inception weights must be named {INCEPTION_FILENAME}, not {inception.name}.")
     if inception is None:
-        inception = next((p for p in (folder / INCEPTION_FILENAME, cache[INCEPTION_FILENAME]) if p.is_file()), None)
+        inception = next((p for p in (folder / INCEPTION_FILENAME, cleanfid_cache_path(INCEPTION_FILENAME)) if p.is_file()), None)
     if inception is None:
         why = _download(INCEPTION_URL, folder / INCEPTION_FILENAME) if download else "downloading is off"
         if why is None:
@@ -189,20 +201,20 @@ def resolve_fid_files(
     stats, source = _explicit(stats_path, STATS_ENV), "given"
     if stats is None:
         source = "published"
-        stats = next((p for p in (folder / STATS_FILENAME, cache[STATS_FILENAME]) if p.is_file()), None)
-    if stats is None and (folder / COMPUTED_STATS_FILENAME).is_file():
-        stats, source = folder / COMPUTED_STATS_FILENAME, "computed"
+        stats = next((p for p in (folder / published, cleanfid_cache_path(published)) if p.is_file()), None)
+    if stats is None and (folder / computed).is_file():
+        stats, source = folder / computed, "computed"
     if stats is None:
-        why = _download(STATS_URL, folder / STATS_FILENAME) if download else "downloading is off"
+        why = _download(stats_url, folder / published) if download else "downloading is off"
         if why is None:
-            stats = folder / STATS_FILENAME
+            stats = folder / published
         else:
-            # Computable from the train set with the same extractor, if CIFAR-10 is at hand.
+            # Computable from the split's images with the same extractor, if CIFAR-10 is at hand.
             try:
                 ensure_cifar10(data_dir, download=download)
                 source = "computed"
             except DataError:
-                problems.append((f"{STATS_FILENAME} (from {STATS_URL}, or CIFAR-10 in {data_dir} to compute it)", why))
+                problems.append((f"{published} (from {stats_url}, or CIFAR-10 in {data_dir} to compute it)", why))
 
     if problems:
         names = " and ".join(name for name, _ in problems)
@@ -211,7 +223,7 @@ def resolve_fid_files(
             f"FID is unavailable: put {names} in {folder}/ (or pass --fid_inception_path / "
             f"--fid_stats_path, env {INCEPTION_ENV} / {STATS_ENV}); fetching failed ({reasons})."
         )
-    return FIDFiles(inception=inception, stats=stats, stats_source=source, data_dir=data_dir)
+    return FIDFiles(inception=inception, stats=stats, stats_source=source, data_dir=data_dir, split=split)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,18 +298,20 @@ class FIDScorer:
         device: torch.device | str = "cpu",
         batch_size: int = 500,
         extractor: FeatureExtractor | None = None,
+        split: str = "train",
     ) -> FIDScorer:
-        """Resolve the files, load Inception (or use `extractor`) and the statistics.
+        """Resolve the files, load Inception (or use `extractor`) and the statistics of `split`.
 
-        If the published statistics are unavailable they are computed here from the CIFAR-10 train
-        set (50,000 images through Inception: about a minute on a GPU) and cached under data_dir.
+        If the published statistics are unavailable they are computed here from the CIFAR-10 images
+        of `split` (50,000 train images through Inception: about a minute on a GPU) and cached under
+        data_dir.
         """
-        files = resolve_fid_files(inception_path, stats_path, data_dir, download)
+        files = resolve_fid_files(inception_path, stats_path, data_dir, download, split)
         extractor = extractor or load_inception(files.inception, device)
         if files.stats is not None:
             mu, sigma = load_statistics(files.stats)
             return cls(extractor, mu, sigma, files.stats, files.stats_source, batch_size)
-        images, _ = load_cifar10(data_dir, train=True, download=download)
+        images, _ = load_cifar10(data_dir, train=split == "train", download=download)
         mu, sigma = feature_statistics(extract_features(extractor, images, batch_size))
         save_statistics(files.computed_stats, mu, sigma)
         return cls(extractor, mu, sigma, files.computed_stats, "computed", batch_size)
@@ -324,13 +338,23 @@ class FIDScorer:
         tol: float = 1e-5,
         seed: int = 0,
         keep_samples: bool = False,
-    ) -> FIDResult:
-        """Sample `num_gen` images from `net` (see sampling.py) and score them as they come."""
+        world: World | None = None,
+        progress: bool = True,
+    ) -> FIDResult | None:
+        """Sample `num_gen` images from `net` (see sampling.py) and score them as they come.
+
+        `progress` draws a bar over the samples on rank 0. Under torchrun (`world` of size > 1) each
+        rank samples and featurises its own batches; rank 0 gathers the features in sample order
+        and returns the FID one process would get, the other ranks None.
+        """
         start = time.perf_counter()
         features = []
         samples, mean_nfe = generate_samples(net, num_gen, batch_size, method, steps, tol, seed,
                                              on_batch=lambda images: features.append(self.features(images)),
-                                             keep=keep_samples)
+                                             keep=keep_samples, world=world, progress=progress)
+        features = gather_batches(features, world)
+        if features is None:
+            return None
         fid = self.fid_of_features(np.concatenate(features))
         return FIDResult(fid=fid, mean_nfe=mean_nfe, num_gen=num_gen,
                          seconds=time.perf_counter() - start, samples=samples)

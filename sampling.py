@@ -16,11 +16,18 @@ turn into one extra step (so ``steps`` and NFE would not be exact), (b) its ``rk
 variant, not the classical scheme users expect, and (c) each scheme is three lines. The time grid is
 ``torch.linspace(0, 1, steps + 1)``, the grid of the published Euler runs (torchdyn's t_span).
 
-Noise is drawn sample by sample from a CPU generator seeded with `seed`: sample i is the same
-whatever the batch size and device, and torch's global RNG is never touched (training resumes
-exactly after drawing a sample grid). With the fixed-step solvers each image therefore depends only
-on (seed, index); with dopri5 the step sizes are shared by the batch, so images depend on the batch
-composition too (within the solver tolerance).
+Noise is keyed by sample index: sample i comes from its own generator seeded with (seed, i), so it
+is the same whatever the batch size, the number of processes and the device, and torch's global RNG
+is never touched (training resumes exactly after drawing a sample grid). With the fixed-step solvers
+each image therefore depends only on (seed, index); with dopri5 the step sizes are shared by the
+batch, so images depend on the batch composition too (within the solver tolerance).
+
+Under torchrun the samples are split by whole batches: batch k (samples kB .. kB + B - 1) runs on
+rank k mod W, so every batch, and with it every dopri5 solve, is the one a single process makes.
+Rank 0 gathers the results back into sample order (``gather_batches``).
+
+Straightness (Liu et al. 2022, "Flow straight and fast") measures how far the learned paths are from
+straight lines; see ``path_straightness``.
 
 Image layout: uint8 tensors are NCHW [N, 3, 32, 32] (the Inception input and torchvision layout);
 compute_fid.py transposes to NHWC only when it writes the ``.npz`` evaluator file.
@@ -29,14 +36,19 @@ compute_fid.py transposes to NHWC only when it writes the ``.npz`` evaluator fil
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from utils_cifar import to_uint8, writing
+from distributed import World, gather_to_main, process_rank
+from utils_cifar import UserError, to_uint8, writing
 
 SOLVERS = ("dopri5", "euler", "midpoint", "heun", "rk4")
 
@@ -125,26 +137,84 @@ def integrate(
     return x, counter.calls
 
 
-class NoiseSource:
-    """x0 ~ N(0, I) drawn one sample at a time from a CPU generator seeded with `seed`.
+@dataclass(frozen=True)
+class SolverSetting:
+    """One solver configuration: `steps` is read by the fixed-step solvers, `tol` by dopri5.
 
-    Sample i is the i-th draw whatever the batch sizes asked for (one ``randn(shape)`` per sample:
-    a single big ``randn`` is not guaranteed to equal consecutive small ones), the same on every
-    device, and torch's global RNG is untouched.
+    ``dataclasses.asdict(setting)`` gives the method / steps / tol arguments of the sampling functions.
     """
 
-    def __init__(self, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0):
-        self.shape = tuple(shape)
-        self.generator = torch.Generator().manual_seed(seed)
+    method: str
+    steps: int = 100
+    tol: float = 1e-5
 
-    def take(self, num: int) -> Tensor:
-        """The next `num` samples: float32 [num, *shape] on the CPU."""
-        return torch.stack([torch.randn(self.shape, generator=self.generator) for _ in range(num)])
+    def __str__(self) -> str:
+        return f"dopri5 tol {self.tol:g}" if self.method == "dopri5" else f"{self.method} {self.steps} steps"
+
+    def describe(self) -> dict:
+        """The fields that identify this setting in a results record (fid.jsonl)."""
+        value = {"tol": self.tol} if self.method == "dopri5" else {"integration_steps": self.steps}
+        return {"integration_method": self.method, **value}
 
 
-def noise(num: int, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> Tensor:
-    """The first `num` noise samples of `seed`: float32 [num, *shape] on the CPU."""
-    return NoiseSource(shape, seed).take(num)
+def parse_sweep(spec: str) -> list[SolverSetting]:
+    """'euler:1,2,5;midpoint:5,10;dopri5:1e-3,1e-4' -> the settings, in the order written.
+
+    A fixed-step solver lists step counts (positive integers), dopri5 tolerances (positive numbers).
+    Raises UserError (one sentence) on anything else.
+    """
+    usage = (f"write SOLVER:V1,V2 entries joined by ';', SOLVER one of {', '.join(SOLVERS)}, with step counts for "
+             "the fixed-step solvers and tolerances for dopri5 (for example euler:1,10,100;dopri5:1e-4)")
+    settings = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        method, _, values = (x.strip() for x in part.partition(":"))
+        try:
+            numbers = [float(v) if method == "dopri5" else int(v) for v in values.split(",")]
+        except ValueError:
+            numbers = []
+        if method not in SOLVERS or not numbers or not all(0 < v < math.inf for v in numbers):
+            raise UserError(f"cannot read --sweep entry {part!r}: {usage}.")
+        settings += [SolverSetting(method, tol=v) if method == "dopri5" else SolverSetting(method, steps=v) for v in numbers]
+    if not settings:
+        raise UserError(f"--sweep={spec!r} names no setting: {usage}.")
+    return settings
+
+
+def noise(indices: int | Sequence[int], shape: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> Tensor:
+    """x0 ~ N(0, I) of the samples `indices` (an int n: samples 0..n-1): float32 [len, *shape] on the CPU.
+
+    Sample i is drawn from its own numpy generator keyed by SeedSequence([seed, i]) (seed taken mod
+    2^64): a function of (seed, i) alone, so any process can draw any sample without drawing the
+    ones before it, and torch's global RNG is untouched. (torch's CPU generator keeps only 32 bits
+    of its seed: too few to key (seed, index) pairs without collisions.)
+    """
+    indices = range(indices) if isinstance(indices, int) else indices
+    draws = [np.random.default_rng([seed % 2**64, i]).standard_normal(shape, dtype=np.float32) for i in indices]
+    return torch.from_numpy(np.stack(draws))
+
+
+def batch_ranges(num: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
+    """The sample indices of each batch rank `rank` of `world_size` solves, in order.
+
+    Batch k holds samples [k B, min((k + 1) B, num)) and runs on rank k mod W. Ranks take whole
+    batches because dopri5 shares its step sizes across a batch: a batch split differently would
+    give (slightly) different images, and a different FID, for another number of processes.
+    """
+    return [range(start, min(start + batch_size, num)) for start in range(rank * batch_size, num, world_size * batch_size)]
+
+
+def interleave(per_rank: Sequence[Sequence]) -> list:
+    """Batches gathered from W ranks back in sample order: rank r's list holds batches r, r + W, ..."""
+    world_size = len(per_rank)
+    return [per_rank[k % world_size][k // world_size] for k in range(sum(map(len, per_rank)))]
+
+
+def gather_batches(batches: list, world: World | None) -> list | None:
+    """Every rank's per-batch results, in sample order (batch 0, 1, ...), on rank 0; None on the others."""
+    if world is None or world.size == 1:
+        return batches
+    gathered = gather_to_main(batches, world)
+    return interleave(gathered) if gathered is not None else None
 
 
 @contextlib.contextmanager
@@ -167,6 +237,50 @@ def _device_of(net: torch.nn.Module) -> torch.device:
     return next(net.parameters()).device
 
 
+def _rank_of(world: World | None) -> tuple[int, int]:
+    return (world.rank, world.size) if world is not None else (0, 1)
+
+
+def _solve_batches(
+    net: torch.nn.Module, solve: Callable, num: int, batch_size: int, seed: int, rank: int, world_size: int
+) -> Iterator[tuple[Tensor, int]]:
+    """Yield `solve(net, x0)` -> (out [b, ...], nfe) for each of this rank's batches (see batch_ranges).
+
+    x0 is the batch's noise on the net's device. Each solve runs under ``torch.no_grad()`` with the
+    net in eval mode; its previous mode is restored after every batch.
+    """
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num ({num}) and batch_size ({batch_size}) must be positive.")
+    shape, device = _sample_shape(net), _device_of(net)
+    for indices in batch_ranges(num, batch_size, rank, world_size):
+        x0 = noise(indices, shape, seed).to(device)
+        # Entered per batch, never held across a yield: the caller's grad mode and the net's
+        # train/eval mode are its own between batches, even if it stops iterating early.
+        with _eval_mode(net), torch.no_grad():
+            out = solve(net, x0)
+        yield out
+
+
+def _progress(
+    batches: Iterator[tuple[Tensor, int]], num: int, batch_size: int, world: World | None, show: bool,
+    desc: str = "sampling", unit: str = "img",
+) -> Iterator[tuple[Tensor, int]]:
+    """Pass this rank's (out, nfe) batches of a `num`-sample job through while a tqdm bar over samples
+    shows images/s, the mean NFE so far and the ETA, on rank 0 only (under torchrun: rank 0's share)."""
+    rank, world_size = _rank_of(world)
+    total = sum(map(len, batch_ranges(num, batch_size, rank, world_size)))
+    if world_size > 1:
+        desc = f"{desc} (rank 0 of {world_size})"
+    done = nfe_total = 0
+    with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=not show or process_rank() != 0) as bar:
+        for out, nfe in batches:
+            yield out, nfe
+            done += len(out)
+            nfe_total += nfe * len(out)
+            bar.set_postfix(nfe=f"{nfe_total / done:.1f}", refresh=False)
+            bar.update(len(out))
+
+
 def sample_batches(
     net: torch.nn.Module,
     num: int,
@@ -175,23 +289,17 @@ def sample_batches(
     steps: int = 100,
     tol: float = 1e-5,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[Tensor, int]]:
     """Yield (x1, nfe) batch by batch: x1 float [b, C, H, W] (about [-1, 1], unclipped) on the net's device.
 
-    Batches hold `batch_size` samples (the last one the remainder), num in all. Each solve runs under
-    ``torch.no_grad()`` with the net in eval mode; its previous mode is restored after every batch.
+    Batches hold `batch_size` samples (the last one the remainder), num in all over the
+    `world_size` ranks; this rank gets batches rank, rank + W, ... (see batch_ranges).
     """
     check_solver(method)
-    if num < 1 or batch_size < 1:
-        raise ValueError(f"num ({num}) and batch_size ({batch_size}) must be positive.")
-    source, device = NoiseSource(_sample_shape(net), seed), _device_of(net)
-    for start in range(0, num, batch_size):
-        x0 = source.take(min(batch_size, num - start)).to(device)
-        # Entered per batch, never held across a yield: the caller's grad mode and the net's
-        # train/eval mode are its own between batches, even if it stops iterating early.
-        with _eval_mode(net), torch.no_grad():
-            x1, nfe = integrate(net, x0, method=method, steps=steps, tol=tol)
-        yield x1, nfe
+    yield from _solve_batches(net, lambda f, x0: integrate(f, x0, method=method, steps=steps, tol=tol),
+                              num, batch_size, seed, rank, world_size)
 
 
 def generate_samples(
@@ -204,23 +312,77 @@ def generate_samples(
     seed: int = 0,
     on_batch: Callable[[Tensor], None] | None = None,
     keep: bool = True,
-) -> tuple[Tensor | None, float]:
+    world: World | None = None,
+    progress: bool = False,
+) -> tuple[Tensor | None, float | None]:
     """Sample `num` images: uint8 NCHW [num, C, H, W] on the CPU (None if not `keep`), and the mean
     NFE per sample.
 
     Mapped to uint8 as published: (x * 127.5 + 128).clip(0, 255) (``utils_cifar.to_uint8``), on the
     device before the copy to the host. Runs where the net's parameters are. `on_batch` gets each
     uint8 batch on the device as it is made (e.g. to featurise it for FID while sampling goes on).
+    `progress` draws a bar on rank 0.
+
+    Under torchrun (`world` of size W > 1) each rank samples its own batches (``on_batch`` sees only
+    those) and rank 0 returns all `num` in sample order, exactly what one process returns; the
+    other ranks return (None, None).
     """
-    images, nfe_total = [], 0
-    for x1, nfe in sample_batches(net, num, batch_size, method, steps, tol, seed):
-        batch = to_uint8(x1)
+    batches = []  # (uint8 images on the CPU or None, nfe, batch length) per batch
+    solves = sample_batches(net, num, batch_size, method, steps, tol, seed, *_rank_of(world))
+    for x1, nfe in _progress(solves, num, batch_size, world, progress):
+        images = to_uint8(x1)
         if on_batch is not None:
-            on_batch(batch)
-        if keep:
-            images.append(batch.cpu())
-        nfe_total += nfe * len(x1)
-    return (torch.cat(images) if keep else None), nfe_total / num
+            on_batch(images)
+        batches.append((images.cpu() if keep else None, nfe, len(x1)))
+    batches = gather_batches(batches, world)
+    if batches is None:
+        return None, None
+    mean_nfe = sum(nfe * length for _, nfe, length in batches) / num
+    return (torch.cat([images for images, _, _ in batches]) if keep else None), mean_nfe
+
+
+def path_straightness(field: Field, x0: Tensor, steps: int) -> Tensor:
+    """Straightness of each path of dx/dt = field(t, x) from x0 [B, ...]: float64 [B], 0 for straight paths.
+
+    On the Euler grid t_i = i / N (N = `steps`), x_{i+1} = x_i + v_i / N with v_i = field(t_i, x_i):
+
+        S = (1/N) sum_{i<N} || (x(1) - x(0)) - v_i ||^2      (squared norm summed over pixels)
+
+    the discretised integral int_0^1 E||(X1 - X0) - v(t, X_t)||^2 dt of Liu et al. (2022). On this
+    grid x(1) - x(0) = (1/N) sum_i v_i is the mean velocity, so S is the spread of the velocities
+    along the path about their mean: accumulated in one pass with Welford's update (no trajectory is
+    stored, and a constant field gives exactly 0). Costs N evaluations, in the caller's grad mode.
+    """
+    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=x0.dtype, device=x0.device)
+    x, mean = x0, torch.zeros_like(x0)
+    spread = torch.zeros(len(x0), dtype=torch.float64, device=x0.device)
+    for i in range(steps):
+        v = field(grid[i], x)
+        delta = v - mean
+        mean = mean + delta / (i + 1)
+        spread += (delta * (v - mean)).flatten(1).sum(1, dtype=torch.float64)
+        x = x + (grid[i + 1] - grid[i]) * v
+    return spread / steps
+
+
+def straightness(
+    net: torch.nn.Module,
+    num: int,
+    batch_size: int = 1024,
+    steps: int = 100,
+    seed: int = 0,
+    world: World | None = None,
+    progress: bool = False,
+) -> float | None:
+    """Mean ``path_straightness`` of the net's flow over the paths from the noise of samples 0..num-1
+    (the first `num` FID samples); split across ranks like ``generate_samples``. None off rank 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be a positive number of Euler steps, got {steps}.")
+    solves = _solve_batches(net, lambda f, x0: (path_straightness(f, x0, steps), steps),
+                            num, batch_size, seed, *_rank_of(world))
+    values = [s.cpu() for s, _ in _progress(solves, num, batch_size, world, progress, "straightness", "path")]
+    values = gather_batches(values, world)
+    return None if values is None else torch.cat(values).mean().item()
 
 
 def save_sample_grid(

@@ -357,23 +357,26 @@ def remove_stale_temp_files(folder: str | os.PathLike, names) -> list[Path]:
     return removed
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint (ours or a published TorchCFM one) with `weights_only=True`."""
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", source: str | None = None) -> dict:
+    """Read a checkpoint (ours or a published TorchCFM one) with `weights_only=True`; errors call the
+    file `source` (default: its path)."""
     path = Path(path)
+    source = source or str(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: check --checkpoint_path / --checkpoint.")
+        raise CheckpointError(f"checkpoint {source} does not exist: check --checkpoint_path / --checkpoint.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}).") from err
+        raise CheckpointError(f"checkpoint {source} cannot be read ({type(err).__name__}: {err}).") from err
     if not isinstance(ckpt, dict) or "net_model" not in ckpt and "ema_model" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} holds no 'net_model'/'ema_model' weights.")
+        raise CheckpointError(f"checkpoint {source} holds no 'net_model'/'ema_model' weights.")
     return ckpt
 
 
 def check_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> dict:
-    """`state_dict` without `module.`/`_orig_mod.` prefixes, if its keys and shapes are exactly `net`'s;
-    else a `CheckpointError` saying what differs. `net` may live on the meta device (no memory)."""
+    """`state_dict` without `module.`/`_orig_mod.` prefixes, if its keys and shapes are exactly `net`'s
+    and its values finite; else a `CheckpointError` saying what differs (or that the run that wrote
+    it had diverged). `net` may live on the meta device (no memory)."""
     state_dict = strip_state_dict_prefixes(state_dict)
     own = net.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -543,6 +546,24 @@ def truncate_jsonl(path: str | os.PathLike, keep) -> None:
         return
     lines = [json.dumps(record) for record in read_jsonl(path) if keep(record)]
     atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines).encode()))
+
+
+def ensure_writable(path: str | os.PathLike, flag: str) -> None:
+    """Raise UserError unless a file can be written at `path` (given by `flag`), creating its folder.
+
+    Meant for output paths checked before long work: a probe file is created (and removed) in the
+    folder, which catches what permission bits alone do not (read-only mounts, full quotas).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag}={path} is a folder: name a file.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {flag}={path} ({type(err).__name__}: {err.strerror or err}): "
+                        "choose a writable folder.") from err
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

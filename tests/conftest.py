@@ -15,6 +15,12 @@ TINY_UNET_CONFIG = dict(dim=(3, 32, 32), num_channels=32, num_res_blocks=1, chan
                         attention_resolutions="16", num_heads=4, num_head_channels=16, dropout=0.1)
 
 
+def stand_in_extractor(num_features: int = 16):
+    """A stand-in for Inception: images [B, 3, 32, 32] -> a fixed random projection [B, num_features] (float64)."""
+    weight = torch.randn(3 * 32 * 32, num_features, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return lambda images: images.double().reshape(len(images), -1) @ weight
+
+
 def write_fake_cifar10(root, per_batch: int = 20, seed: int = 0):
     """Write `{root}/cifar-10-batches-py/` with python-pickle batches shaped like CIFAR-10's.
 
@@ -55,3 +61,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """(folder, base_url, requests): an HTTP server on 127.0.0.1 serving `folder`, logging each path
+    requested. It runs in a daemon thread, is shut down after the test, and stops by itself after
+    two minutes in any case."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):  # quiet test output
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    deadline = threading.Timer(120, server.shutdown)
+    deadline.daemon = True
+    deadline.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_port}", requests
+    finally:
+        deadline.cancel()
+        server.shutdown()
+        server.server_close()

@@ -1,7 +1,8 @@
 """compute_fid.py end to end in subprocesses (absl flags are process-global), on tiny checkpoints.
 
 Each run goes through a small runner script that can patch the network away (urlopen raises) and
-swap Inception for a stand-in extractor, so nothing is ever downloaded.
+swap Inception for a stand-in extractor, so nothing is downloaded except from a local test server.
+Results are compared with what the library computes in this process (one process, same seed).
 """
 
 import json
@@ -14,11 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from sampling import generate_samples
+import fid
+from sampling import generate_samples, straightness
 from unet import PAPER_CONFIG, UNetModel
+from utils_cifar import build_net_from_checkpoint, read_jsonl
+
+from conftest import TINY_UNET_CONFIG as TINY_CONFIG
+from conftest import stand_in_extractor
 
 REPO = Path(__file__).resolve().parents[1]
-from conftest import TINY_UNET_CONFIG as TINY_CONFIG
 SAMPLING = ["--fid=False", "--num_gen=8", "--batch_size_fid=5", "--integration_method=euler", "--integration_steps=2"]
 
 OFFLINE = """
@@ -30,36 +35,43 @@ def refuse(url, *args, **kwargs):
     raise urllib.error.URLError("offline (test)")
 
 urllib.request.urlopen = refuse
-fid.cleanfid_cache_paths = lambda: {fid.INCEPTION_FILENAME: Path("no-cache") / fid.INCEPTION_FILENAME,
-                                    fid.STATS_FILENAME: Path("no-cache") / fid.STATS_FILENAME}
+fid.cleanfid_cache_path = lambda filename: Path("no-cache") / filename
 """
 
-# Stand-in for Inception: a fixed random projection of each image to 16 features.
-STAND_IN = """
-import torch
 
-def load_inception(path, device="cpu"):
-    weight = torch.randn(3 * 32 * 32, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return lambda images: images.double().reshape(len(images), -1) @ weight
 
-fid.load_inception = load_inception
+def stand_in(num_features=16):
+    """Runner code that replaces Inception with conftest.stand_in_extractor(num_features)."""
+    return f"""
+import fid
+from conftest import stand_in_extractor
+fid.load_inception = lambda path, device="cpu": stand_in_extractor({num_features})
 """
+
+
+STAND_IN = stand_in()
 
 
 # Many small solves: one intra-op thread is faster on a busy 2-core machine (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_cli(tmp_path, args, patches=""):
+def runner_script(tmp_path, patches=""):
+    """A script that applies `patches` and then runs compute_fid.main (the repo and tests/ importable)."""
     runner = tmp_path / "run_compute_fid.py"
     runner.write_text(
-        f"import sys\nsys.path.insert(0, {str(REPO)!r})\n{patches}\n"
+        f"import sys\nsys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n{patches}\n"
         "from absl import app\nimport compute_fid\napp.run(compute_fid.main)\n"
     )
-    # One thread: two spinning OpenMP threads on a busy 2-core CI box are many times slower.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(runner), *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return runner
+
+
+def run_cli(tmp_path, args, patches="", env=None, launcher=()):
+    """Run compute_fid.py (through `launcher`, e.g. torchrun) with `args`, one thread per process:
+    two spinning OpenMP threads on a busy 2-core CI box are many times slower."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *launcher, str(runner_script(tmp_path, patches)), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 def random_unet(config, seed):
@@ -85,8 +97,9 @@ def tiny_checkpoint(tmp_path_factory):
 def test_samples_npz_grid_and_seed(tmp_path, tiny_checkpoint):
     path, net, ema = tiny_checkpoint
     proc = run_cli(tmp_path, [f"--checkpoint={path}", *SAMPLING, "--save_samples=s.npz", "--grid=g.png", "--seed=3",
-                              "--device=cpu"])
+                              "--device=cpu", "--quiet"])
     assert proc.returncode == 0, proc.stderr
+    assert "sampling" not in proc.stderr  # --quiet: no progress bar
     with np.load(tmp_path / "s.npz") as npz:
         samples = npz["arr_0"]
     assert samples.dtype == np.uint8 and samples.shape == (8, 32, 32, 3)
@@ -138,8 +151,6 @@ def test_offline_fid_without_files_fails_before_sampling(tmp_path, tiny_checkpoi
 
 
 def test_fid_record_with_a_stand_in_extractor(tmp_path, tiny_checkpoint):
-    import fid
-
     path, _, _ = tiny_checkpoint
     inception = tmp_path / "weights" / fid.INCEPTION_FILENAME
     inception.parent.mkdir()
@@ -161,8 +172,106 @@ def test_fid_record_with_a_stand_in_extractor(tmp_path, tiny_checkpoint):
     # The logged FID is the Frechet distance of the saved samples' stand-in features to the stats.
     with np.load(tmp_path / "s.npz") as npz:
         images = torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2)
-    weight = torch.randn(3 * 32 * 32, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    features = (images.double().reshape(40, -1) @ weight).numpy()
+    features = stand_in_extractor(16)(images).numpy()
     expected = fid.frechet_distance(*fid.feature_statistics(features), *fid.feature_statistics(reference))
     assert record["fid"] == pytest.approx(expected, rel=1e-9)
     assert f"FID {record['fid']:.4f}" in proc.stdout
+
+
+def fid_files(tmp_path, num_features):
+    """--fid_inception_path / --fid_stats_path flags: a placeholder Inception file (the stand-in replaces
+    it) and reference statistics of random features; returns the flags and a scorer for this process."""
+    inception = tmp_path / "weights" / fid.INCEPTION_FILENAME
+    inception.parent.mkdir(exist_ok=True)
+    inception.write_bytes(b"stand-in")
+    mu, sigma = fid.feature_statistics(np.random.default_rng(0).normal(100, 30, size=(64, num_features)))
+    stats = tmp_path / "stats.npz"
+    fid.save_statistics(stats, mu, sigma)
+    scorer = fid.FIDScorer(stand_in_extractor(num_features), mu, sigma)
+    return [f"--fid_inception_path={inception}", f"--fid_stats_path={stats}"], scorer
+
+
+def test_sweep_of_the_published_weights_by_name_with_straightness(tmp_path, file_server):
+    """--pretrained fetched from a local server (the expected UNet made tiny), a sweep on the same noise:
+    one fid.jsonl row per setting with the NFE measured, each the FID this process computes."""
+    folder, url, requests = file_server
+    torch.manual_seed(3)
+    state = random_unet(TINY_CONFIG, 3).state_dict()
+    torch.save({"net_model": {f"module.{k}": v for k, v in state.items()}, "ema_model": state, "step": 400000},
+               folder / "otcfm_cifar10_weights_step_400000.pt")
+    patch = f"import pretrained\npretrained.PAPER_CONFIG = {TINY_CONFIG!r}\n" + stand_in(4)
+    flags, scorer = fid_files(tmp_path, 4)
+    sweep = "euler:1,3;midpoint:1;dopri5:0.1"
+    proc = run_cli(tmp_path, ["--pretrained=otcfm", f"--data_dir={tmp_path / 'data'}", f"--sweep={sweep}", "--num_gen=8",
+                              "--batch_size_fid=4", "--straightness=3", "--integration_steps=2", "--device=cpu", *flags],
+                   patch, env={"CFM_WEIGHTS_URL": url})
+    assert proc.returncode == 0, proc.stderr
+    cached = tmp_path / "data" / "weights" / "otcfm_cifar10_weights_step_400000.pt"
+    assert cached.is_file() and requests == ["/otcfm_cifar10_weights_step_400000.pt"]
+    rows = read_jsonl(cached.parent / "fid.jsonl")
+    assert [(r["integration_method"], r.get("integration_steps", r.get("tol"))) for r in rows] == [
+        ("euler", 1), ("euler", 3), ("midpoint", 1), ("dopri5", 0.1)]
+    assert all(r["model"] == "otcfm" and r["sweep"] == sweep and r["checkpoint"] == str(cached) for r in rows)
+    assert [r["mean_nfe"] for r in rows[:3]] == [1, 3, 2]
+    assert proc.stdout.count("FID ") == 4 and "sampling" in proc.stderr and "img/s" in proc.stderr
+
+    net = build_net_from_checkpoint({"ema_model": state, "unet_config": TINY_CONFIG})
+    for row, (method, steps, tol) in zip(rows, [("euler", 1, 1e-5), ("euler", 3, 1e-5), ("midpoint", 1, 1e-5),
+                                                ("dopri5", 100, 0.1)]):
+        expected = scorer.evaluate_net(net, 8, 4, method, steps, tol, seed=0, progress=False)
+        assert row["fid"] == pytest.approx(expected.fid, rel=1e-9) and row["mean_nfe"] == expected.mean_nfe
+    assert rows[3]["mean_nfe"] > 2 and len({r["fid"] for r in rows}) == 4
+    expected_straightness = straightness(net, 3, 4, steps=2, seed=0)
+    assert expected_straightness > 0
+    assert all(r["straightness"] == pytest.approx(expected_straightness, rel=1e-9) for r in rows)
+    assert all(r["straightness_paths"] == 3 and r["straightness_steps"] == 2 for r in rows)
+
+
+SAMPLING_STARTS = """
+import sampling
+def refuse(*args, **kwargs):
+    raise RuntimeError("sampling started")
+sampling.integrate = refuse
+"""
+
+# Root ignores permission bits, so the test makes one folder unwritable by refusing the probe file there.
+LOCKED_FOLDER = """
+import tempfile
+real_temporary_file = tempfile.TemporaryFile
+def temporary_file(*args, dir=None, **kwargs):
+    if dir is not None and "locked" in str(dir):
+        raise PermissionError(13, "Permission denied", str(dir))
+    return real_temporary_file(*args, dir=dir, **kwargs)
+tempfile.TemporaryFile = temporary_file
+"""
+
+
+def test_unwritable_output_paths_stop_the_run_before_sampling(tmp_path, tiny_checkpoint):
+    path, _, _ = tiny_checkpoint
+    proc = run_cli(tmp_path, [f"--checkpoint={path}", *SAMPLING, "--save_samples=out/s.npz", "--grid=locked/g.png",
+                              "--device=cpu"], LOCKED_FOLDER + SAMPLING_STARTS)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write --grid=locked/g.png (PermissionError" in lines[0], proc.stderr
+    assert "sampling started" not in proc.stderr and not (tmp_path / "out" / "s.npz").exists()
+
+
+def test_torchrun_two_processes_give_the_single_process_samples_fid_and_straightness(tmp_path, tiny_checkpoint):
+    """9 samples in batches of 4 on 2 ranks (batches 0, 2 on rank 0, batch 1 on rank 1), dopri5: the
+    gathered samples, FID, NFE and straightness are those of one process."""
+    path, _, ema = tiny_checkpoint
+    flags, scorer = fid_files(tmp_path, 4)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    proc = run_cli(tmp_path, [f"--checkpoint={path}", "--num_gen=9", "--batch_size_fid=4", "--integration_method=dopri5",
+                              "--tol=0.1", "--straightness=3", "--integration_steps=2", "--save_samples=s.npz",
+                              "--device=cpu", *flags], OFFLINE + stand_in(4), launcher=torchrun)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = read_jsonl(path.parent / "fid.jsonl")[-1]
+    assert record["world_size"] == 2 and record["integration_method"] == "dopri5"
+    expected = scorer.evaluate_net(ema, 9, 4, "dopri5", tol=0.1, seed=0, keep_samples=True, progress=False)
+    with np.load(tmp_path / "s.npz") as npz:
+        assert np.array_equal(npz["arr_0"], expected.samples.permute(0, 2, 3, 1).numpy())
+    assert record["fid"] == pytest.approx(expected.fid, rel=1e-9) and record["mean_nfe"] == expected.mean_nfe
+    assert record["straightness"] == pytest.approx(straightness(ema, 3, 4, steps=2, seed=0), rel=1e-9)
+    assert proc.stdout.count("FID ") == 1  # rank 0 alone reports
+    assert "sampling (rank 0 of 2)" in proc.stderr and "rank 1 of 2" not in proc.stderr  # the bar: rank 0 only

@@ -66,8 +66,7 @@ def offline(monkeypatch, tmp_path):
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
     cache = tmp_path / "cleanfid-cache"
-    monkeypatch.setattr(fid, "cleanfid_cache_paths", lambda: {
-        fid.INCEPTION_FILENAME: cache / fid.INCEPTION_FILENAME, fid.STATS_FILENAME: cache / fid.STATS_FILENAME})
+    monkeypatch.setattr(fid, "cleanfid_cache_path", lambda filename: cache / filename)
     monkeypatch.delenv(fid.INCEPTION_ENV, raising=False)
     monkeypatch.delenv(fid.STATS_ENV, raising=False)
 
@@ -91,7 +90,8 @@ def test_pipeline_with_stats_computed_from_local_cifar_matches_clean_fid(offline
 
     scorer = fid.FIDScorer.prepare(data_dir=data_dir, extractor=extractor, batch_size=64)
     assert scorer.stats_source == "computed"
-    assert scorer.stats_path == data_dir / "fid" / fid.COMPUTED_STATS_FILENAME and scorer.stats_path.is_file()
+    assert scorer.stats_path == data_dir / "fid" / fid.stats_filename("train", computed=True)
+    assert scorer.stats_path.is_file()
     ours = scorer.fid_of_batches(generated.split(50))
 
     # clean-fid: reference images as PNG files (its folder reader), generated ones from a generator.
@@ -113,6 +113,27 @@ def test_pipeline_with_stats_computed_from_local_cifar_matches_clean_fid(offline
     again = fid.FIDScorer.prepare(data_dir=data_dir, extractor=extractor)
     assert again.stats_source == "computed" and extractor.calls == calls
     assert again.fid_of_batches([generated]) == pytest.approx(ours, rel=1e-12)
+
+
+def test_test_split_statistics_fall_back_to_the_local_test_set_and_are_cached(offline, tmp_path):
+    from utils_cifar import load_cifar10
+
+    data_dir = tmp_path / "data"
+    write_fake_cifar10(data_dir, per_batch=80)  # 80 test images, more than the 64 features
+    place_dummy_inception(data_dir)
+    extractor = RandomProjection()
+    scorer = fid.FIDScorer.prepare(data_dir=data_dir, extractor=extractor, split="test")
+    assert scorer.stats_source == "computed"
+    assert scorer.stats_path == data_dir / "fid" / "cifar10_legacy_tensorflow_test_32_computed.npz"
+    test_images, _ = load_cifar10(data_dir, train=False)
+    mu, sigma = fid.feature_statistics(fid.extract_features(extractor, test_images))
+    assert np.allclose(scorer.ref_mu, mu, rtol=1e-12) and np.allclose(scorer.ref_sigma, sigma, rtol=1e-12)
+    train_images, _ = load_cifar10(data_dir, train=True)
+    assert not np.allclose(scorer.ref_mu, extractor(train_images).mean(0).numpy())  # not the train statistics
+    calls = extractor.calls
+    again = fid.FIDScorer.prepare(data_dir=data_dir, extractor=extractor, split="test")
+    assert again.stats_path == scorer.stats_path and extractor.calls == calls  # read from the cache
+    assert not (data_dir / "fid" / fid.stats_filename("train", computed=True)).exists()
 
 
 class ConstantVelocity(torch.nn.Module):
@@ -142,7 +163,7 @@ def test_offline_without_files_is_one_clear_sentence(offline, tmp_path):
     with pytest.raises(fid.FIDUnavailable) as err:
         fid.resolve_fid_files(data_dir=data_dir)
     message = str(err.value)
-    assert fid.INCEPTION_FILENAME in message and fid.STATS_FILENAME in message
+    assert fid.INCEPTION_FILENAME in message and fid.stats_filename("train") in message
     assert str(data_dir / "fid") in message and "URLError" in message
     assert "\n" not in message and message.count(". ") == 0
     assert not (data_dir / "fid" / fid.INCEPTION_FILENAME).exists()  # no partial download left behind
@@ -154,7 +175,7 @@ def test_ready_with_local_files_and_env_override(offline, tmp_path, monkeypatch)
     data_dir = tmp_path / "data"
     place_dummy_inception(data_dir)
     # Inception alone is not enough offline without CIFAR-10 to compute the statistics from.
-    with pytest.raises(fid.FIDUnavailable, match=fid.STATS_FILENAME):
+    with pytest.raises(fid.FIDUnavailable, match=fid.stats_filename("train")):
         fid.resolve_fid_files(data_dir=data_dir)
     stats = tmp_path / "elsewhere" / "my_stats.npz"
     fid.save_statistics(stats, np.zeros(4), np.eye(4))
@@ -165,7 +186,8 @@ def test_ready_with_local_files_and_env_override(offline, tmp_path, monkeypatch)
     assert np.array_equal(mu, np.zeros(4)) and np.array_equal(sigma, np.eye(4))
 
 
-def test_missing_statistics_are_downloaded_into_the_data_dir(offline, tmp_path, monkeypatch):
+@pytest.mark.parametrize("split", fid.SPLITS)
+def test_missing_statistics_are_downloaded_into_the_data_dir(offline, tmp_path, monkeypatch, split):
     payload = io.BytesIO()
     np.savez(payload, mu=np.ones(3), sigma=2 * np.eye(3))
     seen = []
@@ -177,9 +199,9 @@ def test_missing_statistics_are_downloaded_into_the_data_dir(offline, tmp_path, 
     monkeypatch.setattr(urllib.request, "urlopen", serve)
     data_dir = tmp_path / "data"
     place_dummy_inception(data_dir)
-    files = fid.resolve_fid_files(data_dir=data_dir)
-    assert seen == [fid.STATS_URL]
-    assert files.stats == data_dir / "fid" / fid.STATS_FILENAME and files.stats_source == "published"
+    files = fid.resolve_fid_files(data_dir=data_dir, split=split)
+    assert seen == [f"{fid.STATS_BASE_URL}/cifar10_legacy_tensorflow_{split}_32.npz"]  # clean-fid's published names
+    assert files.stats == data_dir / "fid" / fid.stats_filename(split) and files.stats_source == "published"
     mu, sigma = fid.load_statistics(files.stats)
     assert np.array_equal(mu, np.ones(3)) and np.array_equal(sigma, 2 * np.eye(3))
 

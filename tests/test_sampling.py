@@ -1,4 +1,5 @@
-"""ODE sampling: solver orders and NFE on a linear ODE with a closed-form solution, seeding, grids."""
+"""ODE sampling: solver orders and NFE on a linear ODE with a closed-form solution, seeding, grids, the
+batch layout across ranks, straightness against closed forms, sweep specs, the progress bar."""
 
 import math
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sampling import SOLVERS, NoiseSource, generate_samples, integrate, noise, sample_batches, save_sample_grid
+from sampling import (SOLVERS, SolverSetting, batch_ranges, generate_samples, integrate, interleave, noise, parse_sweep,
+                      sample_batches, save_sample_grid, straightness)
 from unet import UNetModel
-from utils_cifar import to_uint8
+from utils_cifar import UserError, to_uint8
 
 from conftest import TINY_UNET_CONFIG as TINY_CONFIG
 
@@ -98,11 +100,11 @@ def test_generate_samples_maps_x0_plus_flow_to_uint8_nchw():
     assert torch.equal(images, to_uint8(noise(5, (3, 4, 4), seed=7) + 0.25))
 
 
-def test_noise_is_seeded_per_sample_and_leaves_the_global_rng_alone():
+def test_noise_is_keyed_by_sample_index_and_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     full = noise(6, (2, 3), seed=3)
-    source = NoiseSource((2, 3), seed=3)
-    assert torch.equal(torch.cat([source.take(4), source.take(2)]), full)
+    assert torch.equal(torch.cat([noise(range(4), (2, 3), seed=3), noise(range(4, 6), (2, 3), seed=3)]), full)
+    assert torch.equal(noise([5, 1], (2, 3), seed=3), full[[5, 1]])  # any sample, without the ones before it
     assert not torch.equal(full, noise(6, (2, 3), seed=4))
     assert torch.equal(torch.get_rng_state(), state)
     # Standard normal (loose check over many draws).
@@ -153,3 +155,75 @@ def test_sample_batches_restores_grad_and_train_mode_between_batches(tiny_net):
     for _ in sample_batches(tiny_net, num=2, batch_size=1, method="euler", steps=1):
         seen.append((torch.is_grad_enabled(), tiny_net.training))
     assert seen == [(True, True), (True, True)]
+
+
+@pytest.mark.parametrize("num, batch_size, world_size", [(10, 3, 2), (9, 4, 2), (7, 2, 4), (4, 8, 3)])
+def test_ranks_take_whole_batches_in_turn_and_interleave_restores_sample_order(num, batch_size, world_size):
+    single = batch_ranges(num, batch_size)
+    assert [i for r in single for i in r] == list(range(num))
+    assert all(len(r) == batch_size for r in single[:-1])
+    per_rank = [batch_ranges(num, batch_size, rank, world_size) for rank in range(world_size)]
+    for rank, batches in enumerate(per_rank):  # batch k on rank k mod W, the same batch as in one process
+        assert batches == [r for k, r in enumerate(single) if k % world_size == rank]
+    assert interleave(per_rank) == single
+
+
+class RotatingField(torch.nn.Module):
+    """v(t, x) = omega J x, J rotating each pair of pixel values by 90 degrees: paths are circle arcs."""
+
+    def __init__(self, omega, dim=(3, 4, 4)):
+        super().__init__()
+        self.omega = torch.nn.Parameter(torch.tensor(float(omega)))
+        self.config = {"dim": list(dim)}
+
+    def forward(self, t, x):
+        pairs = x.reshape(len(x), -1, 2)
+        return self.omega * torch.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(x.shape)
+
+
+def test_straightness_is_zero_for_a_constant_field():
+    assert straightness(ConstantVelocity(0.7), num=5, batch_size=2, steps=7, seed=1) == 0.0
+
+
+def test_straightness_of_a_rotation_matches_the_closed_form():
+    # Euler on v = omega J x multiplies each pixel pair (a complex number z) by (1 + i omega / N) per
+    # step, so |v_i|^2 = omega^2 (1 + omega^2 / N^2)^i |z|^2 and x(1) - x(0) = ((1 + i omega / N)^N - 1) z:
+    #   S_N = |x0|^2 (N ((1 + omega^2 / N^2)^N - 1) - |(1 + i omega / N)^N - 1|^2)
+    # which tends to |x0|^2 (omega^2 - 2 + 2 cos omega), the straightness of the exact circular flow.
+    omega, num, shape = 1.3, 6, (3, 4, 4)
+    mean_sq_norm = noise(num, shape, seed=2).double().flatten(1).pow(2).sum(1).mean().item()
+
+    def closed_form(n):
+        return mean_sq_norm * (n * ((1 + omega**2 / n**2) ** n - 1) - abs((1 + 1j * omega / n) ** n - 1) ** 2)
+
+    for steps in (1, 4, 50):
+        value = straightness(RotatingField(omega, shape), num, batch_size=4, steps=steps, seed=2)
+        assert value == pytest.approx(closed_form(steps), rel=1e-5)
+    assert closed_form(50) > 0
+    limit = mean_sq_norm * (omega**2 - 2 + 2 * math.cos(omega))
+    assert straightness(RotatingField(omega, shape), num, batch_size=6, steps=2000, seed=2) == pytest.approx(limit, rel=2e-3)
+
+
+def test_sweep_spec_is_read_in_order_and_mistakes_are_one_sentence():
+    settings = parse_sweep("euler:1,2,5; midpoint:10 ;dopri5:1e-3,1e-5")
+    assert settings == [SolverSetting("euler", steps=1), SolverSetting("euler", steps=2), SolverSetting("euler", steps=5),
+                        SolverSetting("midpoint", steps=10), SolverSetting("dopri5", tol=1e-3),
+                        SolverSetting("dopri5", tol=1e-5)]
+    assert settings[0].describe() == {"integration_method": "euler", "integration_steps": 1}
+    assert settings[-1].describe() == {"integration_method": "dopri5", "tol": 1e-5}
+    for bad in ("rk45:10", "euler:1.5", "euler:0", "dopri5:-1e-3", "dopri5:nan", "euler", ";"):
+        with pytest.raises(UserError) as err:
+            parse_sweep(bad)
+        assert "\n" not in str(err.value) and str(err.value).count(". ") == 0
+
+
+def test_progress_bar_shows_images_per_second_and_mean_nfe_on_rank_0_only(capsys, monkeypatch):
+    net = ConstantVelocity(0.1)
+    generate_samples(net, num=5, batch_size=2, method="midpoint", steps=3, progress=True)
+    bar = capsys.readouterr().err
+    assert "sampling" in bar and "5/5" in bar and "img/s" in bar and "nfe=6.0" in bar
+    generate_samples(net, num=5, batch_size=2, method="midpoint", steps=3, progress=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "1")  # another torchrun rank: silent even when asked for a bar
+    generate_samples(net, num=5, batch_size=2, method="midpoint", steps=3, progress=True)
+    assert capsys.readouterr().err == ""

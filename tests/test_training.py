@@ -171,8 +171,7 @@ def test_fid_at_save_steps_is_logged_and_missing_files_never_crash(fake_cifar, t
     data_dir, _, _ = fake_cifar
     # Offline with no FID files: the run trains on, and says why there is no FID.
     monkeypatch.setattr(fid, "_download", lambda url, dest: "URLError: offline")
-    monkeypatch.setattr(fid, "cleanfid_cache_paths", lambda: {fid.INCEPTION_FILENAME: tmp_path / "none",
-                                                              fid.STATS_FILENAME: tmp_path / "none"})
+    monkeypatch.setattr(fid, "cleanfid_cache_path", lambda filename: tmp_path / "none")
     run_plain(tiny_args(data_dir, tmp_path / "a", "--total_steps=3", "--save_step=2", "--fid_num_gen=4"))
     records = (tmp_path / "a/otcfm/otcfm_cifar10_metrics.jsonl").read_text()
     assert '"fid"' not in records and (tmp_path / "a/otcfm/otcfm_cifar10_weights_step_2.pt").is_file()

@@ -1,0 +1,104 @@
+"""The published TorchCFM 1.0.4 CIFAR-10 checkpoints by name: fetched once, verified, cached.
+
+    path, ckpt = published_checkpoint("otcfm", data_dir="./data")
+    net = utils_cifar.build_net_from_checkpoint(ckpt)      # the paper UNet, EMA weights
+
+A file is downloaded with ``torch.hub.download_url_to_file`` (which writes a temp file and renames
+it, so a broken transfer never leaves a partial file) to a staging name in ``{data_dir}/weights/``,
+checked to fit the paper UNet strictly (every key and shape), and only then renamed to its release
+name; a file that does not fit is deleted. So the release name in the cache only ever holds a file
+that passed the check, and a cached file is checked again on every use (a cheap comparison against
+a UNet built on the meta device) in case it was put there by hand.
+
+Offline, put the release file in ``{data_dir}/weights/`` yourself; the error says which URL to fetch.
+``$CFM_WEIGHTS_URL`` replaces the release's base URL (a mirror, or a local server in the tests).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from unet import PAPER_CONFIG, UNetModel
+from utils_cifar import CheckpointError, UserError, check_weights, load_checkpoint
+
+RELEASE_URL = "https://github.com/atong01/conditional-flow-matching/releases/download/1.0.4"
+URL_ENV = "CFM_WEIGHTS_URL"
+# --pretrained name -> release file (the I-CFM release file is called cfm_...).
+PUBLISHED = {
+    "otcfm": "otcfm_cifar10_weights_step_400000.pt",
+    "icfm": "cfm_cifar10_weights_step_400000.pt",
+    "fm": "fm_cifar10_weights_step_400000.pt",
+}
+
+
+class WeightsUnavailable(UserError):
+    """A published checkpoint cannot be fetched, or the file is not one; one sentence."""
+
+
+def base_url() -> str:
+    """$CFM_WEIGHTS_URL if set, else the TorchCFM 1.0.4 release; no trailing slash."""
+    return (os.environ.get(URL_ENV) or RELEASE_URL).rstrip("/")
+
+
+def verify(path: Path, config: dict, source: str) -> dict:
+    """Load the checkpoint at `path` and check that its weights fit UNetModel(**config) strictly.
+
+    Every weight set it holds (`net_model`, `ema_model`) is compared key by key and shape by shape
+    with a UNet built on the meta device (no memory, no time). Returns the checkpoint with
+    `unet_config` set to `config`, so that it rebuilds as that UNet. Raises CheckpointError, whose
+    message calls the file `source`.
+    """
+    ckpt = load_checkpoint(path, source=source)
+    with torch.device("meta"):
+        net = UNetModel(**config)
+    for key in ("net_model", "ema_model"):
+        if key in ckpt:
+            check_weights(net, ckpt[key], f"{source} ({key})")
+    return {**ckpt, "unet_config": dict(config)}
+
+
+def _clause(err: Exception) -> str:
+    """An error's one-sentence message without its full stop, to end another sentence."""
+    return str(err).rstrip(".")
+
+
+def published_checkpoint(name: str, data_dir: str | os.PathLike = "./data", config: dict | None = None,
+                         progress: bool = True) -> tuple[Path, dict]:
+    """The published checkpoint `name` (otcfm, icfm, fm): its cached path and its verified contents.
+
+    Downloaded into ``{data_dir}/weights/`` on first use (see the module docstring). `config` is the
+    UNet the file must fit, the paper UNet by default (a test passes a tiny one). Raises
+    WeightsUnavailable: offline (naming the URL and where to put the file), or a file that is not
+    that UNet's checkpoint (a downloaded one is deleted first).
+    """
+    if name not in PUBLISHED:
+        raise WeightsUnavailable(f"no published weights are called {name!r}: choose one of {', '.join(PUBLISHED)}.")
+    config = PAPER_CONFIG if config is None else config
+    path = Path(data_dir) / "weights" / PUBLISHED[name]
+    url = f"{base_url()}/{PUBLISHED[name]}"
+    if path.is_file():
+        try:
+            return path, verify(path, config, str(path))
+        except CheckpointError as err:
+            raise WeightsUnavailable(f"{_clause(err)}; delete it to download {url} again.") from err
+    staging = path.with_name(f".{path.name}.{os.getpid()}.unverified")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            torch.hub.download_url_to_file(url, str(staging), progress=progress)
+        except OSError as err:  # URLError, HTTPError, timeouts, disk errors
+            reason = getattr(err, "reason", None) or err
+            raise WeightsUnavailable(
+                f"cannot download {url} ({type(err).__name__}: {reason}): fetch it by hand and put it at {path}."
+            ) from err
+        try:
+            ckpt = verify(staging, config, url)
+        except CheckpointError as err:
+            raise WeightsUnavailable(f"the download was not kept, since {_clause(err)}; check ${URL_ENV}.") from err
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)  # a refused (or interrupted) download never stays in the cache
+    return path, ckpt

@@ -1,0 +1,96 @@
+"""plot_results.py and results.py on the fixture run folders in tests/data/runs (synthetic numbers,
+written in the formats training and compute_fid.py write: start lines, nulls, a torn line, a metrics
+file per run name beside metrics.jsonl, a re-evaluated setting, a test-split record, a null FID)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import results
+from utils_cifar import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = sorted((REPO / "tests" / "data" / "runs").iterdir())
+
+
+def parse(path):
+    """The JSON object lines of a file, read here without the library's reader."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+@pytest.mark.filterwarnings("ignore:.*torn write")
+def test_training_curves_are_one_per_metrics_file_without_start_lines_or_nulls():
+    curves = results.training_curves(RUNS)
+    assert list(curves) == ["loss", "loss_fm", "local_loss", "grad_norm", "fid"]  # regularized_loss: an alias
+    files = sorted(p for run in RUNS for p in run.glob("*metrics.jsonl"))
+    assert len(files) == 4 and {(c.run, c.series) for c in curves["loss"]} == {(p.parent.name, p.name) for p in files}
+    for metric, metric_curves in curves.items():
+        for curve in metric_curves:
+            points = [(r["step"], r[metric]) for r in parse(REPO / "tests/data/runs" / curve.run / curve.series)
+                      if "event" not in r and r.get(metric) is not None]
+            assert list(zip(curve.x, curve.y)) == points and points
+    skipped = [r for p in files for r in parse(p) if "grad_norm" in r and r["grad_norm"] is None]
+    assert len(skipped) == 1  # the fixture's null is there, and was left out above
+
+
+def test_the_torn_line_is_skipped_with_a_warning():
+    with pytest.warns(UserWarning, match=r"otcfm/metrics.jsonl:\d+ is not a JSON record"):
+        results.training_curves([REPO / "tests/data/runs/otcfm"])
+
+
+def latest_scored(run_dir, **match):
+    """Latest record per solver setting among the scored fid.jsonl records matching `match`."""
+    latest = {}
+    for r in parse(run_dir / "fid.jsonl"):
+        if r["fid"] is not None and all(r.get(k) == v for k, v in match.items()):
+            latest[r["integration_method"], r.get("integration_steps"), r.get("tol")] = r
+    return list(latest.values())
+
+
+def test_fid_curves_and_best_fid_table_follow_the_latest_record_of_each_setting():
+    otcfm, icfm = REPO / "tests/data/runs/otcfm", REPO / "tests/data/runs/icfm"
+    groups = {"icfm": latest_scored(icfm), "otcfm, vs train": latest_scored(otcfm, fid_split="train"),
+              "otcfm, vs test": latest_scored(otcfm, fid_split="test")}
+    curves = results.fid_curves(RUNS)
+    assert {(c.run, c.series) for c in curves} == {(g, r["integration_method"]) for g, rs in groups.items() for r in rs}
+    table = results.best_fid_table(RUNS).splitlines()
+    assert len(table) == 2 + len(curves)
+    for curve in curves:
+        records = [r for r in groups[curve.run] if r["integration_method"] == curve.series]
+        assert curve.x == sorted(r["mean_nfe"] for r in records) and curve.x == sorted(curve.x)
+        assert sorted(zip(curve.x, curve.y)) == sorted((r["mean_nfe"], r["fid"]) for r in records)
+        best = min(records, key=lambda r: r["fid"])
+        assert f"| {curve.run} | {curve.series} | {best['fid']:.2f} | " in "\n".join(table)
+    # The superseded (lower) dopri5 value of the re-evaluated setting is not reported.
+    stale = [r["fid"] for r in parse(otcfm / "fid.jsonl") if r["integration_method"] == "dopri5"]
+    assert min(stale) < min(r["fid"] for r in groups["otcfm, vs train"]) and f"{min(stale):.2f}" not in "\n".join(table)
+
+
+def test_a_missing_run_folder_is_one_sentence(tmp_path):
+    with pytest.raises(UserError, match=f"no run folder at {tmp_path / 'nope'}: pass folders"):
+        results.check_run_dirs([REPO / "tests/data/runs/otcfm", tmp_path / "nope"])
+
+
+def test_the_script_renders_every_figure_and_the_table(tmp_path):
+    out = tmp_path / "figures"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "plot_results.py"), *map(str, RUNS), f"--out={out}", "--dpi=50"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out / "fid_vs_nfe.png") as image:
+        assert image.size == (320, 210)  # 6.4 x 4.2 inches at 50 dpi
+    with Image.open(out / "training_curves.png") as image:
+        assert image.size == (675, 320)  # 3 x 2 panels of 4.5 x 3.2 inches
+    table = (out / "best_fid.md").read_text()
+    assert table == results.best_fid_table(RUNS) and table in proc.stdout

@@ -1,0 +1,95 @@
+"""Published weights by name: download from a local HTTP server, the cache, atomic refusal of wrong files."""
+
+import pytest
+import torch
+
+import pretrained
+from conftest import TINY_UNET_CONFIG
+from unet import UNetModel
+from utils_cifar import build_net_from_checkpoint
+
+NAME, FILE = "otcfm", "otcfm_cifar10_weights_step_400000.pt"
+
+
+def tiny_checkpoint(path, prefix="module."):
+    """A published-style file (DataParallel prefixes, no unet_config) of a tiny UNet."""
+    torch.manual_seed(0)
+    state = {f"{prefix}{k}": v for k, v in UNetModel(**TINY_UNET_CONFIG).state_dict().items()}
+    torch.save({"net_model": state, "ema_model": state, "step": 400000}, path)
+    return state
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name != FILE) if folder.is_dir() else []
+
+
+def test_release_names_and_url():
+    assert pretrained.PUBLISHED == {"otcfm": "otcfm_cifar10_weights_step_400000.pt",
+                                    "icfm": "cfm_cifar10_weights_step_400000.pt",
+                                    "fm": "fm_cifar10_weights_step_400000.pt"}
+    assert pretrained.RELEASE_URL == "https://github.com/atong01/conditional-flow-matching/releases/download/1.0.4"
+
+
+def test_download_is_verified_then_cached(file_server, tmp_path, monkeypatch):
+    folder, url, requests = file_server
+    state = tiny_checkpoint(folder / FILE)
+    monkeypatch.setenv(pretrained.URL_ENV, url + "/")
+    data_dir = tmp_path / "data"
+    path, ckpt = pretrained.published_checkpoint(NAME, data_dir, config=TINY_UNET_CONFIG, progress=False)
+    assert path == data_dir / "weights" / FILE and requests == [f"/{FILE}"]
+    assert ckpt["unet_config"] == TINY_UNET_CONFIG and ckpt["step"] == 400000
+    net = build_net_from_checkpoint(ckpt)  # rebuilt as the UNet it was checked against, weights loaded
+    assert all(torch.equal(v, state[f"module.{k}"]) for k, v in net.state_dict().items())
+    assert leftovers(path.parent) == []  # no partial or staging file
+    # Cached: no second request, even with the server gone.
+    monkeypatch.setenv(pretrained.URL_ENV, "http://127.0.0.1:9")
+    again, _ = pretrained.published_checkpoint(NAME, data_dir, config=TINY_UNET_CONFIG, progress=False)
+    assert again == path and requests == [f"/{FILE}"]
+
+
+def test_a_file_that_is_not_the_expected_unet_is_refused_and_not_cached(file_server, tmp_path, monkeypatch):
+    folder, url, requests = file_server
+    tiny_checkpoint(folder / FILE)
+    monkeypatch.setenv(pretrained.URL_ENV, url)
+    data_dir = tmp_path / "data"
+    with pytest.raises(pretrained.WeightsUnavailable) as err:  # the paper UNet is expected by default
+        pretrained.published_checkpoint(NAME, data_dir, progress=False)
+    message = str(err.value)
+    assert "was not kept" in message and "does not fit this UNet" in message and f"{url}/{FILE}" in message
+    assert "\n" not in message
+    assert not (data_dir / "weights" / FILE).exists() and leftovers(data_dir / "weights") == []
+    # The same file under a config it fits is accepted: the check compares with the expected UNet.
+    path, _ = pretrained.published_checkpoint(NAME, data_dir, config=TINY_UNET_CONFIG, progress=False)
+    assert path.is_file() and len(requests) == 2
+
+
+def test_a_truncated_transfer_is_refused_and_leaves_nothing(file_server, tmp_path, monkeypatch):
+    folder, url, _ = file_server
+    tiny_checkpoint(tmp_path / "whole.pt")
+    (folder / FILE).write_bytes((tmp_path / "whole.pt").read_bytes()[:5000])  # a cut-off file
+    monkeypatch.setenv(pretrained.URL_ENV, url)
+    data_dir = tmp_path / "data"
+    with pytest.raises(pretrained.WeightsUnavailable, match="cannot be read"):
+        pretrained.published_checkpoint(NAME, data_dir, config=TINY_UNET_CONFIG, progress=False)
+    assert leftovers(data_dir / "weights") == [] and not (data_dir / "weights" / FILE).exists()
+
+
+def test_offline_names_the_url_and_where_to_put_the_file(file_server, tmp_path, monkeypatch):
+    _, url, requests = file_server  # serves an empty folder: 404
+    monkeypatch.setenv(pretrained.URL_ENV, url)
+    with pytest.raises(pretrained.WeightsUnavailable) as err:
+        pretrained.published_checkpoint("icfm", tmp_path / "data", progress=False)
+    message = str(err.value)
+    target = tmp_path / "data" / "weights" / "cfm_cifar10_weights_step_400000.pt"
+    assert f"cannot download {url}/cfm_cifar10_weights_step_400000.pt" in message and f"put it at {target}" in message
+    assert "HTTPError" in message and "\n" not in message and message.count(". ") == 0
+    assert requests == ["/cfm_cifar10_weights_step_400000.pt"] and leftovers(target.parent) == []
+
+
+def test_a_wrong_file_put_in_the_cache_by_hand_is_refused_and_kept(tmp_path):
+    path = tmp_path / "weights" / FILE
+    path.parent.mkdir()
+    tiny_checkpoint(path, prefix="")
+    with pytest.raises(pretrained.WeightsUnavailable, match=f"{path} \\(net_model\\) does not fit this UNet.*delete it"):
+        pretrained.published_checkpoint(NAME, tmp_path, progress=False)
+    assert path.is_file()  # the user's file: reported, not deleted
