@@ -185,12 +185,11 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(world_runs):
     assert relative_difference(world_runs["otcfm1"]["net_model"], world_runs["otcfm2->1"]["net_model"]) <= 1e-5
 
 
-def test_local_ot_scope_pairs_within_each_rank(fake_cifar, tmp_path):
+def test_local_ot_scope_pairs_within_each_rank(world_runs, fake_cifar, tmp_path):
     """--ot_scope=local (the published per-rank pairing) trains something else on 2 processes."""
     data_dir, _, _ = fake_cifar
     published = [*DDP_PUBLISHED, "--undefok=centroid_update_freq,centroid_samples"]
-    train_on(2, "train_cifar10_ddp.py", published, tmp_path / "global", data_dir, "--total_steps=2")
-    train_on(2, "train_cifar10_ddp.py", published, tmp_path / "local", data_dir, "--total_steps=2", "--ot_scope=local")
-    ckpt = "otcfm/otcfm_cifar10_weights_step_1.pt"
-    a, b = (torch.load(tmp_path / run / ckpt, weights_only=True)["net_model"] for run in ("global", "local"))
-    assert relative_difference(a, b) > 1e-4
+    train_on(2, "train_cifar10_ddp.py", published, tmp_path, data_dir, "--total_steps=4", "--save_step=2",
+             "--ot_scope=local")
+    local = torch.load(tmp_path / "otcfm/otcfm_cifar10_weights_step_3.pt", weights_only=True)["net_model"]
+    assert relative_difference(world_runs["otcfm1"]["net_model"], local) > 1e-4  # 10x the invariance tolerance
