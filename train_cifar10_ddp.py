@@ -5,9 +5,10 @@
         --parallel=True --master_addr=MASTER_ADDR --master_port=MASTER_PORT
 
 It trains what train_cifar10.py trains, with the same loop (which runs under torchrun as it is):
-every rank computes on batch_size / world_size images (--batch_size is global), rank 0 writes
-files and logs, and checkpoints keep every rank's streams. --master_addr/--master_port only fill
-MASTER_ADDR/MASTER_PORT when the launcher did not set them.
+every rank draws the global batch (--batch_size) from streams shared by all ranks and trains on its
+own batch_size / world_size rows, so the result does not depend on the number of processes; rank 0
+writes files and logs. --master_addr/--master_port only fill MASTER_ADDR/MASTER_PORT when the
+launcher did not set them.
 """
 
 import os

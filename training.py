@@ -4,14 +4,16 @@ A script defines its own flags, picks a regularizer (or none) and calls `run(FLA
 path serves a plain `python train_*.py` (a world of size 1) and `torchrun` (one process per GPU):
 every rank computes, only rank 0 writes files or logs.
 
-One step (see `Trainer.step`):
-    x1, cluster = batches.next_batch()                 # [B,3,32,32] in [-1,1], on device
-    x0 = randn_like(x1)
-    sample = matcher.sample(x0, x1)                    # t, x0, x1, xt, ut (otcfm re-pairs by exact OT)
-    t_extra, x_extra = regularizer.extra_inputs(x1, x0, cluster, sample)   # the batch as drawn
-    v = net(t ++ t_extra, xt ++ x_extra)               # regularizer inputs batched into the same call
-    loss = mse(vt, ut) + lambda * regularizer.loss(...)
-    backward -> clip (grad_norm) -> Adam -> warm-up schedule -> EMA lerp
+One step (see `Trainer.step`), the same on every rank up to the forward call:
+    x1, cluster = batches.next_batch()                 # the global batch [B,3,32,32] in [-1,1], on device
+    x0 = randn(generator=g)                            # g: the step stream, seeded with --seed on every rank
+    sample = matcher.sample(x0, x1, generator=g)       # t, x0, x1, xt, ut (otcfm re-pairs by exact OT)
+    t_extra, x_extra, ctx = regularizer.extra_inputs(x1, x0, cluster, sample, g)   # the batch as drawn
+    v = net(own(t ++ t_extra), own(xt ++ x_extra))     # this rank's rows; regularizer rows in the same call
+    loss = mse(vt, own(ut)) + lambda * regularizer.loss(vt, v_extra, own(ctx))
+    backward (DDP averages) -> clip (grad_norm) -> Adam -> warm-up schedule -> EMA lerp -> finiteness flag
+After each step: metrics (log steps), a checkpoint (save steps), and the stop signal the ranks agree
+on (pre-emption: checkpoint and exit).
 """
 
 from __future__ import annotations

@@ -11,30 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from absl import flags
-
 import run_lock
-import train_cifar10  # defines the training flags
 import training
 import utils_cifar
-from conftest import TINY_UNET_FLAGS
+from test_training import run_plain
+from test_training import tiny_args as training_tiny_args
 
-FLAGS = flags.FLAGS
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "otcfm_cifar10"
 
 
 def tiny_args(data_dir, output_dir, *extra):
-    return [*TINY_UNET_FLAGS, "--batch_size=4", "--grid_size=4", "--grid_steps=2", "--log_step=1", "--warmup=2",
-            "--num_subclasses=2", f"--group_dir={output_dir}/group", f"--data_dir={data_dir}",
-            f"--output_dir={output_dir}", "--wandb_mode=disabled", "--device=cpu", *extra]
-
-
-def run_plain(args):
-    """Parse `args` as the command line of train_cifar10.py and run its main in this process."""
-    FLAGS.unparse_flags()
-    FLAGS(["train_cifar10.py", *args])
-    train_cifar10.main([])
+    """test_training's tiny run, logging every step (the tests below wait for a logged step)."""
+    return training_tiny_args(data_dir, output_dir, "--log_step=1", *extra)
 
 
 def checkpoint(folder, step):
@@ -230,3 +219,32 @@ def test_a_torn_metrics_line_is_survived_on_resume(fake_cifar, tmp_path):
                             f"--checkpoint_path={tmp_path}/otcfm/{PREFIX}_weights_step_2.pt"))
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [0, 0, 1, 2, 3, 3]  # start, 0, 1, 2 (kept: logged before the step-2 save), restart, 3
+
+
+def worker_pids(launcher_pid):
+    """{rank: pid} of the worker processes a torchrun launcher started (Linux /proc)."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    ranks = {}
+    for pid in children:
+        env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+        if "RANK" in env:
+            ranks[int(env["RANK"])] = int(pid)
+    return ranks
+
+
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(fake_cifar, tmp_path):
+    """Only rank 1 gets SIGTERM: the ranks agree (gloo side group), rank 0 writes the one checkpoint,
+    and every process exits 0."""
+    data_dir, _, _ = fake_cifar
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+         "train_cifar10.py", *tiny_args(data_dir, tmp_path, "--batch_size=8", "--total_steps=30", "--save_step=1000")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / f"otcfm/{PREFIX}_metrics.jsonl", 2, launcher)
+    os.kill(worker_pids(launcher.pid)[1], signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, stderr[-3000:]
+    saved = sorted((tmp_path / "otcfm").glob("*.pt"))
+    assert len(saved) == 1 and 2 <= torch.load(saved[0], weights_only=True)["step"] < 29
+    assert stdout.count("stopped by SIGTERM after step") == 1  # rank 0 alone says it

@@ -259,7 +259,7 @@ def test_checkpoints_get_ordinary_permissions(tmp_path):
 
 def test_stale_temp_files_of_the_run_are_removed(tmp_path):
     paths = utils_cifar.RunPaths(tmp_path, "otcfm_cifar10")
-    stale = [tmp_path / ".otcfm_cifar10_weights_step_20000.pt.a1b2c3d4.tmp", tmp_path / ".metrics.jsonl.x_9yzabc.tmp"]
+    stale = [tmp_path / ".otcfm_cifar10_weights_step_20000.pt.a1b2c3d4.tmp", tmp_path / ".otcfm_cifar10_metrics.jsonl.x_9yzabc.tmp"]
     kept = [tmp_path / ".icfm_cifar10_weights_step_20000.pt.a1b2c3d4.tmp",  # another run's
             tmp_path / "otcfm_cifar10_weights_step_20000.pt", tmp_path / "notes.tmp"]
     for path in stale + kept:
@@ -284,7 +284,7 @@ def test_read_only_data_dir_trains_with_the_cache_elsewhere(fake_cifar, tmp_path
     with pytest.warns(UserWarning, match="K-means assignment is not cached"):
         run_plain(tiny_args(data_dir, tmp_path / "b", "--total_steps=1", "--save_step=0", "--visualize=False"))
     assert sorted(data_dir.rglob("*")) == before
-    assert (tmp_path / "b/otcfm/metrics.jsonl").is_file()
+    assert (tmp_path / "b/otcfm/otcfm_cifar10_metrics.jsonl").is_file()
 
 
 def test_monitor_local_false_skips_clustering(fake_cifar, tmp_path, monkeypatch):
@@ -293,5 +293,5 @@ def test_monitor_local_false_skips_clustering(fake_cifar, tmp_path, monkeypatch)
     data_dir, _, _ = fake_cifar
     monkeypatch.setattr(samplers, "cluster_assignments", lambda *a, **k: pytest.fail("clustered"))
     run_plain(tiny_args(data_dir, tmp_path, "--total_steps=1", "--save_step=0", "--monitor_local=False"))
-    (record,) = [json.loads(line) for line in (tmp_path / "otcfm/metrics.jsonl").read_text().splitlines()][1:]
+    (record,) = [json.loads(line) for line in (tmp_path / "otcfm/otcfm_cifar10_metrics.jsonl").read_text().splitlines()][1:]
     assert "loss_fm" in record and "local_loss" not in record
