@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from unet import UNetModel
 from utils_cifar import CIFAR10_DIR, TEST_BATCHES, TRAIN_BATCHES
 
 # Small enough for CPU tests, same family as the paper UNet.
@@ -19,6 +20,15 @@ def stand_in_extractor(num_features: int = 16):
     """A stand-in for Inception: images [B, 3, 32, 32] -> a fixed random projection [B, num_features] (float64)."""
     weight = torch.randn(3 * 32 * 32, num_features, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return lambda images: images.double().reshape(len(images), -1) @ weight
+
+
+def random_unet(config, seed):
+    """UNetModel(**config) with seeded weights, its output layer randomised too: it starts at zero
+    (v = 0), and a test net must move its inputs."""
+    torch.manual_seed(seed)
+    net = UNetModel(**config)
+    torch.nn.init.normal_(net.out[-1].weight, std=0.05)
+    return net
 
 
 def write_fake_cifar10(root, per_batch: int = 20, seed: int = 0):

@@ -17,11 +17,11 @@ import torch
 
 import fid
 from sampling import generate_samples, straightness
-from unet import PAPER_CONFIG, UNetModel
+from unet import PAPER_CONFIG
 from utils_cifar import build_net_from_checkpoint, read_jsonl
 
 from conftest import TINY_UNET_CONFIG as TINY_CONFIG
-from conftest import stand_in_extractor
+from conftest import random_unet, stand_in_extractor
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = ["--fid=False", "--num_gen=8", "--batch_size_fid=5", "--integration_method=euler", "--integration_steps=2"]
@@ -44,7 +44,7 @@ def stand_in(num_features=16):
     """Runner code that replaces Inception with conftest.stand_in_extractor(num_features)."""
     return f"""
 import fid
-from conftest import stand_in_extractor
+from conftest import random_unet, stand_in_extractor
 fid.load_inception = lambda path, device="cpu": stand_in_extractor({num_features})
 """
 
@@ -72,14 +72,6 @@ def run_cli(tmp_path, args, patches="", env=None, launcher=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *launcher, str(runner_script(tmp_path, patches)), *args], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
-
-
-def random_unet(config, seed):
-    torch.manual_seed(seed)
-    net = UNetModel(**config)
-    # The output layer starts at zero (v = 0); randomise it so the flow moves the noise.
-    torch.nn.init.normal_(net.out[-1].weight, std=0.05)
-    return net
 
 
 @pytest.fixture(scope="module")
