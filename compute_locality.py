@@ -23,6 +23,7 @@ from absl import app, flags, logging
 
 import eval_checkpoint
 import locality
+import results
 import utils_cifar
 from flow_matching import make_matcher
 from samplers import CLUSTER_ALGORITHMS, kmeans_cache_dir
@@ -60,12 +61,9 @@ def checkpoint_path_matcher(ckpt: dict):
 
 def summary(record: dict) -> str:
     """One line: every term as mean ± standard error, and the setting."""
-    def value(name: str) -> str:  # a single batch has no standard error
-        return f"{record[name]:.4g}" + (f" ± {record[name + '_se']:.2g}" if record["num_batches"] > 1 else "")
-
-    terms = ", ".join(f"{name} {value(name)}" for name in locality.TERMS)
-    return (f"{terms} ({record['split']} split, {record['num_batches']} batches of {record['batch_size']}, "
-            f"seed {record['seed']}, {record['seconds']:.0f} s)")
+    terms = ", ".join(f"{name} {results.mean_and_error(record[name], record[name + '_se'])}" for name in locality.TERMS)
+    return (f"{terms} ({record['split']} split, num_batches {record['num_batches']}, "
+            f"batch_size {record['batch_size']}, seed {record['seed']}, {record['seconds']:.0f} s)")
 
 
 def evaluate() -> None:
@@ -75,10 +73,10 @@ def evaluate() -> None:
     device = utils_cifar.resolve_device(FLAGS.device)
     path, ckpt, net = eval_checkpoint.load(device, progress=not FLAGS.quiet)
     matcher = checkpoint_path_matcher(ckpt)
-    results = path.parent / RESULTS_FILE
+    results_path = path.parent / RESULTS_FILE
     reason = utils_cifar.unwritable_reason(path.parent)
     if reason is not None:
-        raise utils_cifar.UserError(f"cannot append to {results} ({reason}): copy the checkpoint to a writable "
+        raise utils_cifar.UserError(f"cannot append to {results_path} ({reason}): copy the checkpoint to a writable "
                                     f"folder and pass it with --checkpoint.")
     images, labels = utils_cifar.load_cifar10(FLAGS.data_dir, train=FLAGS.split == "train")
     start = time.perf_counter()
@@ -102,8 +100,8 @@ def evaluate() -> None:
     for name in locality.TERMS:
         record[name], record[f"{name}_se"] = locality.mean_and_error(values[name])
     record.update(seconds=round(time.perf_counter() - start, 2), provenance=utils_cifar.provenance(device))
-    utils_cifar.append_jsonl(results, record)
-    print(f"{summary(record)}; appended to {results}")
+    utils_cifar.append_jsonl(results_path, record)
+    print(f"{summary(record)}; appended to {results_path}")
 
 
 def main(argv):

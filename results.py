@@ -17,6 +17,7 @@ without drawing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ EVALUATION_FIELDS = ("checkpoint", "use_ema", "fid_split", "num_gen")
 # locality.jsonl fields that make an evaluation: records that differ in one were scored on other numbers.
 LOCALITY_SETTING = ("checkpoint", "use_ema", "split", "num_batches", "batch_size", "num_subclasses",
                     "cluster_algorithm", "cluster_seed", "seed")
+# locality.TERMS, not imported from there: that module pulls in POT and scikit-learn (seconds).
 LOCALITY_TERMS = ("local_loss", "anchor_loss_full", "anchor_loss_simple", "loss_fm")
 # `regularized_loss` repeats `local_loss` / `anchor_loss` under the published name: not drawn twice.
 ALIASES = ("regularized_loss",)
@@ -176,7 +178,7 @@ def locality_table(run_dirs: Sequence[Path]) -> str:
     for run_dir in run_dirs:
         latest = {tuple(str(r.get(f)) for f in LOCALITY_SETTING): r for r in read_jsonl(run_dir / "locality.jsonl")}
         for r in latest.values():
-            terms = " | ".join(_mean_and_error(r.get(name), r.get(f"{name}_se")) for name in LOCALITY_TERMS)
+            terms = " | ".join(mean_and_error(r.get(name), r.get(f"{name}_se")) for name in LOCALITY_TERMS)
             rows.append(f"| {labels[run_dir]} | {Path(str(r.get('checkpoint'))).stem} | {r.get('step')} | "
                         f"{_describe('use_ema', r.get('use_ema'))} | {r.get('split')} | "
                         f"{r.get('num_batches')} x {r.get('batch_size')} | {r.get('seed')} | {terms} |")
@@ -187,8 +189,9 @@ def locality_table(run_dirs: Sequence[Path]) -> str:
     return "\n".join(header + rows) + "\n"
 
 
-def _mean_and_error(mean, error) -> str:
-    """'0.1234 ± 0.0012'; the mean alone without an error (one batch); '-' for no (or a non-finite) value."""
+def mean_and_error(mean, error) -> str:
+    """'0.1234 ± 0.0012'; the mean alone without a finite error (one batch); '-' without a mean
+    (a non-finite value is stored as null)."""
     if not isinstance(mean, (int, float)):
         return "-"
-    return f"{mean:.4g}" + (f" ± {error:.2g}" if isinstance(error, (int, float)) else "")
+    return f"{mean:.4g}" + (f" ± {error:.2g}" if isinstance(error, (int, float)) and math.isfinite(error) else "")

@@ -106,7 +106,7 @@ def test_the_script_reports_the_published_formulas_on_the_seeded_batches(tmp_pat
         "seed": 5}
     assert "git_commit" in record["provenance"]
     line = proc.stdout.strip().splitlines()[-1]
-    assert line.startswith(f"local_loss {record['local_loss']:.4g} ± ") and "(train split, 3 batches of 4, seed 5" in line
+    assert line.startswith(f"local_loss {record['local_loss']:.4g} ± ") and "(train split, num_batches 3, batch_size 4, seed 5" in line
     assert line.endswith(f"appended to {path.parent / 'locality.jsonl'}")
 
 
