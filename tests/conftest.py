@@ -31,6 +31,16 @@ def random_unet(config, seed):
     return net
 
 
+def save_tiny_checkpoint(path, step, **extra):
+    """A checkpoint of our format at `path`: raw and EMA weights of the tiny UNet that differ, its
+    config, `step` and any `extra` keys (e.g. flags). Returns (path, net, ema)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net, ema = random_unet(TINY_UNET_CONFIG, 0), random_unet(TINY_UNET_CONFIG, 1)
+    torch.save({"net_model": net.state_dict(), "ema_model": ema.state_dict(), "unet_config": ema.config,
+                "step": step, **extra}, path)
+    return path, net, ema
+
+
 def write_fake_cifar10(root, per_batch: int = 20, seed: int = 0):
     """Write `{root}/cifar-10-batches-py/` with python-pickle batches shaped like CIFAR-10's.
 

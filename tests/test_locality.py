@@ -16,7 +16,7 @@ from flow_matching import make_matcher, pad_t_like_x
 from samplers import ClassConditionedSampler
 from utils_cifar import read_jsonl
 
-from conftest import TINY_UNET_CONFIG, random_unet
+from conftest import save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # Two K-means clusters per class of the fake train split (10 images per class), batches of 4.
@@ -35,12 +35,8 @@ def run_cli(tmp_path, args):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """An icfm checkpoint trained with --sigma=0.1 (as its stored flags say): path and EMA net."""
-    folder = tmp_path_factory.mktemp("runs") / "icfm"
-    folder.mkdir()
-    net, ema = random_unet(TINY_UNET_CONFIG, 0), random_unet(TINY_UNET_CONFIG, 1)
-    path = folder / "icfm_cifar10_weights_step_7.pt"
-    torch.save({"net_model": net.state_dict(), "ema_model": ema.state_dict(), "unet_config": ema.config,
-                "step": 7, "flags": {"model": "icfm", "sigma": 0.1, "ot_pairing": "replacement"}}, path)
+    path, _, ema = save_tiny_checkpoint(tmp_path_factory.mktemp("runs") / "icfm" / "icfm_cifar10_weights_step_7.pt", 7,
+                                        flags={"model": "icfm", "sigma": 0.1, "ot_pairing": "replacement"})
     return path, ema.eval()
 
 
