@@ -61,7 +61,8 @@ def checkpoint_path_matcher(ckpt: dict):
 
 def summary(record: dict) -> str:
     """One line: every term as mean ± standard error, and the setting."""
-    terms = ", ".join(f"{name} {results.mean_and_error(record[name], record[name + '_se'])}" for name in locality.TERMS)
+    terms = ", ".join(f"{name} {results.format_mean_error(record[name], record[f'{name}_se'])}"
+                      for name in locality.TERMS)
     return (f"{terms} ({record['split']} split, num_batches {record['num_batches']}, "
             f"batch_size {record['batch_size']}, seed {record['seed']}, {record['seconds']:.0f} s)")
 

@@ -178,7 +178,7 @@ def locality_table(run_dirs: Sequence[Path]) -> str:
     for run_dir in run_dirs:
         latest = {tuple(str(r.get(f)) for f in LOCALITY_SETTING): r for r in read_jsonl(run_dir / "locality.jsonl")}
         for r in latest.values():
-            terms = " | ".join(mean_and_error(r.get(name), r.get(f"{name}_se")) for name in LOCALITY_TERMS)
+            terms = " | ".join(format_mean_error(r.get(name), r.get(f"{name}_se")) for name in LOCALITY_TERMS)
             rows.append(f"| {labels[run_dir]} | {Path(str(r.get('checkpoint'))).stem} | {r.get('step')} | "
                         f"{_describe('use_ema', r.get('use_ema'))} | {r.get('split')} | "
                         f"{r.get('num_batches')} x {r.get('batch_size')} | {r.get('seed')} | {terms} |")
@@ -189,7 +189,7 @@ def locality_table(run_dirs: Sequence[Path]) -> str:
     return "\n".join(header + rows) + "\n"
 
 
-def mean_and_error(mean, error) -> str:
+def format_mean_error(mean, error) -> str:
     """'0.1234 ± 0.0012'; the mean alone without a finite error (one batch); '-' without a mean
     (a non-finite value is stored as null)."""
     if not isinstance(mean, (int, float)):
