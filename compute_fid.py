@@ -14,6 +14,9 @@ setting (--sweep: FID against NFE, every setting on the same noise). Flag mistak
 output paths and missing FID files are reported before any sampling starts (see fid.py for where
 the FID files are looked up).
 
+The checkpoint flags (--checkpoint | --model/--input_dir/--step | --pretrained, --use_ema, --num_channel,
+--data_dir, --device) are eval_checkpoint.py's, shared with compute_locality.py.
+
 Under torchrun the samples are split across ranks by whole --batch_size_fid batches (batch k on rank
 k mod W; the noise is keyed by sample index), so the samples and the FID are those of one process
 with the same seed; rank 0 writes the results.
@@ -31,20 +34,15 @@ import numpy as np
 import torch
 from absl import app, flags
 
+import eval_checkpoint
 import fid
-import pretrained
 import utils_cifar
-from distributed import World, init_world, main_first
+from distributed import init_world, main_first
 from sampling import SOLVERS, SolverSetting, generate_samples, parse_sweep, straightness
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(eval_checkpoint)  # listed by --helpshort with this script's own
 
-flags.DEFINE_string("model", "otcfm", "Method name, used in the default checkpoint path.")
-flags.DEFINE_string("input_dir", "./results", "Folder holding {model}/{model}_cifar10_weights_step_{step}.pt.")
-flags.DEFINE_integer("step", 400000, "Training step of the checkpoint (default path; used if the checkpoint stores none).")
-flags.DEFINE_string("checkpoint", None, "Checkpoint path; overrides --input_dir/--model/--step.")
-flags.DEFINE_enum("pretrained", None, list(pretrained.PUBLISHED),
-                  "Score the published TorchCFM 1.0.4 weights of this method (fetched into {data_dir}/weights/).")
 flags.DEFINE_enum("integration_method", "dopri5", SOLVERS, "ODE solver.")
 flags.DEFINE_integer("integration_steps", 100, "Steps of the fixed-step solvers.", lower_bound=1)
 flags.DEFINE_float("tol", 1e-5, "atol = rtol of dopri5.", lower_bound=1e-12)
@@ -55,18 +53,14 @@ flags.DEFINE_integer("straightness", 0, "Also measure the straightness of this m
                      "--integration_steps (0 = off).", lower_bound=0)
 flags.DEFINE_integer("num_gen", 50000, "Number of generated samples.", lower_bound=1)
 flags.DEFINE_integer("batch_size_fid", 1024, "Samples per ODE solve (one system) and per Inception batch.", lower_bound=1)
-flags.DEFINE_integer("num_channel", 128, "Base UNet width, only for checkpoints that store no UNet config.", lower_bound=1)
-flags.DEFINE_bool("use_ema", True, "Sample with the EMA weights (else the raw network).")
 flags.DEFINE_integer("seed", 0, "Seed of the noise x0 (sample i is the same whatever the batch size and the number "
                      "of processes).", lower_bound=0)
 flags.DEFINE_bool("fid", True, "Compute FID; False only generates (and saves) samples.")
 flags.DEFINE_string("save_samples", None, "Write the samples to this .npz (uint8 NHWC under 'arr_0').")
 flags.DEFINE_string("grid", None, "Write a PNG grid of the first 64 samples here.")
 flags.DEFINE_enum("fid_split", "train", fid.SPLITS, "Reference statistics: CIFAR-10 train (as published) or test.")
-flags.DEFINE_string("data_dir", "./data", "CIFAR-10, FID files ({data_dir}/fid/) and --pretrained weights ({data_dir}/weights/).")
 flags.DEFINE_string("fid_inception_path", None, "Local inception-2015-12-05.pt (else $FID_INCEPTION_PATH, caches, download).")
 flags.DEFINE_string("fid_stats_path", None, "Local reference statistics .npz with mu, sigma (else $FID_STATS_PATH, ...).")
-flags.DEFINE_string("device", "auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
 flags.DEFINE_bool("quiet", False, "No progress bars (samples, straightness, download).")
 
 
@@ -76,20 +70,10 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def default_checkpoint() -> Path:
-    """{input_dir}/{model}/{model}_cifar10_weights_step_{step}.pt; for icfm, the published release's
-    name `cfm_cifar10_...` is tried when ours is absent."""
-    folder = Path(FLAGS.input_dir) / FLAGS.model
-    path = folder / f"{FLAGS.model}_cifar10_weights_step_{FLAGS.step}.pt"
-    published = folder / f"cfm_cifar10_weights_step_{FLAGS.step}.pt"
-    return published if FLAGS.model == "icfm" and not path.is_file() and published.is_file() else path
-
-
 def check_flags() -> list[SolverSetting]:
     """The solver settings to score; flag conflicts and unwritable output paths raise UserError
     (one sentence) here, before anything heavy is loaded or sampled."""
-    if FLAGS.pretrained and FLAGS.checkpoint:
-        raise utils_cifar.UserError("--pretrained and --checkpoint both name the weights: pass one of them.")
+    eval_checkpoint.check_flags()
     for flag in ("save_samples", "grid"):
         if FLAGS[flag].value:
             utils_cifar.ensure_writable(FLAGS[flag].value, f"--{flag}")
@@ -100,18 +84,6 @@ def check_flags() -> list[SolverSetting]:
     if FLAGS.save_samples or FLAGS.grid:
         raise utils_cifar.UserError("--save_samples and --grid keep one setting's samples: drop them or --sweep.")
     return parse_sweep(FLAGS.sweep)
-
-
-def load_net(world: World) -> tuple[Path, dict, torch.nn.Module]:
-    """The checkpoint path, its contents and its (EMA) net on this rank's device."""
-    if FLAGS.pretrained:
-        path, ckpt = pretrained.published_checkpoint(FLAGS.pretrained, FLAGS.data_dir, progress=not FLAGS.quiet)
-    else:
-        path = Path(FLAGS.checkpoint) if FLAGS.checkpoint else default_checkpoint()
-        ckpt = utils_cifar.load_checkpoint(path)
-    fallback = dict(utils_cifar.PAPER_CONFIG, num_channels=FLAGS.num_channel)
-    net = utils_cifar.build_net_from_checkpoint(ckpt, FLAGS.use_ema, fallback, world.device, source=str(path))
-    return path, ckpt, net
 
 
 def save_outputs(samples: torch.Tensor) -> None:
@@ -135,7 +107,7 @@ def main(argv):
         settings = check_flags()
         world = init_world(FLAGS.device)
         with main_first(world):  # rank 0 downloads and caches weights and FID files; the others find them
-            path, ckpt, net = load_net(world)
+            path, ckpt, net = eval_checkpoint.load(world.device, progress=not FLAGS.quiet)
             if FLAGS.fid:
                 scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
                                                device=world.device, batch_size=FLAGS.batch_size_fid,
@@ -168,9 +140,7 @@ def main(argv):
             save_outputs(samples)
         record = {
             "checkpoint": str(path),
-            "step": int(ckpt.get("step", FLAGS.step)),
-            "model": FLAGS.pretrained or FLAGS.model,
-            "use_ema": FLAGS.use_ema,
+            **eval_checkpoint.describe(ckpt),
             **setting.describe(),
             "mean_nfe": mean_nfe,
             "num_gen": FLAGS.num_gen,

@@ -6,6 +6,7 @@ writes to --out:
     training_curves.png   loss terms, grad_norm and FID against step, a curve per *metrics.jsonl file
     fid_vs_nfe.png        FID against the measured mean NFE (log-log), a curve per run and solver
     best_fid.md           the best FID of each run and solver (also printed)
+    locality.md           held-out local and anchor losses per run (compute_locality.py; also printed)
 A figure with nothing to draw is skipped, with a line saying so.
 """
 
@@ -101,6 +102,10 @@ def main(argv):
     table = results.best_fid_table(run_dirs)
     (out / "best_fid.md").write_text(table)
     print(table, end="")
+    locality = results.locality_table(run_dirs)
+    if locality:
+        (out / "locality.md").write_text(locality)
+        print(locality, end="")
 
 
 if __name__ == "__main__":

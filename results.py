@@ -7,6 +7,8 @@ A run folder holds what training and compute_fid.py write there:
                      (re)starts, and non-finite values are stored as null
     fid.jsonl        one record per compute_fid.py setting: integration_method, integration_steps or
                      tol, mean_nfe, fid, num_gen, fid_split, checkpoint, use_ema, ...
+    locality.jsonl   one record per compute_locality.py evaluation: the held-out local and anchor
+                     losses and loss_fm (mean and standard error), split, seed, batches, ...
 
 Every file goes through ``utils_cifar.read_jsonl`` (a torn line is skipped with a warning). The
 plotting itself lives in plot_results.py; this module only reads and arranges, so it is tested
@@ -15,6 +17,7 @@ without drawing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,11 @@ from utils_cifar import UserError, read_jsonl
 # fid.jsonl fields that tell evaluations of one run folder apart (other checkpoints, the raw net,
 # the other reference, another sample count): a field that varies within a folder enters the label.
 EVALUATION_FIELDS = ("checkpoint", "use_ema", "fid_split", "num_gen")
+# locality.jsonl fields that make an evaluation: records that differ in one were scored on other numbers.
+LOCALITY_SETTING = ("checkpoint", "use_ema", "split", "num_batches", "batch_size", "num_subclasses",
+                    "cluster_algorithm", "cluster_seed", "seed")
+# locality.TERMS, not imported from there: that module pulls in POT and scikit-learn (seconds).
+LOCALITY_TERMS = ("local_loss", "anchor_loss_full", "anchor_loss_simple", "loss_fm")
 # `regularized_loss` repeats `local_loss` / `anchor_loss` under the published name: not drawn twice.
 ALIASES = ("regularized_loss",)
 
@@ -158,3 +166,32 @@ def best_fid_table(run_dirs: Sequence[Path]) -> str:
             rows.append(f"| {evaluation.label} | {solver} | {best['fid']:.2f} | {setting_of(best)} | "
                         f"{best['mean_nfe']:.1f} | {best.get('num_gen', '')} | {best.get('fid_split', 'train')} |")
     return "\n".join(rows) + "\n"
+
+
+def locality_table(run_dirs: Sequence[Path]) -> str:
+    """A Markdown table of held-out locality (compute_locality.py's locality.jsonl): a row per run
+    and evaluation setting (its latest record), each term as mean ± standard error; "" when no
+    folder has records. Rows with the same split, clusters, batches and seed share their numbers,
+    so only those compare."""
+    rows = []
+    labels = run_labels(run_dirs)
+    for run_dir in run_dirs:
+        latest = {tuple(str(r.get(f)) for f in LOCALITY_SETTING): r for r in read_jsonl(run_dir / "locality.jsonl")}
+        for r in latest.values():
+            terms = " | ".join(format_mean_error(r.get(name), r.get(f"{name}_se")) for name in LOCALITY_TERMS)
+            rows.append(f"| {labels[run_dir]} | {Path(str(r.get('checkpoint'))).stem} | {r.get('step')} | "
+                        f"{_describe('use_ema', r.get('use_ema'))} | {r.get('split')} | "
+                        f"{r.get('num_batches')} x {r.get('batch_size')} | {r.get('seed')} | {terms} |")
+    if not rows:
+        return ""
+    header = ["| run | checkpoint | step | weights | split | batches | seed | " + " | ".join(LOCALITY_TERMS) + " |",
+              "|---|---|---:|---|---|---:|---:|" + "---:|" * len(LOCALITY_TERMS)]
+    return "\n".join(header + rows) + "\n"
+
+
+def format_mean_error(mean, error) -> str:
+    """'0.1234 ± 0.0012'; the mean alone without a finite error (one batch); '-' without a mean
+    (a non-finite value is stored as null)."""
+    if not isinstance(mean, (int, float)):
+        return "-"
+    return f"{mean:.4g}" + (f" ± {error:.2g}" if isinstance(error, (int, float)) and math.isfinite(error) else "")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from unet import UNetModel
 from utils_cifar import CIFAR10_DIR, TEST_BATCHES, TRAIN_BATCHES
 
 # Small enough for CPU tests, same family as the paper UNet.
@@ -19,6 +20,25 @@ def stand_in_extractor(num_features: int = 16):
     """A stand-in for Inception: images [B, 3, 32, 32] -> a fixed random projection [B, num_features] (float64)."""
     weight = torch.randn(3 * 32 * 32, num_features, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return lambda images: images.double().reshape(len(images), -1) @ weight
+
+
+def random_unet(config, seed):
+    """UNetModel(**config) with seeded weights, its output layer randomised too: it starts at zero
+    (v = 0), and a test net must move its inputs."""
+    torch.manual_seed(seed)
+    net = UNetModel(**config)
+    torch.nn.init.normal_(net.out[-1].weight, std=0.05)
+    return net
+
+
+def save_tiny_checkpoint(path, step, **extra):
+    """A checkpoint of our format at `path`: raw and EMA weights of the tiny UNet that differ, its
+    config, `step` and any `extra` keys (e.g. flags). Returns (path, net, ema)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net, ema = random_unet(TINY_UNET_CONFIG, 0), random_unet(TINY_UNET_CONFIG, 1)
+    torch.save({"net_model": net.state_dict(), "ema_model": ema.state_dict(), "unet_config": ema.config,
+                "step": step, **extra}, path)
+    return path, net, ema
 
 
 def write_fake_cifar10(root, per_batch: int = 20, seed: int = 0):

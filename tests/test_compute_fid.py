@@ -17,11 +17,11 @@ import torch
 
 import fid
 from sampling import generate_samples, straightness
-from unet import PAPER_CONFIG, UNetModel
+from unet import PAPER_CONFIG
 from utils_cifar import build_net_from_checkpoint, read_jsonl
 
 from conftest import TINY_UNET_CONFIG as TINY_CONFIG
-from conftest import stand_in_extractor
+from conftest import random_unet, save_tiny_checkpoint, stand_in_extractor
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = ["--fid=False", "--num_gen=8", "--batch_size_fid=5", "--integration_method=euler", "--integration_steps=2"]
@@ -74,24 +74,10 @@ def run_cli(tmp_path, args, patches="", env=None, launcher=()):
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def random_unet(config, seed):
-    torch.manual_seed(seed)
-    net = UNetModel(**config)
-    # The output layer starts at zero (v = 0); randomise it so the flow moves the noise.
-    torch.nn.init.normal_(net.out[-1].weight, std=0.05)
-    return net
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """Our format: raw and EMA weights differ, the UNet config and step are stored."""
-    folder = tmp_path_factory.mktemp("run") / "otcfm"
-    folder.mkdir()
-    net, ema = random_unet(TINY_CONFIG, 0), random_unet(TINY_CONFIG, 1)
-    path = folder / "otcfm_cifar10_weights_step_20.pt"
-    torch.save({"net_model": net.state_dict(), "ema_model": ema.state_dict(), "unet_config": ema.config,
-                "step": 20}, path)
-    return path, net, ema
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("run") / "otcfm" / "otcfm_cifar10_weights_step_20.pt", 20)
 
 
 def test_samples_npz_grid_and_seed(tmp_path, tiny_checkpoint):

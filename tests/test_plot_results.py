@@ -1,6 +1,7 @@
 """plot_results.py and results.py on the fixture run folders in tests/data/runs (synthetic numbers,
-written in the formats training and compute_fid.py write: start lines, nulls, a torn line, a metrics
-file per run name beside metrics.jsonl, a re-evaluated setting, a test-split record, a null FID)."""
+written in the formats training, compute_fid.py and compute_locality.py write: start lines, nulls, a
+torn line, a metrics file per run name beside metrics.jsonl, a re-evaluated setting, a test-split
+record, a null FID, held-out locality on both splits)."""
 
 import json
 import os
@@ -94,3 +95,17 @@ def test_the_script_renders_every_figure_and_the_table(tmp_path):
         assert image.size == (675, 320)  # 3 x 2 panels of 4.5 x 3.2 inches
     table = (out / "best_fid.md").read_text()
     assert table == results.best_fid_table(RUNS) and table in proc.stdout
+    with pytest.warns(UserWarning, match="torn write"):
+        locality = results.locality_table(RUNS)
+    assert (out / "locality.md").read_text() == locality and locality in proc.stdout
+
+
+@pytest.mark.filterwarnings("ignore:.*torn write")
+def test_locality_table_keeps_the_latest_record_of_each_setting():
+    table = results.locality_table(RUNS).splitlines()
+    assert table[0].startswith("| run | checkpoint | step | weights | split | batches | seed | local_loss |")
+    rows = {tuple(cell.strip() for cell in row.strip("|").split("|")[:5:4]): row for row in table[2:]}
+    assert set(rows) == {("otcfm", "test"), ("otcfm", "train"), ("otcfm_local_1e0", "test")}
+    assert "| 0.45 ± 0.01 | 0.37 ± 0.01 | 0.29 ± 0.01 | 0.22 ± 0.01 |" in rows["otcfm", "test"]  # not 0.5: re-evaluated
+    assert "| 100 x 128 | 0 | 0.12 | 0.2 | 0.25 | 0.23 |" in rows["otcfm_local_1e0", "test"]  # no standard error stored
+    assert results.locality_table([REPO / "tests/data/runs/icfm"]) == ""

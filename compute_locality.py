@@ -1,0 +1,117 @@
+"""Checkpoint -> local and anchor losses on held-out single-cluster batches (see locality.py).
+
+    python compute_locality.py --model=otcfm --step=400000
+    python compute_locality.py --checkpoint=results/otcfm_local_1e0/otcfm_cifar10_local_1e0_weights_step_400000.pt
+    python compute_locality.py --pretrained=otcfm --split=train --num_batches=20
+
+Clusters the --split of CIFAR-10 per class as training clusters the train set (--num_subclasses,
+--cluster_algorithm, --cluster_seed; cached the same way), draws --num_batches single-cluster
+batches with their noise and times from --seed, and reports for the EMA (or raw) net `local_loss`,
+`anchor_loss_full`, `anchor_loss_simple` and `loss_fm` (on the checkpoint's own path: its stored
+--model and --sigma, else --model), each as mean and standard error over batches. The same seed,
+split and clustering give every checkpoint the same batches, noise and times, so runs compare on
+the same numbers. One record per evaluation is appended to `locality.jsonl` beside the checkpoint.
+The checkpoint flags are eval_checkpoint.py's, shared with compute_fid.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags, logging
+
+import eval_checkpoint
+import locality
+import results
+import utils_cifar
+from flow_matching import make_matcher
+from samplers import CLUSTER_ALGORITHMS, kmeans_cache_dir
+
+FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(eval_checkpoint)  # listed by --helpshort with this script's own
+
+flags.DEFINE_enum("split", "test", ["test", "train"], "CIFAR-10 split to cluster and score on (test: held out).")
+flags.DEFINE_integer("num_batches", 100, "Single-cluster batches to average over.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 128, "Images per batch (a smaller cluster repeats images, as in training).",
+                     lower_bound=1)
+flags.DEFINE_integer("num_subclasses", 25, "K-means sub-clusters per class, as training's.", lower_bound=1)
+flags.DEFINE_enum("cluster_algorithm", "minibatch", list(CLUSTER_ALGORITHMS), "Per-class clustering, as training's.")
+flags.DEFINE_integer("cluster_seed", 42, "K-means random_state, as training's.")
+flags.DEFINE_integer("seed", 0, "Seed of the batches, noise and times: the same seed gives every checkpoint the same "
+                     "numbers to be scored on.", lower_bound=0)
+flags.DEFINE_bool("quiet", False, "No progress bar.")
+
+RESULTS_FILE = "locality.jsonl"
+
+
+def checkpoint_path_matcher(ckpt: dict):
+    """The checkpoint's path for loss_fm: its stored --model, --sigma, --ot_pairing (TorchCFM's
+    published checkpoints store none: --pretrained or --model, sigma 0)."""
+    stored = ckpt.get("flags") or {}
+    model = stored.get("model", FLAGS.pretrained or FLAGS.model)
+    if FLAGS["model"].present and FLAGS.model != model:
+        logging.warning("the checkpoint was trained with --model=%s: its loss_fm is scored on that path, "
+                        "not on --model=%s.", model, FLAGS.model)
+    try:
+        return make_matcher(model, stored.get("sigma", 0.0), stored.get("ot_pairing", "replacement"))
+    except ValueError as err:  # an unknown --model for a checkpoint that stores none
+        raise utils_cifar.UserError(str(err)) from err
+
+
+def summary(record: dict) -> str:
+    """One line: every term as mean ± standard error, and the setting."""
+    terms = ", ".join(f"{name} {results.format_mean_error(record[name], record[f'{name}_se'])}"
+                      for name in locality.TERMS)
+    return (f"{terms} ({record['split']} split, num_batches {record['num_batches']}, "
+            f"batch_size {record['batch_size']}, seed {record['seed']}, {record['seconds']:.0f} s)")
+
+
+def evaluate() -> None:
+    """Score the checkpoint and append its record; user errors (flags, checkpoint, weights, results
+    folder, data, device) raise UserError, all before the clustering and the batches."""
+    eval_checkpoint.check_flags()
+    device = utils_cifar.resolve_device(FLAGS.device)
+    path, ckpt, net = eval_checkpoint.load(device, progress=not FLAGS.quiet)
+    matcher = checkpoint_path_matcher(ckpt)
+    results_path = path.parent / RESULTS_FILE
+    reason = utils_cifar.unwritable_reason(path.parent)
+    if reason is not None:
+        raise utils_cifar.UserError(f"cannot append to {results_path} ({reason}): copy the checkpoint to a writable "
+                                    f"folder and pass it with --checkpoint.")
+    images, labels = utils_cifar.load_cifar10(FLAGS.data_dir, train=FLAGS.split == "train")
+    start = time.perf_counter()
+    batches = locality.HeldOutBatches(images, labels, FLAGS.batch_size, FLAGS.num_subclasses, FLAGS.seed, matcher,
+                                      cluster_seed=FLAGS.cluster_seed, algorithm=FLAGS.cluster_algorithm,
+                                      cache_dir=kmeans_cache_dir(FLAGS.data_dir))
+    values = locality.evaluate(net, batches, FLAGS.num_batches, device, progress=not FLAGS.quiet)
+    record = {
+        "checkpoint": str(path),
+        **eval_checkpoint.describe(ckpt),
+        "model": matcher.name,  # the path loss_fm was scored on
+        "sigma": matcher.sigma,
+        "split": FLAGS.split,
+        "num_batches": FLAGS.num_batches,
+        "batch_size": FLAGS.batch_size,
+        "num_subclasses": FLAGS.num_subclasses,
+        "cluster_algorithm": FLAGS.cluster_algorithm,
+        "cluster_seed": FLAGS.cluster_seed,
+        "seed": FLAGS.seed,
+    }
+    for name in locality.TERMS:
+        record[name], record[f"{name}_se"] = locality.mean_and_error(values[name])
+    record.update(seconds=round(time.perf_counter() - start, 2), provenance=utils_cifar.provenance(device))
+    utils_cifar.append_jsonl(results_path, record)
+    print(f"{summary(record)}; appended to {results_path}")
+
+
+def main(argv):
+    del argv
+    try:
+        evaluate()
+    except utils_cifar.UserError as err:
+        sys.exit(f"compute_locality.py: {err}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,69 @@
+"""Which checkpoint an evaluation script scores: the flags compute_fid.py and compute_locality.py share.
+
+    --checkpoint=PATH                       a checkpoint file (ours or a published TorchCFM one)
+    --model=M --input_dir=DIR --step=S      {input_dir}/{model}/{model}_cifar10_weights_step_{step}.pt
+    --pretrained=otcfm|icfm|fm              the published weights, fetched into {data_dir}/weights/
+    --use_ema (True), --num_channel (for checkpoints that store no UNet arguments), --data_dir, --device
+
+Defining the flags is the only thing importing this module does; `load` reads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from absl import flags
+
+import pretrained
+import utils_cifar
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", "otcfm", "Method name: the default checkpoint path, and the path of compute_locality.py's "
+                    "loss_fm when the checkpoint stores no flags.")
+flags.DEFINE_string("input_dir", "./results", "Folder holding {model}/{model}_cifar10_weights_step_{step}.pt.")
+flags.DEFINE_integer("step", 400000, "Training step of the checkpoint (default path; used if the checkpoint stores none).")
+flags.DEFINE_string("checkpoint", None, "Checkpoint path; overrides --input_dir/--model/--step.")
+flags.DEFINE_enum("pretrained", None, list(pretrained.PUBLISHED),
+                  "Score the published TorchCFM 1.0.4 weights of this method (fetched into {data_dir}/weights/).")
+flags.DEFINE_integer("num_channel", 128, "Base UNet width, only for checkpoints that store no UNet config.", lower_bound=1)
+flags.DEFINE_bool("use_ema", True, "Evaluate the EMA weights (else the raw network).")
+flags.DEFINE_string("data_dir", "./data", "CIFAR-10 and what is cached beside it: FID files ({data_dir}/fid/), K-means "
+                    "clusters, --pretrained weights ({data_dir}/weights/).")
+flags.DEFINE_string("device", "auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+
+
+def check_flags() -> None:
+    """UserError (one sentence) for contradicting choices of weights, before anything is loaded."""
+    if FLAGS.pretrained and FLAGS.checkpoint:
+        raise utils_cifar.UserError("--pretrained and --checkpoint both name the weights: pass one of them.")
+
+
+def default_checkpoint() -> Path:
+    """{input_dir}/{model}/{model}_cifar10_weights_step_{step}.pt; for icfm, the published release's
+    name `cfm_cifar10_...` is tried when ours is absent."""
+    folder = Path(FLAGS.input_dir) / FLAGS.model
+    path = folder / f"{FLAGS.model}_cifar10_weights_step_{FLAGS.step}.pt"
+    published = folder / f"cfm_cifar10_weights_step_{FLAGS.step}.pt"
+    return published if FLAGS.model == "icfm" and not path.is_file() and published.is_file() else path
+
+
+def load(device: torch.device, progress: bool = True) -> tuple[Path, dict, torch.nn.Module]:
+    """The checkpoint path, its contents and its (EMA) net on `device`, in eval mode without gradients.
+    A missing or unfitting file, or unavailable published weights, is a UserError."""
+    if FLAGS.pretrained:
+        path, ckpt = pretrained.published_checkpoint(FLAGS.pretrained, FLAGS.data_dir, progress=progress)
+    else:
+        path = Path(FLAGS.checkpoint) if FLAGS.checkpoint else default_checkpoint()
+        ckpt = utils_cifar.load_checkpoint(path)
+    fallback = dict(utils_cifar.PAPER_CONFIG, num_channels=FLAGS.num_channel)
+    net = utils_cifar.build_net_from_checkpoint(ckpt, FLAGS.use_ema, fallback, device, source=str(path))
+    return path, ckpt, net
+
+
+def describe(ckpt: dict) -> dict:
+    """The fields every result record starts with: step (the checkpoint's, else --step), method
+    (--pretrained, else --model) and which weights."""
+    return {"step": int(ckpt.get("step", FLAGS.step)), "model": FLAGS.pretrained or FLAGS.model,
+            "use_ema": FLAGS.use_ema}
