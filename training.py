@@ -9,7 +9,8 @@ One step (see `Trainer.step`):
     x0 = randn_like(x1)
     sample = matcher.sample(x0, x1)                    # t, x0, x1, xt, ut (otcfm re-pairs by exact OT)
     t_extra, x_extra = regularizer.extra_inputs(x1, x0, cluster, sample)   # the batch as drawn
-    v = net(t ++ t_extra, xt ++ x_extra)               # regularizer inputs batched into the same call
+    v = net(t ++ t_extra, xt ++ x_extra)               # regularizer inputs batched into the same call;
+                                                       # --precision / --channels_last / --compile: fast_path.py
     loss = mse(vt, ut) + lambda * regularizer.loss(...)
     backward -> clip (grad_norm) -> Adam -> warm-up schedule -> EMA lerp
 """
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 import checks
 import utils_cifar
+from fast_path import COMPILE_MODES, PRECISIONS, FastForward, resolve_precision
 from distributed import (StopRequest, World, barrier, broadcast_from_main, gather_to_main, init_world, main_first,
                          mean_over_ranks, own_rows)
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
@@ -67,6 +69,13 @@ flags.DEFINE_integer("warmup", 5000, "linear learning-rate warm-up steps", lower
 flags.DEFINE_integer("batch_size", 128, "global batch size (split across ranks)")
 flags.DEFINE_float("ema_decay", 0.9999, "EMA decay, applied every step", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_integer("seed", 0, "seed of every random stream (shared by all ranks; dropout on rank r uses seed + r)")
+# The fast path of the training forward (fast_path.py); sampling and FID stay fp32 and eager.
+flags.DEFINE_enum("precision", "auto", list(PRECISIONS),
+                  "training forward/backward: bf16 autocast with fp32 weights, Adam and EMA, or fp32; auto = bf16 "
+                  "on a CUDA GPU with native bf16, else fp32")
+flags.DEFINE_bool("channels_last", False, "channels-last memory format for the UNet and its training inputs")
+flags.DEFINE_bool("compile", False, "torch.compile the training forward (the monitor, grids and FID stay eager)")
+flags.DEFINE_enum("compile_mode", "default", list(COMPILE_MODES), "torch.compile mode, with --compile")
 flags.DEFINE_enum("ot_scope", "global", ["global", "local"],
                   "otcfm under torchrun: pair the whole global batch (global, world-size invariant) or each "
                   "rank's block within itself (local, as the published DDP script)")
@@ -282,9 +291,26 @@ TRAIN_STREAM, MONITOR_STREAM = "batches", "monitor_batches"
 MONITOR_SEED_OFFSET = 1_000_003
 
 
+@dataclass
+class StepInputs:
+    """This rank's share of one step's draw: where the net is evaluated and what the losses compare.
+
+    t, x: ``[R]`` and ``[R,3,32,32]``, the main term's rows then the regularizer's extra rows
+    ut: ``[b,3,32,32]``, the main term's target velocity for its first ``b`` rows
+    ctx: what the regularizer's loss needs (None without a regularizer)
+    cluster: ``[B]`` the global batch's cluster ids (clustered sources), else None
+    """
+
+    t: Tensor
+    x: Tensor
+    ut: Tensor
+    ctx: object = None
+    cluster: Tensor | None = None
+
+
 class Trainer:
     """Owns net, EMA, optimizer, schedule, matcher, batch sources and random streams; `step()` does
-    one update.
+    one update: `draw` the inputs, evaluate the `losses`, `update` the weights.
 
     World-size invariance (see `distributed.py`): the batch sources yield the global batch, and
     every random draw of a step (noise, t, eps, OT pairing, the regularizer's draws) comes from
@@ -295,7 +321,12 @@ class Trainer:
     def __init__(self, net, ema, optimizer, scheduler, matcher, batches, FLAGS, world: World,
                  regularizer=None, monitor=None, ddp_net=None):
         self.net = net  # the bare module (EMA source, checkpoints)
-        self.forward_net = ddp_net or net  # what the step calls (DDP wrapper when distributed)
+        self.precision = resolve_precision(FLAGS.precision, world.device)
+        # What the step calls: the DDP wrapper when distributed, compiled with --compile. The
+        # monitor's batch has another shape (a recompilation), so it calls the bare net, eager.
+        self.forward = FastForward(ddp_net or net, world.device, self.precision, FLAGS.channels_last,
+                                   FLAGS.compile_mode if FLAGS.compile else None)
+        self.monitor_forward = FastForward(net, world.device, self.precision, FLAGS.channels_last)
         self.ema, self.optimizer, self.scheduler = ema, optimizer, scheduler
         self.matcher, self.batches, self.regularizer = matcher, batches, regularizer
         self.monitor = monitor  # (BatchSource, Regularizer) or None
@@ -323,33 +354,13 @@ class Trainer:
         return own_rows(x, self.global_batch, self.world)
 
     def step(self, step: int, with_metrics: bool = False) -> dict:
-        """One optimisation step. Returns device tensors (no host sync); the full metric set only
-        when `with_metrics`, to keep non-log steps free of extra reductions and monitor passes."""
-        reg, g = self.regularizer, self.generator
-        if reg is not None:
-            reg.before_step(step)
-        x1, cluster = self.batches.next_batch()  # the global batch, the same on every rank
-        x0 = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=g)
-        sample = self.matcher.sample(x0, x1, generator=g)
-        t, x, ut = self.own(sample.t), self.own(sample.xt), self.own(sample.ut)
-        if reg is not None:  # the regularizer sees the batch as drawn, as the published scripts do
-            t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample, generator=g)
-            t, x, ctx = torch.cat([t, self.own(t_extra)]), torch.cat([x, self.own(x_extra)]), self.own(ctx)
-        v = self.forward_net(t, x)
-        vt = v[: len(ut)]
-        terms = {"loss_fm": F.mse_loss(vt, ut)}
-        loss = terms["loss_fm"]
-        if reg is not None:
-            terms[f"{reg.name}_loss"] = reg.loss(vt, v[len(ut):], ctx)
-            loss = loss + reg.weight * terms[f"{reg.name}_loss"]
-
+        """One optimisation step. Returns device tensors (no host sync; `lr` is the host's float);
+        the full metric set only when `with_metrics`, to keep non-log steps free of extra
+        reductions and monitor passes."""
+        inputs = self.draw(step)
+        terms, loss, vt = self.losses(inputs)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses (a float: no sync)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        utils_cifar.ema_update(self.ema_params, self.params, self.ema_decay)
+        grad_norm = self.update(loss)
         self.watch_finite(step, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
                                  "grad_norm": grad_norm})
 
@@ -357,13 +368,53 @@ class Trainer:
             return {"loss": loss.detach()}
         metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "lr": lr,
                    "all_finite": self.finite}
-        if cluster is not None:
-            metrics["cluster"] = cluster[0]
+        if inputs.cluster is not None:
+            metrics["cluster"] = inputs.cluster[0]
         metrics["grad_norm"] = grad_norm
         metrics["vector_field_mean_norm"] = vt.detach().flatten(1).norm(dim=1).mean()
         if self.monitor is not None:
             metrics.update(self.monitor_losses())
         return metrics
+
+    def draw(self, step: int) -> StepInputs:
+        """The step's random draws, all from the streams every rank shares: the global batch, its
+        noise, the matcher's pairing, t and eps, the regularizer's inputs; this rank's rows of them."""
+        reg, g = self.regularizer, self.generator
+        if reg is not None:
+            reg.before_step(step)
+        x1, cluster = self.batches.next_batch()  # the global batch, the same on every rank
+        x0 = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=g)
+        sample = self.matcher.sample(x0, x1, generator=g)
+        t, x, ut = self.own(sample.t), self.own(sample.xt), self.own(sample.ut)
+        if reg is None:
+            return StepInputs(t, x, ut, cluster=cluster)
+        # The regularizer sees the batch as drawn, as the published scripts do.
+        t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample, generator=g)
+        return StepInputs(torch.cat([t, self.own(t_extra)]), torch.cat([x, self.own(x_extra)]), ut, self.own(ctx),
+                          cluster)
+
+    def losses(self, inputs: StepInputs) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """(terms, loss, vt): the named loss terms, their weighted sum and the main prediction
+        ``vt`` [b,3,32,32], from one forward call over the main and extra rows (outputs in the inputs' dtype)."""
+        reg = self.regularizer
+        v = self.forward(inputs.t, inputs.x)
+        vt = v[: len(inputs.ut)]
+        terms = {"loss_fm": F.mse_loss(vt, inputs.ut)}
+        loss = terms["loss_fm"]
+        if reg is not None:
+            terms[f"{reg.name}_loss"] = reg.loss(vt, v[len(inputs.ut):], inputs.ctx)
+            loss = loss + reg.weight * terms[f"{reg.name}_loss"]
+        return terms, loss, vt
+
+    def update(self, loss: Tensor) -> Tensor:
+        """Backward, clip, Adam, schedule, EMA; returns the gradient norm before clipping (a device scalar)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        utils_cifar.ema_update(self.ema_params, self.params, self.ema_decay)
+        return grad_norm
 
     def watch_finite(self, step: int, values: dict[str, Tensor]) -> None:
         """Fold this step's values into the divergence watch (a few tiny device ops, no sync)."""
@@ -393,7 +444,8 @@ class Trainer:
         x1, cluster = batches.next_batch()
         x0 = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=g)
         t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, None, generator=g)
-        return {f"{reg.name}_loss": reg.loss(None, self.net(self.own(t_extra), self.own(x_extra)), self.own(ctx))}
+        v_extra = self.monitor_forward(self.own(t_extra), self.own(x_extra))
+        return {f"{reg.name}_loss": reg.loss(None, v_extra, self.own(ctx))}
 
     def batch_sources(self) -> dict:
         """The batch sources whose streams a checkpoint keeps, by state key."""
@@ -666,7 +718,8 @@ def host_metrics(metrics: dict, world: World) -> dict:
 
 def build_trainer(FLAGS, unet_config: dict, world: World, matcher, batches, regularizer=None, monitor=None) -> Trainer:
     """Net, EMA (a frozen copy, never wrapped in DDP), Adam, warm-up schedule and DDP wrapper."""
-    net = UNetModel(**unet_config).to(world.device)
+    memory_format = torch.channels_last if FLAGS.channels_last else torch.contiguous_format
+    net = UNetModel(**unet_config).to(world.device, memory_format=memory_format)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     # fused: one kernel for all parameters on CUDA (same maths; not implemented for every CPU build).
     optimizer = torch.optim.Adam(net.parameters(), lr=FLAGS.lr, fused=world.device.type == "cuda")
