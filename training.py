@@ -13,6 +13,8 @@ One step (see `Trainer.step`):
                                                        # --precision / --channels_last / --compile: fast_path.py
     loss = mse(vt, ut) + lambda * regularizer.loss(...)
     backward -> clip (grad_norm) -> Adam -> warm-up schedule -> EMA lerp
+After each step (and its checkpoint) the loop draws the next batch and noise and solves their OT
+plan on a worker thread while the device runs the step (`Trainer.prefetch`, ot_pipeline.py).
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from tqdm import tqdm
 
 import checks
 import utils_cifar
-from fast_path import COMPILE_MODES, PRECISIONS, FastForward, resolve_precision
 from distributed import (StopRequest, World, barrier, broadcast_from_main, gather_to_main, init_world, main_first,
                          mean_over_ranks, own_rows)
+from fast_path import COMPILE_MODES, PRECISIONS, FastForward, resolve_precision
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
+from ot_pipeline import OTPipeline
 from samplers import CLUSTER_ALGORITHMS, ClassConditionedSampler, kmeans_cache_dir, save_cluster_grids
 from sampling import SOLVERS, save_sample_grid
 from run_lock import RunLock, RunLocked
@@ -76,6 +79,8 @@ flags.DEFINE_enum("precision", "auto", list(PRECISIONS),
 flags.DEFINE_bool("channels_last", False, "channels-last memory format for the UNet and its training inputs")
 flags.DEFINE_bool("compile", False, "torch.compile the training forward (the monitor, grids and FID stay eager)")
 flags.DEFINE_enum("compile_mode", "default", list(COMPILE_MODES), "torch.compile mode, with --compile")
+flags.DEFINE_bool("ot_pipeline", True, "otcfm: draw the next batch after each step and solve its OT plan on a worker "
+                  "thread while the device runs the step (False: inline; both train the same run bit for bit)")
 flags.DEFINE_enum("ot_scope", "global", ["global", "local"],
                   "otcfm under torchrun: pair the whole global batch (global, world-size invariant) or each "
                   "rank's block within itself (local, as the published DDP script)")
@@ -343,6 +348,8 @@ class Trainer:
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=world.device)
         self.first_bad_values: Tensor | None = None
         self.watched: list[str] = []  # names of the watched values
+        # Each step's batch, noise and OT plans; with --ot_pipeline drawn and solved ahead (`prefetch`).
+        self.pipeline = OTPipeline(batches, matcher, self.generator, world.device, FLAGS.ot_pipeline)
         # The term logged as `regularized_loss`: the trained regularizer, else the monitored one.
         logged = regularizer if regularizer is not None else monitor[1] if monitor is not None else None
         self.regularized_name = f"{logged.name}_loss" if logged is not None else None
@@ -376,15 +383,22 @@ class Trainer:
             metrics.update(self.monitor_losses())
         return metrics
 
+    def prefetch(self) -> None:
+        """Pipelined OT: draw the next step's batch and noise and solve its OT plans on the worker
+        thread while the device runs the step just queued (see ot_pipeline.py; no-op inline). The
+        loop calls it after a step's checkpoint, which thus holds the streams from before the draw."""
+        self.pipeline.prefetch()
+
     def draw(self, step: int) -> StepInputs:
         """The step's random draws, all from the streams every rank shares: the global batch, its
-        noise, the matcher's pairing, t and eps, the regularizer's inputs; this rank's rows of them."""
+        noise and OT plans (`prefetch`ed, or drawn now), the matcher's pairing, t and eps, the
+        regularizer's inputs; this rank's rows of them."""
         reg, g = self.regularizer, self.generator
         if reg is not None:
             reg.before_step(step)
-        x1, cluster = self.batches.next_batch()  # the global batch, the same on every rank
-        x0 = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=g)
-        sample = self.matcher.sample(x0, x1, generator=g)
+        drawn = self.pipeline.next()
+        x1, cluster, x0 = drawn.x1, drawn.cluster, drawn.x0
+        sample = self.matcher.sample(x0, x1, generator=g, plans=drawn.plans)
         t, x, ut = self.own(sample.t), self.own(sample.xt), self.own(sample.ut)
         if reg is None:
             return StepInputs(t, x, ut, cluster=cluster)
@@ -695,6 +709,8 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar
                           f"{writer.last}; continue with the same command plus --checkpoint_path={writer.last} "
                           f"(or --resume=auto).", flush=True)
                 break
+            if step < last:
+                trainer.prefetch()  # after the checkpoint, which thus holds the streams from before it
         else:
             stopped_by = 0
     if logger is not None:

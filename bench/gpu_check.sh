@@ -6,15 +6,16 @@
 #   bash bench/gpu_check.sh --fetch-wheels  # here, before: Python 3.12 wheels of what the GPU machine may lack
 #
 # Paper UNet, batch 128 (rows: bench/train_step.py's table):
-#   1. OT-CFM: plain fp32, bf16, bf16+compile; locality and anchor bf16+compile (% of 790 TFLOP/s)
+#   1. OT-CFM: plain fp32, bf16, bf16+compile (OT pipelined and inline); locality and anchor
+#      bf16+compile (% of 790 TFLOP/s)
 #   2. I-CFM plain bf16 and bf16+compile (target: OT-CFM within 5% of it)
-#   3. host syncs per step (torch.cuda.set_sync_debug_mode "warn"): I-CFM plain/local/anchor, OT-CFM plain
+#   3. host syncs per step (torch.cuda.set_sync_debug_mode "warn"): I-CFM plain/local/anchor,
+#      OT-CFM plain with pipelined and inline OT
 #   4. peak memory at batch 32 and 64 (128: table 1)
 #   5. 1024 dopri5 samples of a random paper UNet, fp32 (images/s)
 # Each section gets what is left of a 280 s budget (--smoke: 900 s); a section that fails or runs out is noted and
 # the next one runs. Into $OUT (else ./gpu_check_out): gpu_check.md (the tables) and gpu_check.log
 # (everything printed).
-# The OT pipeline (OT solved on a worker thread, inline vs pipelined rows) is not built yet.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -80,11 +81,11 @@ section env "$PY" -c "import torch; print(torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name(), 'bf16:', torch.cuda.is_available() and torch.cuda.is_bf16_supported())"
 tail -n 1 "$LOG" >>"$TABLES"  # the versions
 section otcfm "${bench[@]}" \
-    --rows=none:fp32,none:bf16,none:bf16+compile,local:bf16+compile,anchor:bf16+compile
+    --rows=none:fp32,none:bf16,none:bf16+compile,none:bf16+compile+inline,local:bf16+compile,anchor:bf16+compile
 section icfm "${bench[@]}" --model=icfm --rows=none:bf16,none:bf16+compile
 section syncs_icfm "${bench[@]}" --model=icfm --sync_check --steps=3 \
     --rows=none:bf16,local:bf16,anchor:bf16
-section syncs_otcfm "${bench[@]}" --sync_check --steps=3 --rows=none:bf16
+section syncs_otcfm "${bench[@]}" --sync_check --steps=3 --rows=none:bf16,none:bf16+inline
 for batch in "${MEMORY_BATCHES[@]}"; do
     section "memory_$batch" "${bench[@]}" --batch_size=$batch --steps=3 \
         --rows=none:bf16,anchor:bf16

@@ -7,14 +7,16 @@
 Rows: every regularizer of --regularizers (none = plain; local; anchor = the published pairing, two
 extra rows per sample; anchor_main = --anchor_pairing=main, one extra row) in every precision of
 --precisions (default fp32 and bf16 on CUDA, fp32 on a CPU), each also compiled (--compile_mode)
-with --compile; or exactly the rows of --rows,
-e.g. ``none:fp32,none:bf16,none:bf16+compile,local:bf16+compile``. Regularized rows draw
+with --compile, all with pipelined OT, plus the plain rows with inline OT (--ot_pipeline=False);
+or exactly the rows of --rows, REGULARIZER:PRECISION[+compile][+inline], e.g.
+``none:bf16,none:bf16+inline,none:bf16+compile,local:bf16+compile``. Regularized rows draw
 single-cluster batches (one cluster per class); the forward rows per sample are 1, 3, 3 and 2.
 
 Columns (times in ms, medians over --steps steps after --warmup_steps untimed ones):
     it/s         1000 / the median time of `Trainer.step` (what training runs; synchronised after each step)
     step         that median, and the fastest and slowest step (the spread)
-    draw         `Trainer.draw`: batch, noise, OT pairing, regularizer inputs
+    draw         `Trainer.draw`: batch, noise, OT pairing, regularizer inputs (pipelined: with the
+                 `Trainer.prefetch` of the next step, and the wait for its plan)
     fwd          `Trainer.losses`: the forward and the losses
     bwd+update   `Trainer.update`: backward, clip, Adam, schedule, EMA
                  (the three phases are timed in separate, synchronised steps: they show where the
@@ -80,29 +82,27 @@ def times_ms(fn, device, n):
     return times
 
 
-def parse_rows(device: torch.device) -> list[tuple[str, str, bool]]:
-    """(regularizer, precision, compiled) of every row."""
+def parse_rows(device: torch.device) -> list[tuple[str, str, set]]:
+    """(regularizer, precision, options) of every row; options: "compile", "inline"."""
     if not FLAGS.rows:
-        compiled = (False, True) if FLAGS.compile else (False,)
+        compiled = ({"compile"},) if FLAGS.compile else ()
         precisions = FLAGS.precisions or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
-        return [(r, p, c) for r in FLAGS.regularizers for p in precisions for c in compiled]
+        return [(r, p, o) for r in FLAGS.regularizers for p in precisions
+                for o in [set(), *compiled, *([{"inline"}] if r == "none" else [])]]
     rows = []
     for spec in FLAGS.rows:
         name, _, setting = spec.partition(":")
-        precision, _, compiled = setting.partition("+")
-        if compiled not in ("", "compile"):
-            raise app.UsageError(f"--rows entry {spec!r}: write REGULARIZER:PRECISION or REGULARIZER:PRECISION+compile.")
-        rows.append((name, precision, compiled == "compile"))
-    for name, precision, _ in rows:
-        if name not in REGULARIZERS or precision not in ("fp32", "bf16"):
-            raise app.UsageError(f"unknown row {name}:{precision}: regularizers {', '.join(REGULARIZERS)}; "
-                                 f"precisions fp32, bf16.")
+        precision, *options = setting.split("+")
+        if name not in REGULARIZERS or precision not in ("fp32", "bf16") or not set(options) <= {"compile", "inline"}:
+            raise app.UsageError(f"--rows entry {spec!r}: write REGULARIZER:PRECISION[+compile][+inline] with "
+                                 f"REGULARIZER one of {', '.join(REGULARIZERS)} and PRECISION fp32 or bf16.")
+        rows.append((name, precision, set(options)))
     return rows
 
 
-def build(name: str, precision: str, compiled: bool, images: torch.Tensor, world: World) -> training.Trainer:
+def build(name: str, precision: str, options: set, images: torch.Tensor, world: World) -> training.Trainer:
     """The row's Trainer, built as training builds it (the fast-path flags are set for this row)."""
-    FLAGS.precision, FLAGS.compile = precision, compiled
+    FLAGS.precision, FLAGS.compile, FLAGS.ot_pipeline = precision, "compile" in options, "inline" not in options
     config = training.unet_config_from_flags(FLAGS)
     matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing)
     if name == "none":
@@ -129,18 +129,23 @@ def step_flops(trainer: training.Trainer) -> float:
 
 def measure(trainer: training.Trainer, device: torch.device, steps) -> dict:
     """Step times (and host syncs per step with --sync_check), then the phase times."""
-    for _ in range(FLAGS.warmup_steps):
+
+    def step():  # as the training loop runs it
         trainer.step(next(steps))
+        trainer.prefetch()
+
+    for _ in range(FLAGS.warmup_steps):
+        step()
     syncs = None
     if FLAGS.sync_check and device.type == "cuda":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-            step_ms = times_ms(lambda: trainer.step(next(steps)), device, FLAGS.steps)
+            step_ms = times_ms(step, device, FLAGS.steps)
             torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchronizing" in str(w.message) for w in caught) / FLAGS.steps
     else:
-        step_ms = times_ms(lambda: trainer.step(next(steps)), device, FLAGS.steps)
+        step_ms = times_ms(step, device, FLAGS.steps)
     phases = {"draw": [], "fwd": [], "bwd+update": []}
     for _ in range(FLAGS.steps):
         sync(device)
@@ -153,9 +158,12 @@ def measure(trainer: training.Trainer, device: torch.device, steps) -> dict:
         forward = time.perf_counter()
         trainer.update(loss)
         sync(device)
-        phases["draw"].append((drawn - tic) * 1e3)
+        updated = time.perf_counter()
+        trainer.prefetch()
+        sync(device)
+        phases["draw"].append((drawn - tic + time.perf_counter() - updated) * 1e3)
         phases["fwd"].append((forward - drawn) * 1e3)
-        phases["bwd+update"].append((time.perf_counter() - forward) * 1e3)
+        phases["bwd+update"].append((updated - forward) * 1e3)
     return {"step": step_ms, **{k: statistics.median(v) for k, v in phases.items()}, "syncs": syncs}
 
 
@@ -169,8 +177,8 @@ def main(argv):
     steps = iter(range(1, 10**9))  # step 0 refreshes the anchor centroids: only the warm-up sees it
     lines = []
     flops = {}
-    for name, precision, compiled in rows:
-        trainer = build(name, precision, compiled, images, world)
+    for name, precision, options in rows:
+        trainer = build(name, precision, options, images, world)
         if name not in flops:
             flops[name] = step_flops(trainer)
         if device.type == "cuda":
@@ -179,7 +187,7 @@ def main(argv):
         result = measure(trainer, device, steps)
         median = statistics.median(result["step"])
         tflops = flops[name] / median / 1e9  # FLOP per ms / 1e9 = TFLOP/s
-        label = f"{name} {precision}{' compiled' if compiled else ''}{' channels_last' if FLAGS.channels_last else ''}"
+        label = " ".join([name, precision, *sorted(options), *(["channels_last"] if FLAGS.channels_last else [])])
         cells = [label, f"{1e3 / median:.2f}", f"{median:.1f} ({min(result['step']):.1f}-{max(result['step']):.1f})",
                  f"{result['draw']:.1f}", f"{result['fwd']:.1f}", f"{result['bwd+update']:.1f}",
                  f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-",

@@ -1,6 +1,11 @@
-"""The fast path (fast_path.py): bf16 stays near fp32, the training forward compiles whole, the step
-hands back device tensors without branching on them, and compiled checkpoints stay prefix-free."""
+"""The fast path: bf16 stays near fp32, the training forward compiles whole, the step hands back
+device tensors without branching on them, compiled checkpoints stay prefix-free, and pipelined OT
+(the next plan solved on a worker thread) trains what inline OT trains, bit for bit."""
 
+import threading
+from concurrent.futures import Future
+
+import numpy as np
 import pytest
 import torch
 from absl import flags
@@ -118,3 +123,51 @@ def test_fast_forward_returns_the_inputs_dtype(one_thread):
     assert v.dtype == torch.float32 and v.shape == x.shape
     with pytest.raises(ValueError, match="fp32 or bf16"):
         FastForward(net, torch.device("cpu"), "auto")
+
+
+def run_steps(trainer, steps, pipelined):
+    """`steps` steps as the training loop runs them (prefetching after each one when pipelined)."""
+    for step in range(steps):
+        trainer.step(step)
+        if pipelined:
+            trainer.prefetch()
+
+
+def test_pipelined_ot_trains_what_inline_ot_trains_bit_for_bit(one_thread):
+    """otcfm (replacement pairing) with the anchor regularizer and dropout: the same weights, EMA,
+    and the same next batch, noise and plan."""
+    trainers = {}
+    for pipelined in (True, False):
+        trainer = trainers[pipelined] = build(f"--ot_pipeline={pipelined}", "--dropout=0.1", regularizer="anchor")
+        assert (trainer.pipeline.worker is not None) == pipelined
+        torch.manual_seed(1)  # dropout masks
+        run_steps(trainer, 3, pipelined)
+    pipelined, inline = trainers[True], trainers[False]
+    for a, b in zip(pipelined.params + pipelined.ema_params, inline.params + inline.ema_params):
+        assert torch.equal(a, b)
+    ahead, drawn = pipelined.pipeline.ahead, inline.pipeline.fetch()  # the fourth step's draw: ahead, and inline
+    assert torch.equal(ahead.x1, drawn.x1) and torch.equal(ahead.x0, drawn.x0)
+    assert all(np.array_equal(a, b) for a, b in zip(ahead.plans.result(), drawn.plans))
+
+
+def test_the_ot_worker_solves_the_next_plan_before_the_next_step_draws(one_thread):
+    """The order of a pipelined run: the first plan is solved inline; from then on, when step k
+    starts drawing, its plan was already handed to the worker thread (right after step k - 1)."""
+    trainer = build("--ot_pipeline=True")
+    solved_on, requested = [], []
+    solve, draw, ahead = trainer.matcher.solve, trainer.draw, lambda: trainer.pipeline.ahead
+
+    def recording_solve(costs):
+        solved_on.append(threading.current_thread().name)
+        return solve(costs)
+
+    def recording_draw(step):
+        requested.append(ahead() is not None and isinstance(ahead().plans, Future))
+        return draw(step)
+
+    trainer.matcher.solve, trainer.draw = recording_solve, recording_draw
+    run_steps(trainer, 3, pipelined=True)
+    ahead().plans.result()
+    assert requested == [False, True, True]
+    assert solved_on[0] == threading.current_thread().name
+    assert len(solved_on) == 4 and all(name.startswith("ot") for name in solved_on[1:])
