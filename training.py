@@ -469,7 +469,12 @@ class Trainer:
         return sources
 
     def streams_state(self) -> dict:
-        """The random streams shared by all ranks: step and monitor generators, batch sources."""
+        """The random streams shared by all ranks: step and monitor generators, batch sources.
+
+        Taken between a step and the next `prefetch` (as the loop saves): after one, the streams
+        would have moved past a batch that no checkpoint holds."""
+        if self.pipeline.ahead is not None:
+            raise RuntimeError("streams_state() after prefetch(): save before prefetching the next step.")
         state = {"generator": self.generator.get_state(), "monitor_generator": self.monitor_generator.get_state()}
         for key, source in self.batch_sources().items():
             state[key] = {**source.state_dict(), "kind": type(source).__name__}
