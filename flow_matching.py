@@ -94,29 +94,53 @@ def ot_pairing_indices(
         ``x0[i], x1[j]``.
 
     Note: the cost matrix is computed on the tensors' device, but the exact OT solver runs on the
-    CPU, so this function syncs with the device once per call (inherent to exact OT).
+    CPU, so this function syncs with the device once per call (inherent to exact OT). The three
+    parts, `ot_cost`, `ot_plan` and `pairs_from_plan`, let a caller solve the plan elsewhere (the
+    training loop solves the next step's on a worker thread).
     """
     _check_ot_pairing(mode)
+    cost = ot_cost(x0, x1).to("cpu", torch.float64).numpy()  # host sync: POT solves on the CPU.
+    return pairs_from_plan(ot_plan(cost), mode, generator, x0.device)
+
+
+def ot_cost(x0: Tensor, x1: Tensor) -> Tensor:
+    """Squared Euclidean costs ``||x0_i - x1_j||^2`` ``[B, B]`` of ``x0``, ``x1`` ``[B, ...]``, on their device."""
     batch = x0.shape[0]
     # float32 at least: half precision rounds squared distances of ~1e4 (3072-D) to steps of 8,
     # coarse enough to change the plan.
     cost_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    cost = torch.cdist(x0.reshape(batch, -1).to(cost_dtype), x1.reshape(batch, -1).to(cost_dtype)).square()
-    cost = cost.to("cpu", torch.float64).numpy()  # host sync: POT solves on the CPU.
+    return torch.cdist(x0.reshape(batch, -1).to(cost_dtype), x1.reshape(batch, -1).to(cost_dtype)).square()
+
+
+def ot_plan(cost: np.ndarray) -> np.ndarray:
+    """The exact OT plan ``[B, B]`` (float64) between uniform marginals for a host cost ``[B, B]``
+    (float64): POT's network simplex, which releases the GIL while it solves."""
     if not np.isfinite(cost).all():
         raise FloatingPointError("OT cost is not finite: x0 or x1 has NaN or inf (did training diverge?).")
-    marginal = np.full(batch, 1.0 / batch)
-    plan = ot.emd(marginal, marginal, cost)
+    marginal = np.full(cost.shape[0], 1.0 / cost.shape[0])
+    return ot.emd(marginal, marginal, cost)
+
+
+def pairs_from_plan(plan: np.ndarray, mode: str, generator: torch.Generator | None,
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(i, j)`` ``[B]`` int64 on ``device`` from a plan ``[B, B]``: see `ot_pairing_indices`.
+
+    Host arrays go to a GPU from pinned memory without blocking: a blocking copy would wait for the
+    work queued on the device (a host sync)."""
+    batch = plan.shape[0]
+
+    def to(x: Tensor, target: torch.device) -> Tensor:
+        return (x.pin_memory() if target.type == "cuda" else x).to(target, non_blocking=True)
 
     if mode == "permutation":
         i = torch.from_numpy(plan.argmax(axis=0))  # the one noise row carrying each data column's mass
         j = torch.arange(batch)
     else:
-        device = generator.device if generator is not None else torch.device("cpu")
-        probs = torch.from_numpy(plan).flatten().to(device)
-        flat = torch.multinomial(probs, batch, replacement=True, generator=generator)
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        flat = torch.multinomial(to(torch.from_numpy(plan).flatten(), draw_device), batch, replacement=True,
+                                 generator=generator)
         i, j = flat // batch, flat % batch
-    return i.to(x0.device), j.to(x0.device)
+    return to(i, device), to(j, device)
 
 
 class FlowMatcher:
@@ -134,10 +158,19 @@ class FlowMatcher:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
     def couple(
-        self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None
+        self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None, plans: list | None = None
     ) -> tuple[Tensor, Tensor]:
         """Pair noise with data; independent coupling (keep the given order) unless overridden."""
         return x0, x1
+
+    def costs(self, x0: Tensor, x1: Tensor) -> Tensor | None:
+        """The cost matrices ``[blocks, n, n]`` whose OT plans `couple` needs, on the tensors'
+        device; None for a matcher that solves none (all but otcfm)."""
+        return None
+
+    def solve(self, costs: np.ndarray) -> list[np.ndarray]:
+        """The OT plans of `costs` ``[blocks, n, n]`` (float64, on the host), to pass to `sample` as ``plans``."""
+        return [ot_plan(cost) for cost in costs]
 
     def _xt_ut(self, t: Tensor, x0: Tensor, x1: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
         """``xt`` and ``ut`` for ``t`` already shaped ``[B, 1, ..., 1]``."""
@@ -160,6 +193,7 @@ class FlowMatcher:
         x1: Tensor,
         t: Tensor | float | None = None,
         generator: torch.Generator | None = None,
+        plans: list | None = None,
     ) -> FlowSample:
         """Draw a training sample from the path.
 
@@ -169,6 +203,7 @@ class FlowMatcher:
             t: ``[B]`` times (or a scalar); ``None`` draws ``t ~ U(0, 1)`` per sample.
             generator: RNG for the pairing (otcfm), ``t`` and ``eps``, in that order; ``None`` uses
                 torch's global RNG. Must live on ``x1``'s device.
+            plans: otcfm: the plans ``solve(costs(x0, x1))`` solved beforehand (None: solved here).
 
         Returns:
             :class:`FlowSample` with ``x0``, ``x1`` after re-pairing.
@@ -177,7 +212,7 @@ class FlowMatcher:
             raise ValueError(
                 f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}."
             )
-        x0, x1 = self.couple(x0, x1, generator)
+        x0, x1 = self.couple(x0, x1, generator, plans)
         if t is None:
             t = torch.rand(x1.shape[0], dtype=x1.dtype, device=x1.device, generator=generator)
         eps = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=generator)
@@ -219,11 +254,17 @@ class OTCFM(ICFM):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sigma={self.sigma}, ot_pairing={self.ot_pairing!r}, ot_blocks={self.ot_blocks})"
 
-    def couple(self, x0, x1, generator=None):
+    def costs(self, x0, x1):
         if x1.shape[0] % self.ot_blocks:
             raise ValueError(f"a batch of {x1.shape[0]} does not split into {self.ot_blocks} OT blocks.")
         size = x1.shape[0] // self.ot_blocks
-        pairs = [ot_pairing_indices(a, b, self.ot_pairing, generator) for a, b in zip(x0.split(size), x1.split(size))]
+        return torch.stack([ot_cost(a, b) for a, b in zip(x0.split(size), x1.split(size))])
+
+    def couple(self, x0, x1, generator=None, plans=None):
+        if plans is None:
+            plans = self.solve(self.costs(x0, x1).to("cpu", torch.float64).numpy())  # host sync: POT runs on the CPU
+        pairs = [pairs_from_plan(plan, self.ot_pairing, generator, x0.device) for plan in plans]
+        size = x1.shape[0] // self.ot_blocks
         offsets = [block * size for block in range(self.ot_blocks)]
         i = torch.cat([i + offset for (i, _), offset in zip(pairs, offsets)])
         j = torch.cat([j + offset for (_, j), offset in zip(pairs, offsets)])

@@ -246,8 +246,9 @@ def _solve_batches(
 ) -> Iterator[tuple[Tensor, int]]:
     """Yield `solve(net, x0)` -> (out [b, ...], nfe) for each of this rank's batches (see batch_ranges).
 
-    x0 is the batch's noise on the net's device. Each solve runs under ``torch.no_grad()`` with the
-    net in eval mode; its previous mode is restored after every batch.
+    x0 is the batch's noise on the net's device. Each solve runs under ``torch.inference_mode()``
+    (no autograd records, no version counters) with the net in eval mode; its previous mode is
+    restored after every batch. The outputs are inference tensors: read them, do not train on them.
     """
     if num < 1 or batch_size < 1:
         raise ValueError(f"num ({num}) and batch_size ({batch_size}) must be positive.")
@@ -256,7 +257,7 @@ def _solve_batches(
         x0 = noise(indices, shape, seed).to(device)
         # Entered per batch, never held across a yield: the caller's grad mode and the net's
         # train/eval mode are its own between batches, even if it stops iterating early.
-        with _eval_mode(net), torch.no_grad():
+        with _eval_mode(net), torch.inference_mode():
             out = solve(net, x0)
         yield out
 

@@ -5,15 +5,17 @@ path serves a plain `python train_*.py` (a world of size 1) and `torchrun` (one 
 every rank computes, only rank 0 writes files or logs.
 
 One step (see `Trainer.step`), the same on every rank up to the forward call:
-    x1, cluster = batches.next_batch()                 # the global batch [B,3,32,32] in [-1,1], on device
-    x0 = randn(generator=g)                            # g: the step stream, seeded with --seed on every rank
+    x1, cluster, x0, plans = pipeline.next()           # the global batch [B,3,32,32] in [-1,1], its noise and
+                                                       # OT plans, drawn from the streams all ranks share
     sample = matcher.sample(x0, x1, generator=g)       # t, x0, x1, xt, ut (otcfm re-pairs by exact OT)
     t_extra, x_extra, ctx = regularizer.extra_inputs(x1, x0, cluster, sample, g)   # the batch as drawn
-    v = net(own(t ++ t_extra), own(xt ++ x_extra))     # this rank's rows; regularizer rows in the same call
+    v = net(own(t ++ t_extra), own(xt ++ x_extra))     # this rank's rows; regularizer rows in the same call;
+                                                       # --precision / --channels_last / --compile: fast_path.py
     loss = mse(vt, own(ut)) + lambda * regularizer.loss(vt, v_extra, own(ctx))
     backward (DDP averages) -> clip (grad_norm) -> Adam -> warm-up schedule -> EMA lerp -> finiteness flag
-After each step: metrics (log steps), a checkpoint (save steps), and the stop signal the ranks agree
-on (pre-emption: checkpoint and exit).
+After each step: metrics (log steps), a checkpoint (save steps), the stop signal the ranks agree on
+(pre-emption: checkpoint and exit), then the next batch and noise are drawn and their OT plan solved
+on a worker thread while the device runs the step (`Trainer.prefetch`, ot_pipeline.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import checks
 import utils_cifar
 from distributed import (StopRequest, World, barrier, broadcast_from_main, gather_to_main, init_world, main_first,
                          mean_over_ranks, own_rows)
+from fast_path import COMPILE_MODES, PRECISIONS, FastForward, resolve_precision
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
+from ot_pipeline import OTPipeline
 from samplers import CLUSTER_ALGORITHMS, ClassConditionedSampler, kmeans_cache_dir, save_cluster_grids
 from sampling import SOLVERS, save_sample_grid
 from run_lock import RunLock, RunLocked
@@ -69,6 +73,15 @@ flags.DEFINE_integer("warmup", 5000, "linear learning-rate warm-up steps", lower
 flags.DEFINE_integer("batch_size", 128, "global batch size (split across ranks)")
 flags.DEFINE_float("ema_decay", 0.9999, "EMA decay, applied every step", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_integer("seed", 0, "seed of every random stream (shared by all ranks; dropout on rank r uses seed + r)")
+# The fast path of the training forward (fast_path.py); sampling and FID stay fp32 and eager.
+flags.DEFINE_enum("precision", "auto", list(PRECISIONS),
+                  "training forward/backward: bf16 autocast with fp32 weights, Adam and EMA, or fp32; auto = bf16 "
+                  "on a CUDA GPU with native bf16, else fp32")
+flags.DEFINE_bool("channels_last", False, "channels-last memory format for the UNet and its training inputs")
+flags.DEFINE_bool("compile", False, "torch.compile the training forward (the monitor, grids and FID stay eager)")
+flags.DEFINE_enum("compile_mode", "default", list(COMPILE_MODES), "torch.compile mode, with --compile")
+flags.DEFINE_bool("ot_pipeline", True, "otcfm: draw the next batch after each step and solve its OT plan on a worker "
+                  "thread while the device runs the step (False: inline; both train the same run bit for bit)")
 flags.DEFINE_enum("ot_scope", "global", ["global", "local"],
                   "otcfm under torchrun: pair the whole global batch (global, world-size invariant) or each "
                   "rank's block within itself (local, as the published DDP script)")
@@ -284,9 +297,26 @@ TRAIN_STREAM, MONITOR_STREAM = "batches", "monitor_batches"
 MONITOR_SEED_OFFSET = 1_000_003
 
 
+@dataclass
+class StepInputs:
+    """This rank's share of one step's draw: where the net is evaluated and what the losses compare.
+
+    t, x: ``[R]`` and ``[R,3,32,32]``, the main term's rows then the regularizer's extra rows
+    ut: ``[b,3,32,32]``, the main term's target velocity for its first ``b`` rows
+    ctx: what the regularizer's loss needs (None without a regularizer)
+    cluster: ``[B]`` the global batch's cluster ids (clustered sources), else None
+    """
+
+    t: Tensor
+    x: Tensor
+    ut: Tensor
+    ctx: object = None
+    cluster: Tensor | None = None
+
+
 class Trainer:
     """Owns net, EMA, optimizer, schedule, matcher, batch sources and random streams; `step()` does
-    one update.
+    one update: `draw` the inputs, evaluate the `losses`, `update` the weights.
 
     World-size invariance (see `distributed.py`): the batch sources yield the global batch, and
     every random draw of a step (noise, t, eps, OT pairing, the regularizer's draws) comes from
@@ -297,7 +327,12 @@ class Trainer:
     def __init__(self, net, ema, optimizer, scheduler, matcher, batches, FLAGS, world: World,
                  regularizer=None, monitor=None, ddp_net=None):
         self.net = net  # the bare module (EMA source, checkpoints)
-        self.forward_net = ddp_net or net  # what the step calls (DDP wrapper when distributed)
+        self.precision = resolve_precision(FLAGS.precision, world.device)
+        # What the step calls: the DDP wrapper when distributed, compiled with --compile. The
+        # monitor's batch has another shape (a recompilation), so it calls the bare net, eager.
+        self.forward = FastForward(ddp_net or net, world.device, self.precision, FLAGS.channels_last,
+                                   FLAGS.compile_mode if FLAGS.compile else None)
+        self.monitor_forward = FastForward(net, world.device, self.precision, FLAGS.channels_last)
         self.ema, self.optimizer, self.scheduler = ema, optimizer, scheduler
         self.matcher, self.batches, self.regularizer = matcher, batches, regularizer
         self.monitor = monitor  # (BatchSource, Regularizer) or None
@@ -314,6 +349,8 @@ class Trainer:
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=world.device)
         self.first_bad_values: Tensor | None = None
         self.watched: list[str] = []  # names of the watched values
+        # Each step's batch, noise and OT plans; with --ot_pipeline drawn and solved ahead (`prefetch`).
+        self.pipeline = OTPipeline(batches, matcher, self.generator, world.device, FLAGS.ot_pipeline)
         # The term logged as `regularized_loss`: the trained regularizer, else the monitored one.
         logged = regularizer if regularizer is not None else monitor[1] if monitor is not None else None
         self.regularized_name = f"{logged.name}_loss" if logged is not None else None
@@ -325,33 +362,13 @@ class Trainer:
         return own_rows(x, self.global_batch, self.world)
 
     def step(self, step: int, with_metrics: bool = False) -> dict:
-        """One optimisation step. Returns device tensors (no host sync); the full metric set only
-        when `with_metrics`, to keep non-log steps free of extra reductions and monitor passes."""
-        reg, g = self.regularizer, self.generator
-        if reg is not None:
-            reg.before_step(step)
-        x1, cluster = self.batches.next_batch()  # the global batch, the same on every rank
-        x0 = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=g)
-        sample = self.matcher.sample(x0, x1, generator=g)
-        t, x, ut = self.own(sample.t), self.own(sample.xt), self.own(sample.ut)
-        if reg is not None:  # the regularizer sees the batch as drawn, as the published scripts do
-            t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample, generator=g)
-            t, x, ctx = torch.cat([t, self.own(t_extra)]), torch.cat([x, self.own(x_extra)]), self.own(ctx)
-        v = self.forward_net(t, x)
-        vt = v[: len(ut)]
-        terms = {"loss_fm": F.mse_loss(vt, ut)}
-        loss = terms["loss_fm"]
-        if reg is not None:
-            terms[f"{reg.name}_loss"] = reg.loss(vt, v[len(ut):], ctx)
-            loss = loss + reg.weight * terms[f"{reg.name}_loss"]
-
+        """One optimisation step. Returns device tensors (no host sync; `lr` is the host's float);
+        the full metric set only when `with_metrics`, to keep non-log steps free of extra
+        reductions and monitor passes."""
+        inputs = self.draw(step)
+        terms, loss, vt = self.losses(inputs)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses (a float: no sync)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        utils_cifar.ema_update(self.ema_params, self.params, self.ema_decay)
+        grad_norm = self.update(loss)
         self.watch_finite(step, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
                                  "grad_norm": grad_norm})
 
@@ -359,13 +376,60 @@ class Trainer:
             return {"loss": loss.detach()}
         metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "lr": lr,
                    "all_finite": self.finite}
-        if cluster is not None:
-            metrics["cluster"] = cluster[0]
+        if inputs.cluster is not None:
+            metrics["cluster"] = inputs.cluster[0]
         metrics["grad_norm"] = grad_norm
         metrics["vector_field_mean_norm"] = vt.detach().flatten(1).norm(dim=1).mean()
         if self.monitor is not None:
             metrics.update(self.monitor_losses())
         return metrics
+
+    def prefetch(self) -> None:
+        """Pipelined OT: draw the next step's batch and noise and solve its OT plans on the worker
+        thread while the device runs the step just queued (see ot_pipeline.py; no-op inline). The
+        loop calls it after a step's checkpoint, which thus holds the streams from before the draw."""
+        self.pipeline.prefetch()
+
+    def draw(self, step: int) -> StepInputs:
+        """The step's random draws, all from the streams every rank shares: the global batch, its
+        noise and OT plans (`prefetch`ed, or drawn now), the matcher's pairing, t and eps, the
+        regularizer's inputs; this rank's rows of them."""
+        reg, g = self.regularizer, self.generator
+        if reg is not None:
+            reg.before_step(step)
+        drawn = self.pipeline.next()
+        x1, cluster, x0 = drawn.x1, drawn.cluster, drawn.x0
+        sample = self.matcher.sample(x0, x1, generator=g, plans=drawn.plans)
+        t, x, ut = self.own(sample.t), self.own(sample.xt), self.own(sample.ut)
+        if reg is None:
+            return StepInputs(t, x, ut, cluster=cluster)
+        # The regularizer sees the batch as drawn, as the published scripts do.
+        t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample, generator=g)
+        return StepInputs(torch.cat([t, self.own(t_extra)]), torch.cat([x, self.own(x_extra)]), ut, self.own(ctx),
+                          cluster)
+
+    def losses(self, inputs: StepInputs) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """(terms, loss, vt): the named loss terms, their weighted sum and the main prediction
+        ``vt`` [b,3,32,32], from one forward call over the main and extra rows (outputs in the inputs' dtype)."""
+        reg = self.regularizer
+        v = self.forward(inputs.t, inputs.x)
+        vt = v[: len(inputs.ut)]
+        terms = {"loss_fm": F.mse_loss(vt, inputs.ut)}
+        loss = terms["loss_fm"]
+        if reg is not None:
+            terms[f"{reg.name}_loss"] = reg.loss(vt, v[len(inputs.ut):], inputs.ctx)
+            loss = loss + reg.weight * terms[f"{reg.name}_loss"]
+        return terms, loss, vt
+
+    def update(self, loss: Tensor) -> Tensor:
+        """Backward, clip, Adam, schedule, EMA; returns the gradient norm before clipping (a device scalar)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        utils_cifar.ema_update(self.ema_params, self.params, self.ema_decay)
+        return grad_norm
 
     def watch_finite(self, step: int, values: dict[str, Tensor]) -> None:
         """Fold this step's values into the divergence watch (a few tiny device ops, no sync)."""
@@ -395,7 +459,8 @@ class Trainer:
         x1, cluster = batches.next_batch()
         x0 = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=g)
         t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, None, generator=g)
-        return {f"{reg.name}_loss": reg.loss(None, self.net(self.own(t_extra), self.own(x_extra)), self.own(ctx))}
+        v_extra = self.monitor_forward(self.own(t_extra), self.own(x_extra))
+        return {f"{reg.name}_loss": reg.loss(None, v_extra, self.own(ctx))}
 
     def batch_sources(self) -> dict:
         """The batch sources whose streams a checkpoint keeps, by state key."""
@@ -405,7 +470,12 @@ class Trainer:
         return sources
 
     def streams_state(self) -> dict:
-        """The random streams shared by all ranks: step and monitor generators, batch sources."""
+        """The random streams shared by all ranks: step and monitor generators, batch sources.
+
+        Taken between a step and the next `prefetch` (as the loop saves): after one, the streams
+        would have moved past a batch that no checkpoint holds."""
+        if self.pipeline.ahead is not None:
+            raise RuntimeError("streams_state() after prefetch(): save before prefetching the next step.")
         state = {"generator": self.generator.get_state(), "monitor_generator": self.monitor_generator.get_state()}
         for key, source in self.batch_sources().items():
             state[key] = {**source.state_dict(), "kind": type(source).__name__}
@@ -645,6 +715,8 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar
                           f"{writer.last}; continue with the same command plus --checkpoint_path={writer.last} "
                           f"(or --resume=auto).", flush=True)
                 break
+            if step < last:
+                trainer.prefetch()  # after the checkpoint, which thus holds the streams from before it
         else:
             stopped_by = 0
     if logger is not None:
@@ -668,7 +740,8 @@ def host_metrics(metrics: dict, world: World) -> dict:
 
 def build_trainer(FLAGS, unet_config: dict, world: World, matcher, batches, regularizer=None, monitor=None) -> Trainer:
     """Net, EMA (a frozen copy, never wrapped in DDP), Adam, warm-up schedule and DDP wrapper."""
-    net = UNetModel(**unet_config).to(world.device)
+    memory_format = torch.channels_last if FLAGS.channels_last else torch.contiguous_format
+    net = UNetModel(**unet_config).to(world.device, memory_format=memory_format)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     # fused: one kernel for all parameters on CUDA (same maths; not implemented for every CPU build).
     optimizer = torch.optim.Adam(net.parameters(), lr=FLAGS.lr, fused=world.device.type == "cuda")

@@ -1,5 +1,6 @@
 """Cost of the K-means sub-cluster sampler on data of CIFAR-10's shape: data hashing (the cache
-key), per-class K-means, and the time of one single-cluster batch.
+key), per-class K-means (the published MiniBatchKMeans and exact Lloyd), and the time of one
+single-cluster batch.
 
     python bench/sampler.py --num_images=50000 --num_subclasses=25 --batch_size=128 --device=cpu
 
@@ -17,7 +18,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from samplers import ClassConditionedSampler, cluster_assignments, data_digest  # noqa: E402
+from samplers import CLUSTER_ALGORITHMS, ClassConditionedSampler, cluster_assignments, data_digest  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 50000, "Synthetic images (10 classes of num_images / 10).")
@@ -27,6 +28,7 @@ flags.DEFINE_string("device", "cpu", "Device holding the data and building the b
 flags.DEFINE_integer("num_batches", 2000, "Timed batches (after 100 warm-up batches).")
 flags.DEFINE_enum("data", "smooth", ["smooth", "noise"], "Synthetic image kind.")
 flags.DEFINE_integer("seed", 0, "Data, clustering and sampling seed.")
+flags.DEFINE_list("cluster_algorithms", list(CLUSTER_ALGORITHMS), "Clustering algorithms to time (minibatch, lloyd).")
 
 
 def synthetic_cifar(num_images: int, kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,9 +59,10 @@ def main(argv):
     print(f"hashing (sha256 of {images.numel() / 1e6:.0f} MB, incl. copy to host): "
           f"{time.perf_counter() - start:.3f} s  [{digest}]")
 
-    start = time.perf_counter()
-    assignment = cluster_assignments(images, labels, FLAGS.num_subclasses, FLAGS.seed)
-    print(f"clustering (10 classes x K={FLAGS.num_subclasses}): {time.perf_counter() - start:.2f} s")
+    for algorithm in FLAGS.cluster_algorithms:
+        start = time.perf_counter()
+        assignment = cluster_assignments(images, labels, FLAGS.num_subclasses, FLAGS.seed, algorithm=algorithm)
+        print(f"clustering, {algorithm} (10 classes x K={FLAGS.num_subclasses}): {time.perf_counter() - start:.2f} s")
     sizes = torch.bincount(assignment, minlength=10 * FLAGS.num_subclasses).float()
     print(f"cluster sizes: min {sizes.min():.0f}, median {sizes.median():.0f}, max {sizes.max():.0f}")
 

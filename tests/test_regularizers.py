@@ -398,7 +398,9 @@ def test_otcfm_step_computes_the_published_formulas_on_the_batch_as_drawn(kind, 
     ema = UNetModel(**TINY_UNET).double().eval()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    flags_ = type("Flags", (), {"grad_clip": 1.0, "ema_decay": 0.99, "batch_size": 8, "seed": 7})
+    flags_ = type("Flags", (), {"grad_clip": 1.0, "ema_decay": 0.99, "batch_size": 8, "seed": 7, "precision": "fp32",
+                                "channels_last": False, "compile": False, "compile_mode": "default",
+                                "ot_pipeline": False})
     world = World(rank=0, size=1, device=torch.device("cpu"))
     trainer = training.Trainer(net, ema, optimizer, scheduler, matcher, FixedBatch(x1, cluster), flags_, world, reg)
 
