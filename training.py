@@ -594,27 +594,28 @@ class Outcome:
     stopped_by: int = 0
 
 
-def find_resume_checkpoint(FLAGS, paths: utils_cifar.RunPaths) -> str:
-    """The checkpoint to resume from: --checkpoint_path, or with --resume=auto the highest-step
-    checkpoint of this run that loads ("" when the run has none: a fresh start). Checkpoints that
-    do not load are named in a warning, never deleted."""
+def load_resume_checkpoint(FLAGS, paths: utils_cifar.RunPaths) -> tuple[str, dict | None]:
+    """The checkpoint to resume from and its contents: --checkpoint_path, or with --resume=auto the
+    highest-step checkpoint of this run that loads (("", None) when the run has none: a fresh start).
+    Checkpoints that do not load are named in a warning, never deleted. Each file is read once."""
     if FLAGS.checkpoint_path or FLAGS.resume != "auto":
-        return FLAGS.checkpoint_path
+        path = FLAGS.checkpoint_path
+        return path, (utils_cifar.load_checkpoint(path) if path else None)
     candidates = paths.checkpoints_by_step()
     for path in reversed(candidates):
         try:
-            utils_cifar.load_checkpoint(path)
+            ckpt = utils_cifar.load_checkpoint(path)
         except utils_cifar.CheckpointError as err:
             logging.warning("--resume=auto skips %s: %s", path.name, err)
             continue
         logging.info("--resume=auto: resuming from %s", path)
-        return str(path)
+        return str(path), ckpt
     if candidates:
         raise utils_cifar.CheckpointError(
             f"--resume=auto found {len(candidates)} checkpoints of {paths.file_prefix} in {paths.run_dir} but none "
             f"loads: pass a good one with --checkpoint_path, or move them away to start afresh."
         )
-    return ""
+    return "", None
 
 
 def train(FLAGS, spec: RunSpec) -> Outcome:
@@ -645,13 +646,13 @@ def train(FLAGS, spec: RunSpec) -> Outcome:
 
 def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar.RunPaths, lock: RunLock) -> Outcome:
     """`train` once this run's lock is held (rank 0)."""
-    checkpoint_path = find_resume_checkpoint(FLAGS, paths)
-    ckpt = utils_cifar.load_checkpoint(checkpoint_path) if checkpoint_path else None
+    checkpoint_path, ckpt = load_resume_checkpoint(FLAGS, paths)
     unet_config = resolve_unet_config(FLAGS, ckpt)
     checks.check_training_inputs(FLAGS, ckpt, checkpoint_path, unet_config, ARCH_FLAGS)  # before data and clustering
-    if ckpt is None and paths.checkpoints_by_step() and not FLAGS.overwrite:
+    existing = paths.checkpoints_by_step()
+    if ckpt is None and existing and not FLAGS.overwrite:
         raise utils_cifar.UserError(
-            f"{paths.run_dir} already holds checkpoints ({paths.checkpoints_by_step()[-1].name}): "
+            f"{paths.run_dir} already holds checkpoints ({existing[-1].name}): "
             f"resume with --checkpoint_path or --resume=auto, pick another --output_dir, or pass --overwrite."
         )
 
