@@ -2,10 +2,11 @@
 
 Loading CIFAR-10 and clustering it take seconds to minutes; a mistake found after them (or at the
 first step, or never) costs that time and often a traceback. `check_training_inputs` runs once, in
-`training.train`, after the flags are parsed and the checkpoint is read (`check_output_dir` earlier,
-before the run's lock file is written there), and turns each mistake a user can make into one
-`UserError` sentence naming the fix:
+`training.train`, after the flags are parsed and the checkpoint is read (`check_batch_and_clip` and
+`check_output_dir` earlier, before the run's lock file is written there), and turns each mistake a
+user can make into one `UserError` sentence naming the fix:
 
+    --batch_size       a positive multiple of the number of processes; --grad_clip positive
     learning rate      finite and >= 0 (Adam takes NaN silently, a negative rate only later)
     UNet arguments     see `unet.check_config` (heads, attention resolutions, widths, levels)
     --output_dir       a writable folder (or one that can be created there)
@@ -37,6 +38,17 @@ def positive_ints(values) -> bool:
         return all(int(item) > 0 for item in items if item.strip())
     except ValueError:
         return False
+
+
+def check_batch_and_clip(FLAGS, world_size: int) -> None:
+    """Raise a `UserError` unless --batch_size splits into `world_size` equal blocks and --grad_clip is
+    positive (checked first: neither needs anything but the flags and the world)."""
+    if FLAGS.batch_size <= 0 or FLAGS.batch_size % world_size:
+        raise utils_cifar.UserError(
+            f"--batch_size={FLAGS.batch_size} must be a positive multiple of the {world_size} processes."
+        )
+    if FLAGS.grad_clip <= 0:
+        raise utils_cifar.UserError("--grad_clip must be positive.")
 
 
 def check_output_dir(FLAGS, paths: utils_cifar.RunPaths) -> None:

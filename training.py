@@ -243,16 +243,6 @@ def resolve_unet_config(FLAGS, ckpt: dict | None) -> dict:
     return stored
 
 
-def validate_flags(FLAGS, world: World) -> None:
-    """Catch user mistakes before any heavy work (single-flag bounds are checked by absl at parsing)."""
-    if FLAGS.batch_size <= 0 or FLAGS.batch_size % world.size:
-        raise utils_cifar.UserError(
-            f"--batch_size={FLAGS.batch_size} must be a positive multiple of the {world.size} processes."
-        )
-    if FLAGS.grad_clip <= 0:
-        raise utils_cifar.UserError("--grad_clip must be positive.")
-
-
 def warmup_schedule(warmup: int):
     """lr multiplier at scheduler step s: min(s, warmup) / warmup (0 at the first step, as published)."""
     return lambda s: min(s, warmup) / warmup if warmup > 0 else 1.0
@@ -620,7 +610,7 @@ def load_resume_checkpoint(FLAGS, paths: utils_cifar.RunPaths) -> tuple[str, dic
 
 def train(FLAGS, spec: RunSpec) -> Outcome:
     world = init_world(FLAGS.device)
-    validate_flags(FLAGS, world)
+    checks.check_batch_and_clip(FLAGS, world.size)
     # --ot_scope=local pairs each rank's block within itself, as the published DDP script does.
     matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing,
                            ot_blocks=world.size if FLAGS.ot_scope == "local" else 1)
