@@ -26,7 +26,8 @@ import locality
 import results
 import utils_cifar
 from flow_matching import make_matcher
-from samplers import CLUSTER_ALGORITHMS, kmeans_cache_dir
+from samplers import (CLUSTER_ALGORITHMS, PUBLISHED_CLUSTER_ALGORITHM, PUBLISHED_CLUSTER_SEED, PUBLISHED_NUM_SUBCLASSES,
+                      kmeans_cache_dir)
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(eval_checkpoint)  # listed by --helpshort with this script's own
@@ -35,9 +36,11 @@ flags.DEFINE_enum("split", "test", ["test", "train"], "CIFAR-10 split to cluster
 flags.DEFINE_integer("num_batches", 100, "Single-cluster batches to average over.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Images per batch (a smaller cluster repeats images, as in training).",
                      lower_bound=1)
-flags.DEFINE_integer("num_subclasses", 25, "K-means sub-clusters per class, as training's.", lower_bound=1)
-flags.DEFINE_enum("cluster_algorithm", "minibatch", list(CLUSTER_ALGORITHMS), "Per-class clustering, as training's.")
-flags.DEFINE_integer("cluster_seed", 42, "K-means random_state, as training's.")
+flags.DEFINE_integer("num_subclasses", PUBLISHED_NUM_SUBCLASSES, "K-means sub-clusters per class, as training's.",
+                     lower_bound=1)
+flags.DEFINE_enum("cluster_algorithm", PUBLISHED_CLUSTER_ALGORITHM, list(CLUSTER_ALGORITHMS),
+                  "Per-class clustering, as training's.")
+flags.DEFINE_integer("cluster_seed", PUBLISHED_CLUSTER_SEED, "K-means random_state, as training's.")
 flags.DEFINE_integer("seed", 0, "Seed of the batches, noise and times: the same seed gives every checkpoint the same "
                      "numbers to be scored on.", lower_bound=0)
 flags.DEFINE_bool("quiet", False, "No progress bar.")

@@ -51,6 +51,9 @@ NUM_CLASSES = len(CIFAR10_CLASSES)
 # minibatch: the published sampler's MiniBatchKMeans (batches of min(1024, n), n_init="auto");
 # lloyd: exact K-means (one k-means++ init), the recipe of earlier versions of this repo.
 CLUSTER_ALGORITHMS = ("minibatch", "lloyd")
+# The published clustering, the default of every script that clusters (training and evaluation
+# must agree on it, or held-out scores would come from other clusters than training's).
+PUBLISHED_NUM_SUBCLASSES, PUBLISHED_CLUSTER_ALGORITHM, PUBLISHED_CLUSTER_SEED = 25, "minibatch", 42
 # Iterations are capped as published: for MiniBatchKMeans these are passes over the class; for Lloyd
 # one iteration on 5000 x 3072 float32 points costs ~20-35 ms on one core, so ~3.5 s at most.
 KMEANS_MAX_ITER = 100

@@ -43,7 +43,8 @@ from distributed import (StopRequest, World, barrier, broadcast_from_main, gathe
 from fast_path import COMPILE_MODES, PRECISIONS, FastForward, resolve_precision
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
 from ot_pipeline import OTPipeline
-from samplers import CLUSTER_ALGORITHMS, ClassConditionedSampler, kmeans_cache_dir, save_cluster_grids
+from samplers import (CLUSTER_ALGORITHMS, PUBLISHED_CLUSTER_ALGORITHM, PUBLISHED_CLUSTER_SEED, PUBLISHED_NUM_SUBCLASSES,
+                      ClassConditionedSampler, kmeans_cache_dir, save_cluster_grids)
 from sampling import SOLVERS, save_sample_grid
 from run_lock import RunLock, RunLocked
 from unet import PAPER_CONFIG, UNetModel, normalize_config
@@ -111,13 +112,13 @@ flags.DEFINE_integer("batch_size_fid", 1024, "samples per ODE solve and Inceptio
 flags.DEFINE_string("fid_inception_path", None, "local inception-2015-12-05.pt (else $FID_INCEPTION_PATH, caches, download)")
 flags.DEFINE_string("fid_stats_path", None, "local reference statistics .npz (else $FID_STATS_PATH, caches, download)")
 # Same-cluster batches (locality/anchor training, and the local-loss monitor of train_cifar10.py).
-flags.DEFINE_integer("num_subclasses", 25, "K-means sub-clusters per CIFAR-10 class (1 = the class itself)",
-                     lower_bound=1)
+flags.DEFINE_integer("num_subclasses", PUBLISHED_NUM_SUBCLASSES,
+                     "K-means sub-clusters per CIFAR-10 class (1 = the class itself)", lower_bound=1)
 flags.DEFINE_enum("cluster_weighting", "uniform", ["uniform", "size"],
                   "how a batch's cluster is drawn: uniformly (published) or proportional to its size")
-flags.DEFINE_enum("cluster_algorithm", "minibatch", list(CLUSTER_ALGORITHMS),
+flags.DEFINE_enum("cluster_algorithm", PUBLISHED_CLUSTER_ALGORITHM, list(CLUSTER_ALGORITHMS),
                   "per-class clustering: MiniBatchKMeans as published, or exact (Lloyd) K-means")
-flags.DEFINE_integer("cluster_seed", 42, "K-means random_state (42, as published)")
+flags.DEFINE_integer("cluster_seed", PUBLISHED_CLUSTER_SEED, "K-means random_state (42, as published)")
 flags.DEFINE_bool("visualize", True, "save one image grid per cluster and a README.txt at start-up")
 flags.DEFINE_string("group_dir", "./group", "where --visualize writes the cluster grids")
 
