@@ -64,6 +64,9 @@ flags.DEFINE_string("fid_stats_path", None, "Local reference statistics .npz wit
 flags.DEFINE_bool("quiet", False, "No progress bars (samples, straightness, download).")
 
 
+RESULTS_FILE = "fid.jsonl"
+
+
 def fail(message: str) -> None:
     """A user-fixable problem: one line on stderr, exit status 1, no traceback."""
     print(f"compute_fid.py: {message}", file=sys.stderr)
@@ -109,6 +112,7 @@ def main(argv):
         with main_first(world):  # rank 0 downloads and caches weights and FID files; the others find them
             path, ckpt, net = eval_checkpoint.load(world.device, progress=not FLAGS.quiet)
             if FLAGS.fid:
+                results_path = eval_checkpoint.results_file(path, RESULTS_FILE)
                 scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
                                                device=world.device, batch_size=FLAGS.batch_size_fid,
                                                split=FLAGS.fid_split)
@@ -156,10 +160,10 @@ def main(argv):
             continue
         record.update(fid_split=FLAGS.fid_split, fid_stats=str(scorer.stats_path),
                       fid_stats_source=scorer.stats_source, provenance=utils_cifar.provenance(world.device))
-        utils_cifar.append_jsonl(path.parent / "fid.jsonl", record)
+        utils_cifar.append_jsonl(results_path, record)
         straight = f"straightness {extra['straightness']:.4g}, " if FLAGS.straightness else ""
         print(f"FID {score:.4f} ({FLAGS.num_gen} samples, {setting}, mean NFE {mean_nfe:.1f}, {straight}{seconds:.0f} s); "
-              f"appended to {path.parent / 'fid.jsonl'}")
+              f"appended to {results_path}")
 
 
 if __name__ == "__main__":

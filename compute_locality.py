@@ -77,11 +77,7 @@ def evaluate() -> None:
     device = utils_cifar.resolve_device(FLAGS.device)
     path, ckpt, net = eval_checkpoint.load(device, progress=not FLAGS.quiet)
     matcher = checkpoint_path_matcher(ckpt)
-    results_path = path.parent / RESULTS_FILE
-    reason = utils_cifar.unwritable_reason(path.parent)
-    if reason is not None:
-        raise utils_cifar.UserError(f"cannot append to {results_path} ({reason}): copy the checkpoint to a writable "
-                                    f"folder and pass it with --checkpoint.")
+    results_path = eval_checkpoint.results_file(path, RESULTS_FILE)
     images, labels = utils_cifar.load_cifar10(FLAGS.data_dir, train=FLAGS.split == "train")
     start = time.perf_counter()
     batches = locality.HeldOutBatches(images, labels, FLAGS.batch_size, FLAGS.num_subclasses, FLAGS.seed, matcher,

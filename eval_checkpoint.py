@@ -67,3 +67,14 @@ def describe(ckpt: dict) -> dict:
     (--pretrained, else --model) and which weights."""
     return {"step": int(ckpt.get("step", FLAGS.step)), "model": FLAGS.pretrained or FLAGS.model,
             "use_ema": FLAGS.use_ema}
+
+
+def results_file(checkpoint: Path, name: str) -> Path:
+    """`{checkpoint's folder}/{name}`, where an evaluation appends its records; a UserError now if
+    that folder cannot be written, rather than after the evaluation's minutes or hours."""
+    path = checkpoint.parent / name
+    reason = utils_cifar.unwritable_reason(checkpoint.parent)
+    if reason is not None:
+        raise utils_cifar.UserError(f"cannot append to {path} ({reason}): copy the checkpoint to a writable "
+                                    f"folder and pass it with --checkpoint.")
+    return path

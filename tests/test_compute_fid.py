@@ -242,6 +242,26 @@ def test_unwritable_output_paths_stop_the_run_before_sampling(tmp_path, tiny_che
     assert "sampling started" not in proc.stderr and not (tmp_path / "out" / "s.npz").exists()
 
 
+# os.access is what judges a results folder (root ignores permission bits): refuse the run folder's.
+READ_ONLY_RUN_FOLDER = """
+import os
+real_access = os.access
+os.access = lambda path, mode, **kw: False if str(path).endswith("otcfm") else real_access(path, mode, **kw)
+"""
+
+
+def test_an_unwritable_results_folder_stops_the_run_before_sampling(tmp_path, tiny_checkpoint):
+    path, _, _ = tiny_checkpoint
+    flags, _ = fid_files(tmp_path, 4)
+    args = [f"--checkpoint={path}", "--num_gen=8", "--batch_size_fid=4", "--integration_method=euler",
+            "--integration_steps=2", "--device=cpu", *flags]
+    proc = run_cli(tmp_path, args, OFFLINE + stand_in(4) + READ_ONLY_RUN_FOLDER + SAMPLING_STARTS)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot append to {path.parent / 'fid.jsonl'} ({path.parent} is not writable)" in lines[0]
+    assert "sampling started" not in proc.stderr
+
+
 def test_torchrun_two_processes_give_the_single_process_samples_fid_and_straightness(tmp_path, tiny_checkpoint):
     """9 samples in batches of 4 on 2 ranks (batches 0, 2 on rank 0, batch 1 on rank 1), dopri5: the
     gathered samples, FID, NFE and straightness are those of one process."""
