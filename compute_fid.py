@@ -90,16 +90,21 @@ def check_flags() -> list[SolverSetting]:
 
 
 def save_outputs(samples: torch.Tensor) -> None:
-    """--save_samples (uint8 NHWC npz, the common evaluator format) and --grid (8 per row)."""
+    """--save_samples (uint8 NHWC npz, the common evaluator format) and --grid (8 per row), each
+    written atomically: a full disk after hours of sampling is one sentence (SaveError), never half a file."""
     if FLAGS.save_samples:
         path = Path(FLAGS.save_samples)
-        np.savez(path, arr_0=samples.permute(0, 2, 3, 1).contiguous().numpy())
+        path = path if path.suffix == ".npz" else path.with_name(f"{path.name}.npz")  # as np.savez names it
+        array = samples.permute(0, 2, 3, 1).contiguous().numpy()
+        with utils_cifar.writing(path):
+            utils_cifar.atomic_write(path, lambda f: np.savez(f, arr_0=array))
         print(f"samples: {path}")
     if FLAGS.grid:
         from torchvision.utils import save_image
 
         path = Path(FLAGS.grid)
-        save_image(samples[:64].float() / 255, path, nrow=8)
+        with utils_cifar.writing(path):
+            utils_cifar.atomic_write(path, lambda f: save_image(samples[:64].float() / 255, f, nrow=8, format="png"))
         print(f"grid: {path}")
 
 
@@ -128,42 +133,45 @@ def main(argv):
                      straightness_steps=FLAGS.integration_steps,
                      straightness_seconds=round(time.perf_counter() - start, 2))
     keep = bool(FLAGS.save_samples or FLAGS.grid)
-    for setting in settings:
-        start = time.perf_counter()
-        kwargs = dict(**dataclasses.asdict(setting), seed=FLAGS.seed, world=world, progress=progress)
-        if scorer is not None:
-            result = scorer.evaluate_net(net, FLAGS.num_gen, FLAGS.batch_size_fid, keep_samples=keep, **kwargs)
-            outcome = result and (result.samples, result.mean_nfe, result.fid)
-        else:
-            outcome = (*generate_samples(net, FLAGS.num_gen, FLAGS.batch_size_fid, **kwargs), None)
-        if not world.is_main:  # rank 0 holds the gathered results and writes them
-            continue
-        samples, mean_nfe, score = outcome
-        seconds = time.perf_counter() - start
-        if keep:
-            save_outputs(samples)
-        record = {
-            "checkpoint": str(path),
-            **eval_checkpoint.describe(ckpt),
-            **setting.describe(),
-            "mean_nfe": mean_nfe,
-            "num_gen": FLAGS.num_gen,
-            "batch_size_fid": FLAGS.batch_size_fid,
-            "world_size": world.size,
-            "seed": FLAGS.seed,
-            "fid": score,
-            "seconds": round(seconds, 2),
-            **extra,
-        }
-        if scorer is None:
-            print(json.dumps(record))
-            continue
-        record.update(fid_split=FLAGS.fid_split, fid_stats=str(scorer.stats_path),
-                      fid_stats_source=scorer.stats_source, provenance=utils_cifar.provenance(world.device))
-        utils_cifar.append_jsonl(results_path, record)
-        straight = f"straightness {extra['straightness']:.4g}, " if FLAGS.straightness else ""
-        print(f"FID {score:.4f} ({FLAGS.num_gen} samples, {setting}, mean NFE {mean_nfe:.1f}, {straight}{seconds:.0f} s); "
-              f"appended to {results_path}")
+    try:  # a full disk or a lost folder while writing the outputs: one sentence
+        for setting in settings:
+            start = time.perf_counter()
+            kwargs = dict(**dataclasses.asdict(setting), seed=FLAGS.seed, world=world, progress=progress)
+            if scorer is not None:
+                result = scorer.evaluate_net(net, FLAGS.num_gen, FLAGS.batch_size_fid, keep_samples=keep, **kwargs)
+                outcome = result and (result.samples, result.mean_nfe, result.fid)
+            else:
+                outcome = (*generate_samples(net, FLAGS.num_gen, FLAGS.batch_size_fid, **kwargs), None)
+            if not world.is_main:  # rank 0 holds the gathered results and writes them
+                continue
+            samples, mean_nfe, score = outcome
+            seconds = time.perf_counter() - start
+            if keep:
+                save_outputs(samples)
+            record = {
+                "checkpoint": str(path),
+                **eval_checkpoint.describe(ckpt),
+                **setting.describe(),
+                "mean_nfe": mean_nfe,
+                "num_gen": FLAGS.num_gen,
+                "batch_size_fid": FLAGS.batch_size_fid,
+                "world_size": world.size,
+                "seed": FLAGS.seed,
+                "fid": score,
+                "seconds": round(seconds, 2),
+                **extra,
+            }
+            if scorer is None:
+                print(json.dumps(record))
+                continue
+            record.update(fid_split=FLAGS.fid_split, fid_stats=str(scorer.stats_path),
+                          fid_stats_source=scorer.stats_source, provenance=utils_cifar.provenance(world.device))
+            utils_cifar.append_jsonl(results_path, record)
+            straight = f"straightness {extra['straightness']:.4g}, " if FLAGS.straightness else ""
+            print(f"FID {score:.4f} ({FLAGS.num_gen} samples, {setting}, mean NFE {mean_nfe:.1f}, {straight}{seconds:.0f} s); "
+                  f"appended to {results_path}")
+    except utils_cifar.UserError as err:
+        fail(str(err))
 
 
 if __name__ == "__main__":

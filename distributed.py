@@ -120,6 +120,10 @@ class PeerLost(utils_cifar.UserError):
     """Another rank stopped answering (it died): this rank exits without writing anything."""
 
 
+# A stop code above every signal number: rank 0 lost the run's lock (run_lock.LockLost).
+LOCK_LOST = 1000
+
+
 class StopRequest:
     """Pre-emption: SIGTERM, SIGUSR1 and SIGINT set a flag; the loop asks `agreed()` after each step.
 
@@ -156,6 +160,10 @@ class StopRequest:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise SystemExit(130)
         self.signum = max(self.signum, signum)
+
+    def request(self, code: int) -> None:
+        """Ask every rank to stop after this step for a reason of the loop's own (e.g. LOCK_LOST)."""
+        self.signum = max(self.signum, code)
 
     def agreed(self) -> int:
         """The signal every rank acts on after this step: 0 to go on, else the largest signal number

@@ -27,9 +27,7 @@ without its ``sqrtm(disp=False)`` call, which scipy deprecates.
 from __future__ import annotations
 
 import os
-import shutil
 import time
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ import torch
 from scipy import linalg
 from torch import Tensor
 
+from atomic_files import DownloadFailed, download, remove_stale_temp_files
 from distributed import World
 from sampling import gather_batches, generate_samples
 from utils_cifar import DataError, UserError, atomic_write, ensure_cifar10, load_cifar10
@@ -51,7 +50,6 @@ STATS_BASE_URL = "https://www.cs.cmu.edu/~clean-fid/stats"
 SPLITS = ("train", "test")
 INCEPTION_ENV = "FID_INCEPTION_PATH"
 STATS_ENV = "FID_STATS_PATH"
-DOWNLOAD_TIMEOUT_S = 60
 
 #: images uint8 (or float in [0, 255]) [B, 3, H, W] -> features [B, D] (any device, any float dtype).
 FeatureExtractor = Callable[[Tensor], Tensor]
@@ -129,16 +127,14 @@ def cleanfid_cache_path(filename: str) -> Path:
 
 def _download(url: str, dest: Path) -> str | None:
     """Fetch url to dest atomically (a partial file never stays); None on success, else the reason."""
-
-    def fetch(f):
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            shutil.copyfileobj(response, f, 1 << 20)
-
+    # A download or statistics write killed on this host left its temp file: removed once its pid is gone
+    # (the folder is a cache that runs on other hosts may be writing to).
+    remove_stale_temp_files(dest.parent, [dest.name])
     try:
-        atomic_write(dest, fetch)
+        download(url, dest)
         return None
-    except OSError as err:  # URLError, HTTPError, socket timeouts and disk errors are all OSErrors
-        return f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+    except DownloadFailed as err:
+        return err.reason
 
 
 def _explicit(path: str | os.PathLike | None, env: str) -> Path | None:
@@ -267,7 +263,9 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """np.savez_compressed(mu=, sigma=), atomically (no half-written cache)."""
+    """np.savez_compressed(mu=, sigma=), atomically (no half-written cache; the temp file of a writer
+    killed on this host is removed first)."""
+    remove_stale_temp_files(path.parent, [path.name])
     atomic_write(path, lambda f: np.savez_compressed(f, mu=mu, sigma=sigma))
 
 

@@ -3,10 +3,9 @@
     path, ckpt = published_checkpoint("otcfm", data_dir="./data")
     net = utils_cifar.build_net_from_checkpoint(ckpt)      # the paper UNet, EMA weights
 
-A file is downloaded with ``torch.hub.download_url_to_file`` (which writes a temp file and renames
-it, so a broken transfer never leaves a partial file) to a staging name in ``{data_dir}/weights/``,
-checked to fit the paper UNet strictly (every key and shape), and only then renamed to its release
-name; a file that does not fit is deleted. So the release name in the cache only ever holds a file
+A file is downloaded to a temp file in ``{data_dir}/weights/`` (``atomic_files.download``: a broken
+transfer never leaves a partial file), checked to fit the paper UNet strictly (every key and shape),
+and only then renamed to its release name; a file that does not fit is deleted. So the release name in the cache only ever holds a file
 that passed the check, and a cached file is checked again on every use (a cheap comparison against
 a UNet built on the meta device) in case it was put there by hand.
 
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from atomic_files import DownloadFailed, download, remove_stale_temp_files
 from unet import PAPER_CONFIG, UNetModel
 from utils_cifar import CheckpointError, UserError, check_weights, load_checkpoint
 
@@ -84,21 +84,22 @@ def published_checkpoint(name: str, data_dir: str | os.PathLike = "./data", conf
             return path, verify(path, config, str(path))
         except CheckpointError as err:
             raise WeightsUnavailable(f"{_clause(err)}; delete it to download {url} again.") from err
-    staging = path.with_name(f".{path.name}.{os.getpid()}.unverified")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        try:
-            torch.hub.download_url_to_file(url, str(staging), progress=progress)
-        except OSError as err:  # URLError, HTTPError, timeouts, disk errors
-            reason = getattr(err, "reason", None) or err
-            raise WeightsUnavailable(
-                f"cannot download {url} ({type(err).__name__}: {reason}): fetch it by hand and put it at {path}."
-            ) from err
+    # A download killed on this host (kill -9, a node failure) left its temp file: remove it once its pid is gone.
+    remove_stale_temp_files(path.parent, [path.name])
+
+    ckpt = None
+
+    def check(staging: Path) -> None:  # the file only gets its release name once it fits
+        nonlocal ckpt
         try:
             ckpt = verify(staging, config, url)
         except CheckpointError as err:
             raise WeightsUnavailable(f"the download was not kept, since {_clause(err)}; check ${URL_ENV}.") from err
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)  # a refused (or interrupted) download never stays in the cache
+
+    try:
+        download(url, path, check=check, progress=progress)
+    except DownloadFailed as err:  # offline, HTTP errors, a transfer cut short, a malformed $CFM_WEIGHTS_URL, a full disk
+        raise WeightsUnavailable(
+            f"cannot download {url} ({err.reason}): fetch it by hand and put it at {path}, or check ${URL_ENV}."
+        ) from err
     return path, ckpt

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from atomic_files import remove_stale_temp_files
 from utils_cifar import SaveError, atomic_save, to_model_range, unwritable_reason
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -146,6 +147,9 @@ def cluster_assignments(
             log.info("cluster assignment read from %s", path)
             return assignment
     assignment = _kmeans_assignments(images, labels, num_subclasses, seed, algorithm)
+    # A run killed on this host while writing this cache left its temp file: removed once its pid is
+    # gone (never because of a run lock: runs on other hosts share the cache).
+    remove_stale_temp_files(path.parent, [path.name])
     try:
         atomic_save(assignment, path)
     except SaveError as err:  # a cache is an optimisation: a full or read-only disk must not stop the run

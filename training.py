@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import checks
 import utils_cifar
-from distributed import (StopRequest, World, barrier, broadcast_from_main, gather_to_main, init_world, main_first,
+from distributed import (LOCK_LOST, StopRequest, World, barrier, broadcast_from_main, gather_to_main, init_world, main_first,
                          mean_over_ranks, own_rows)
 from fast_path import COMPILE_MODES, PRECISIONS, FastForward, resolve_precision
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
@@ -46,7 +46,7 @@ from ot_pipeline import OTPipeline
 from samplers import (CLUSTER_ALGORITHMS, PUBLISHED_CLUSTER_ALGORITHM, PUBLISHED_CLUSTER_SEED, PUBLISHED_NUM_SUBCLASSES,
                       ClassConditionedSampler, kmeans_cache_dir, save_cluster_grids)
 from sampling import SOLVERS, save_sample_grid
-from run_lock import RunLock, RunLocked
+from run_lock import LockLost, RunLock, RunLocked
 from unet import PAPER_CONFIG, UNetModel, normalize_config
 
 # Flags are declarations, not work: every training script shares these (names as users type them).
@@ -573,6 +573,10 @@ def run(FLAGS, spec: RunSpec) -> None:
         outcome = train(FLAGS, spec)
     except utils_cifar.UserError as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (data, K-means, FID set-up), before its handler is in place
+        print("interrupted by Ctrl-C outside a training step: the checkpoints already written are intact; run the "
+              "same command (with --resume=auto) to continue.", file=sys.stderr, flush=True)
+        sys.exit(130)
     if outcome.stopped_by == signal.SIGINT:
         sys.exit(130)
 
@@ -620,9 +624,9 @@ def train(FLAGS, spec: RunSpec) -> Outcome:
     lock = RunLock(paths.run_dir, spec.file_prefix)
     refusal = None
     if world.is_main:  # rank 0 decides; every rank stops if it refuses
-        try:
-            lock.acquire()
-        except RunLocked as err:
+        try:  # with --resume=auto, a requeue waits out the lock of a run on another host
+            lock.acquire(wait=FLAGS.resume == "auto")
+        except utils_cifar.UserError as err:  # RunLocked, or a full disk (SaveError)
             refusal = str(err)
         else:  # a run killed mid-save left temp files; with the lock held, none of them is live
             paths.remove_stale_temp_files()
@@ -672,7 +676,7 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         logger = RunLogger(paths, spec, config, FLAGS.wandb_mode, start, provenance)
     scorer = prepare_fid(FLAGS, world)
-    writer = CheckpointWriter(trainer, paths, unet_config, config, provenance, world, last=checkpoint_path)
+    writer = CheckpointWriter(trainer, paths, unet_config, config, provenance, world, lock, last=checkpoint_path)
     progress = tqdm(range(start, FLAGS.total_steps), initial=start, total=FLAGS.total_steps,
                     disable=not world.is_main, dynamic_ncols=True)
     last = FLAGS.total_steps - 1
@@ -687,9 +691,8 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar
                     raise writer.diverged()
                 if trainer.regularized_name is not None:  # the published name for the regularizer's value
                     record["regularized_loss"] = record[trainer.regularized_name]
-                if logger is not None:
+                if logger is not None and lock.verify():  # a run whose lock was taken writes nothing more
                     logger.log(record)
-                    lock.heartbeat()
                     progress.set_postfix(progress_fields(record))
             is_save = FLAGS.save_step > 0 and ((step % FLAGS.save_step == 0 and step > 0) or step == last)
             if is_save:
@@ -697,7 +700,12 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar
                 if scorer is not None:
                     log_fid(scorer, trainer.ema, FLAGS, fid_num_gen(FLAGS, world), step, logger)
                 barrier(world)
+            if lock.lost:  # found by the heartbeat thread or a write's check (rank 0): every rank stops
+                stop_request.request(LOCK_LOST)
             stopped_by = stop_request.agreed()
+            if stopped_by == LOCK_LOST:
+                raise LockLost(lock.lost_message() if world.is_main else
+                               "rank 0 lost the run's lock to another run: this run stops and writes nothing more.")
             if stopped_by:
                 if not is_save:  # only the checkpoint: the scheduler's kill is near
                     writer.save(step, grids=False)
@@ -794,8 +802,8 @@ class CheckpointWriter:
     written: `save` raises `Diverged` instead."""
 
     def __init__(self, trainer: Trainer, paths: utils_cifar.RunPaths, unet_config: dict, config: dict,
-                 provenance: dict, world: World, last: str = ""):
-        self.trainer, self.paths, self.world = trainer, paths, world
+                 provenance: dict, world: World, lock: RunLock, last: str = ""):
+        self.trainer, self.paths, self.world, self.lock = trainer, paths, world, lock
         self.unet_config, self.config, self.provenance = unet_config, config, provenance
         self.last = last  # the newest good checkpoint of this run ("" before the first)
 
@@ -808,6 +816,8 @@ class CheckpointWriter:
         # Each rank's own RNG drives only its dropout masks; the shared streams are the same everywhere.
         rank_states = gather_to_main({"rng": utils_cifar.rng_state(world.device)}, world)
         path = self.paths.checkpoint(step)
+        if world.is_main and not self.lock.verify():  # taken over: the loop stops after this step
+            return
         if world.is_main:
             if grids:
                 for kind, model in (("normal", trainer.net), ("ema", trainer.ema)):

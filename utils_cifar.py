@@ -7,7 +7,6 @@ index gather plus a flip there, with no DataLoader workers and no per-image Pyth
 from __future__ import annotations
 
 import codecs
-import contextlib
 import glob
 import json
 import math
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from atomic_files import atomic_write, remove_stale_temp_files
+from errors import SaveError, UserError, writing
 from unet import PAPER_CONFIG, UNetModel, check_config, strip_state_dict_prefixes
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -37,11 +38,6 @@ TEST_BATCHES = ("test_batch",)
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-
-
-class UserError(RuntimeError):
-    """A problem the user can fix (bad flag, missing file, offline download): its message is one
-    sentence naming the fix, printed without a traceback by the scripts."""
 
 
 class DataError(UserError):
@@ -249,52 +245,6 @@ class CheckpointError(UserError):
     """A checkpoint a user pointed at that cannot be used; the message names the fix."""
 
 
-class SaveError(UserError):
-    """A file could not be written (disk full, read-only folder, permissions): `path`, and the
-    operating system's `reason` (e.g. "No space left on device")."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"cannot write {path} ({reason}): free disk space or make its folder writable, and run again.")
-        self.path, self.reason = Path(path), reason
-
-
-def os_error_in(err: BaseException) -> OSError | None:
-    """The OSError that caused `err`, if any: `err` itself or one it was raised from or while
-    handling (torch.save, say, reports a failed write as a RuntimeError raised from it)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-@contextlib.contextmanager
-def writing(path: str | os.PathLike):
-    """Turn a failed write of `path` into a `SaveError`: one sentence naming the file and the cause
-    (a full disk otherwise surfaces as tens of lines of chained tracebacks). Other errors pass."""
-    try:
-        yield
-    except Exception as err:
-        cause = os_error_in(err)
-        if cause is None:
-            raise
-        raise SaveError(path, cause.strerror or str(cause) or type(cause).__name__) from err
-
-
-def _umask() -> int:
-    """The process umask. Linux reports it in /proc; elsewhere it can only be read by setting it
-    (and setting it straight back), which briefly applies to files other threads create."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def unwritable_reason(folder: str | os.PathLike) -> str | None:
     """Why files cannot be created in `folder` (created on demand), or None if they can.
 
@@ -310,51 +260,10 @@ def unwritable_reason(folder: str | os.PathLike) -> str | None:
     return None
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call `write(f)` on a temp file `.{name}.XXXXXXXX.tmp` in the same folder, then os.replace it
-    onto `path`.
-
-    A crash or error midway leaves the previous file (if any) intact and no temp file behind (only a
-    killed process leaves one: see `remove_stale_temp_files`). The file gets the permissions of any
-    new file (0666 less the umask), not mkstemp's owner-only 0600, so a shared folder can read it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # a temp file that cannot be removed goes at the next start
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """torch.save, atomically (see `atomic_write`); a failed write is a `SaveError`."""
     with writing(path):
         return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def remove_stale_temp_files(folder: str | os.PathLike, names) -> list[Path]:
-    """Delete the temp files `atomic_write` left for `names` in `folder` when its process was killed
-    (`.{name}.XXXXXXXX.tmp`); return them. `names` are file names or globs (`ckpt_step_*.pt`).
-
-    Call it only while no other process writes these files (e.g. holding the run's lock): a live
-    writer's temp file looks the same.
-    """
-    removed = []
-    for name in names:
-        for tmp in Path(folder).glob(f".{name}.*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-                removed.append(tmp)
-    return removed
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu", source: str | None = None) -> dict:
@@ -605,7 +514,11 @@ class RunPaths:
         return self.run_dir / f"{self.file_prefix}_metrics.jsonl"
 
     def remove_stale_temp_files(self) -> list[Path]:
-        """Delete the temp files a killed run left behind for its checkpoints and metrics file
-        (see `remove_stale_temp_files`: call it holding the run's lock)."""
-        names = [f"{glob.escape(self.file_prefix)}_weights_step_*.pt", self.metrics.name]
-        return remove_stale_temp_files(self.run_dir, names)
+        """Delete the temp files killed runs left behind for this run's checkpoints and metrics file
+        (call it holding the run's lock: no other process writes them) and for its lock (only those
+        of dead pids: a run launched beside this one writes its lock temp file while this one holds
+        the lock). See `atomic_files.remove_stale_temp_files`."""
+        prefix = glob.escape(self.file_prefix)
+        run_files = remove_stale_temp_files(self.run_dir, [f"{prefix}_weights_step_*.pt", f"{prefix}_metrics.jsonl"],
+                                            held_by_this_run=True)
+        return run_files + remove_stale_temp_files(self.run_dir, [f"{prefix}.lock"])

@@ -281,3 +281,28 @@ def test_torchrun_two_processes_give_the_single_process_samples_fid_and_straight
     assert record["straightness"] == pytest.approx(straightness(ema, 3, 4, steps=2, seed=0), rel=1e-9)
     assert proc.stdout.count("FID ") == 1  # rank 0 alone reports
     assert "sampling (rank 0 of 2)" in proc.stderr and "rank 1 of 2" not in proc.stderr  # the bar: rank 0 only
+
+
+FULL_DISK = """
+import errno
+import numpy as np
+import torchvision.utils
+
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+np.savez = full
+torchvision.utils.save_image = full
+"""
+
+
+@pytest.mark.parametrize("flag, name", [("--save_samples", "s.npz"), ("--grid", "g.png")])
+def test_a_full_disk_after_sampling_is_one_sentence_and_no_partial_file(tmp_path, tiny_checkpoint, flag, name):
+    path, _, _ = tiny_checkpoint
+    proc = run_cli(tmp_path, [f"--checkpoint={path}", *SAMPLING, f"{flag}=out/{name}", "--device=cpu", "--quiet"],
+                   FULL_DISK)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"compute_fid.py: cannot write out/{name} (No space left on device): free disk space or make "
+                     f"its folder writable, and run again."], proc.stderr[-3000:]
+    assert list((tmp_path / "out").iterdir()) == []  # neither the file nor its temp file

@@ -93,3 +93,59 @@ def test_a_wrong_file_put_in_the_cache_by_hand_is_refused_and_kept(tmp_path):
     with pytest.raises(pretrained.WeightsUnavailable, match=f"{path} \\(net_model\\) does not fit this UNet.*delete it"):
         pretrained.published_checkpoint(NAME, tmp_path, progress=False)
     assert path.is_file()  # the user's file: reported, not deleted
+
+
+class CutShort:
+    """A response whose connection closes early: read() raises http.client.IncompleteRead."""
+
+    headers = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self, *args):
+        import http.client
+
+        raise http.client.IncompleteRead(b"x" * 10, 990)
+
+
+@pytest.mark.parametrize("base, opener, reason", [
+    ("http://127.0.0.1:9", lambda url, timeout=None: CutShort(), "IncompleteRead"),  # cut short mid-transfer
+    ("not-a-url", None, "ValueError: unknown url type"),  # a malformed $CFM_WEIGHTS_URL
+])
+def test_a_download_cut_short_or_a_malformed_url_is_one_sentence(tmp_path, monkeypatch, base, opener, reason):
+    import urllib.request
+
+    if opener is not None:
+        monkeypatch.setattr(urllib.request, "urlopen", opener)
+    monkeypatch.setenv(pretrained.URL_ENV, base)
+    with pytest.raises(pretrained.WeightsUnavailable) as err:
+        pretrained.published_checkpoint(NAME, tmp_path / "data", progress=False)
+    message = str(err.value)
+    assert message.startswith(f"cannot download {base}/{FILE} ({reason}") and "\n" not in message
+    assert f"put it at {tmp_path / 'data' / 'weights' / FILE}, or check $CFM_WEIGHTS_URL." in message
+    assert leftovers(tmp_path / "data" / "weights") == []
+
+
+def test_a_killed_downloads_temp_file_is_removed_once_its_pid_is_gone(file_server, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import atomic_files
+
+    folder, url, _ = file_server
+    tiny_checkpoint(folder / FILE)
+    monkeypatch.setenv(pretrained.URL_ENV, url)
+    weights = tmp_path / "data" / "weights"
+    weights.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = weights / f".{FILE}.{atomic_files.HOST}.{dead.pid}.abcdef.tmp"
+    elsewhere = weights / f".{FILE}.otherhost.{dead.pid}.abcdef.tmp"  # maybe a live download on another node
+    killed.write_bytes(b"partial")
+    elsewhere.write_bytes(b"partial")
+    pretrained.published_checkpoint(NAME, tmp_path / "data", config=TINY_UNET_CONFIG, progress=False)
+    assert leftovers(weights) == [elsewhere.name]

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,8 +37,8 @@ def assert_same_weights(a, b):
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
 
 
-def start_script(args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def start_script(args, **env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
     return subprocess.Popen([sys.executable, "train_cifar10.py", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -163,32 +164,6 @@ def dead_pid():
     return process.pid
 
 
-def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, monkeypatch):
-    first = run_lock.RunLock(tmp_path, "otcfm_cifar10")
-    assert first.acquire() is None
-    second = run_lock.RunLock(tmp_path, "otcfm_cifar10")
-    with pytest.raises(run_lock.RunLocked, match=rf"in use by another run of otcfm_cifar10 \(pid {os.getpid()} on "):
-        second.acquire()
-    assert run_lock.RunLock(tmp_path, "otcfm_cifar10_anchor_1e0").acquire() is None  # another run name: its own lock
-
-    host = socket.gethostname()
-    stale = {
-        "dead pid on this host": {"pid": dead_pid(), "host": host, "heartbeat": time.time()},
-        "silent other host": {"pid": 1, "host": "elsewhere", "heartbeat": time.time() - run_lock.STALE_AFTER - 1},
-        "unreadable": None,
-    }
-    for why, record in stale.items():
-        first.path.write_text("{not json" if record is None else json.dumps(record))
-        taker = run_lock.RunLock(tmp_path, "otcfm_cifar10")
-        assert taker.acquire() is not None, why
-        assert json.loads(first.path.read_text())["pid"] == os.getpid()
-    first.path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "heartbeat": time.time() - 5}))
-    with pytest.raises(run_lock.RunLocked, match="pid 1 on elsewhere, last heartbeat 5 s ago"):
-        run_lock.RunLock(tmp_path, "otcfm_cifar10").acquire()
-    taker.release()  # no longer its lock: released only by its holder
-    assert first.path.is_file()
-
-
 def test_a_second_run_of_the_same_name_is_refused_even_with_overwrite(fake_cifar, tmp_path):
     data_dir, _, _ = fake_cifar
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -205,6 +180,104 @@ def test_a_second_run_of_the_same_name_is_refused_even_with_overwrite(fake_cifar
     run_plain(tiny_args(data_dir, tmp_path, "--total_steps=2"))  # the holder is gone: the lock is stale
     assert not (tmp_path / f"otcfm/{PREFIX}.lock").exists()  # released at the end
     assert checkpoint(tmp_path, 1)["step"] == 1
+
+
+def logged_steps(metrics: Path) -> list[int]:
+    return [r["step"] for r in utils_cifar.read_jsonl(metrics) if "loss" in r]
+
+
+def test_a_run_whose_lock_is_taken_over_writes_nothing_more(fake_cifar, tmp_path):
+    """Another run takes the lock (as a requeue on another node would, judging this one dead): at
+    most the step in flight is still written, then every write stops and the run exits 1."""
+    data_dir, _, _ = fake_cifar
+    process = start_script(tiny_args(data_dir, tmp_path, "--total_steps=400", "--save_step=3"),
+                           CFM_LOCK_STALE_AFTER="1.2")
+    metrics = tmp_path / f"otcfm/{PREFIX}_metrics.jsonl"
+    wait_for_step(metrics, 4, process)
+    lock = tmp_path / f"otcfm/{PREFIX}.lock"
+    taken = {"pid": 1, "host": "elsewhere", "token": "the new owner", "heartbeat": time.time()}
+    utils_cifar.atomic_write(lock, lambda f: f.write(json.dumps(taken).encode()))
+    last = max(logged_steps(metrics))
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-3000:]
+    assert f"another run took over {lock} (pid 1 on elsewhere" in stderr and "Traceback" not in stderr
+    assert max(logged_steps(metrics)) <= last + 1  # the step in flight at most
+    assert all(checkpoint_step <= last + 1 for checkpoint_step in
+               (torch.load(p, weights_only=True)["step"] for p in (tmp_path / "otcfm").glob("*.pt")))
+    assert json.loads(lock.read_text())["token"] == "the new owner"  # never overwritten, nor removed
+
+
+def test_the_heartbeat_keeps_the_lock_fresh_through_a_slow_save_step(fake_cifar, tmp_path, monkeypatch):
+    """A save step whose grids take 2.5 s, with a 1-s stale limit: another host never sees the lock stale."""
+    data_dir, _, _ = fake_cifar
+    monkeypatch.setenv(run_lock.STALE_ENV, "1")
+    real_grid, slept = training.save_sample_grid, []
+
+    def slow_grid(*args, **kwargs):
+        if not slept:
+            time.sleep(2.5)
+            slept.append(True)
+        return real_grid(*args, **kwargs)
+
+    monkeypatch.setattr(training, "save_sample_grid", slow_grid)
+    watcher = run_lock.RunLock(tmp_path / "otcfm", PREFIX, stale_after=1.0)
+    watcher.record["host"] = "elsewhere"  # judges by the heartbeat, as another node would
+    seen_stale, checks, done = [], [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            found = watcher.read()
+            if found is not None:
+                checks.append(1)
+                if watcher.is_stale(*found):
+                    seen_stale.append(time.time())
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        run_plain(tiny_args(data_dir, tmp_path, "--total_steps=3", "--save_step=2"))
+    finally:
+        done.set()
+        thread.join()
+    assert slept and len(checks) > 40 and seen_stale == []
+
+
+def test_resume_auto_waits_out_a_fresh_lock_from_another_host_then_resumes(fake_cifar, tmp_path, monkeypatch, capfd):
+    data_dir, _, _ = fake_cifar
+    run_plain(tiny_args(data_dir, tmp_path, "--total_steps=2", "--save_step=1"))
+    lock = tmp_path / f"otcfm/{PREFIX}.lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "crashed", "heartbeat": time.time()}))
+    monkeypatch.setenv(run_lock.STALE_ENV, "1.5")
+    with pytest.raises(SystemExit, match="in use by another run .*pid 1 on elsewhere"):
+        run_plain(tiny_args(data_dir, tmp_path, "--total_steps=4", "--save_step=1", "--checkpoint_path="
+                            f"{tmp_path}/otcfm/{PREFIX}_weights_step_1.pt"))  # no waiting without --resume=auto
+    capfd.readouterr()
+    start = time.monotonic()
+    run_plain(tiny_args(data_dir, tmp_path, "--total_steps=4", "--save_step=1", "--resume=auto"))
+    assert time.monotonic() - start > 1.0
+    err = capfd.readouterr().err
+    assert err.count(f"waiting for {lock}: held by pid 1 on elsewhere") == 1
+    assert checkpoint(tmp_path, 3)["step"] == 3 and not lock.exists()
+    assert logged_steps(tmp_path / f"otcfm/{PREFIX}_metrics.jsonl") == [0, 1, 2, 3]  # resumed after step 1
+
+
+@pytest.mark.parametrize("where", ["utils_cifar.load_cifar10", "training.ClassConditionedSampler"])
+def test_ctrl_c_before_the_training_loop_is_one_line_and_exit_130(fake_cifar, tmp_path, monkeypatch, capsys, where):
+    data_dir, _, _ = fake_cifar
+    module, name = where.split(".")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules[module], name, interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        run_plain(tiny_args(data_dir, tmp_path, "--total_steps=2"))
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted by Ctrl-C outside a training step: the checkpoints already written are intact; run the same "
+        "command (with --resume=auto) to continue."]
+    assert not (tmp_path / f"otcfm/{PREFIX}.lock").exists()  # released on the way out
 
 
 # ------------------------------------------------------------------------------------- logs
