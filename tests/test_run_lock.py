@@ -278,3 +278,29 @@ def test_a_lock_racer_temp_file_survives_the_holders_clean_up(tmp_path):
         path.write_bytes(b"x")
     assert sorted(utils_cifar.RunPaths(tmp_path, NAME).remove_stale_temp_files()) == sorted([checkpoint, killed])
     assert racer.exists()
+
+
+def test_shared_caches_remove_a_dead_writers_temp_file_and_keep_another_hosts(tmp_path):
+    """The K-means cache and the FID statistics: a temp file of a dead pid on this host goes when the
+    cache is written; one from another host stays (a run there may be writing it)."""
+    import numpy as np
+    import torch
+
+    import fid
+    import samplers
+
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40) % 10
+    digest = samplers.data_digest(images, labels)
+    kmeans = samplers.cache_path(tmp_path, digest, 2, 0, "lloyd")
+    stats = tmp_path / "stats.npz"
+    pid = dead_pid()
+    for target in (kmeans, stats):
+        killed = target.with_name(f".{target.name}.{atomic_files.HOST}.{pid}.abc.tmp")
+        elsewhere = target.with_name(f".{target.name}.otherhost.{pid}.abc.tmp")
+        killed.write_bytes(b"x")
+        elsewhere.write_bytes(b"x")
+    samplers.cluster_assignments(images, labels, 2, seed=0, cache_dir=tmp_path, algorithm="lloyd")
+    fid.save_statistics(stats, np.zeros(2), np.eye(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [kmeans.name, stats.name, f".{kmeans.name}.otherhost.{pid}.abc.tmp", f".{stats.name}.otherhost.{pid}.abc.tmp"])
