@@ -198,6 +198,19 @@ def test_model_trajectory_points_follow_the_net_from_the_fid_noise():
     torch.testing.assert_close(points, expected.detach(), rtol=1e-6, atol=1e-6)
 
 
+def test_path_points_carry_the_held_out_images_with_one_noise_for_all_times():
+    """icfm, sigma = 0: xt = t x1 + (1 - t) x0 with x1 the uint8 images in [-1, 1]: near t = 1 the
+    points are the images, and (xt - t x1) / (1 - t) is the same x0 ~ N(0, I) at every time."""
+    images = (torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    times = (0.1, 0.5, 1 - 1e-7)
+    points = mf.path_points(make_matcher("icfm"), images, times, seed=4).double()
+    x1 = images.double() / 127.5 - 1
+    torch.testing.assert_close(points[-1], x1, rtol=0, atol=1e-5)
+    x0 = [(p - t * x1) / (1 - t) for p, t in zip(points[:2], times)]
+    torch.testing.assert_close(x0[0], x0[1], rtol=0, atol=1e-5)
+    assert abs(x0[0].std().item() - 1) < 0.1
+
+
 def test_a_net_equal_to_vstar_scores_zero_and_a_zero_net_scores_one():
     """On both point sets: the path from held-out images and the trajectories of the net itself."""
     g = torch.Generator().manual_seed(0)
@@ -238,15 +251,17 @@ WORLD_SCRIPT = textwrap.dedent("""
     on_model = mf.field_distance(net, field, trajectories, times, batch_size=4)
     samples = mf.memorizing_samples(field, noise(4, (3, 8, 8)), steps=20)
     torch.save({{"test": on_test.squared_error, "test_norm": on_test.squared_norm, "model": on_model.squared_error,
-                "trajectories": trajectories, "samples": samples}}, sys.argv[1] + f".{{world.rank}}")
+                "trajectories": trajectories, "samples": samples, "held": len(field.images)}},
+               sys.argv[1] + f".{{world.rank}}")
     if world.size > 1:
         dist.destroy_process_group()
 """)
 
 
 def test_two_gloo_processes_give_the_one_process_numbers(tmp_path):
-    """Each of 2 ranks holds half the training set and half the trajectory batches: v*, the distances,
-    the trajectories and the sampler's output equal one process's, on both ranks."""
+    """Each of 2 ranks holds its slice of the 11 training images (5 and 6) and solves its trajectory
+    batches (0 and 2, 1): v*, the distances, the trajectories and the sampler's output equal one
+    process's, on both ranks."""
     script = tmp_path / "world.py"
     script.write_text(WORLD_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -256,8 +271,9 @@ def test_two_gloo_processes_give_the_one_process_numbers(tmp_path):
                               capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(tmp_path / "one.0")
-    assert one["test"].abs().sum() > 0 and one["model"].abs().sum() > 0
-    for rank in (0, 1):
+    assert one.pop("held") == 11 and one["test"].abs().sum() > 0 and one["model"].abs().sum() > 0
+    for rank, held in ((0, 5), (1, 6)):
         two = torch.load(tmp_path / f"two.{rank}")
+        assert two.pop("held") == held
         for key, value in one.items():
             torch.testing.assert_close(two[key], value, rtol=1e-9, atol=1e-12, msg=f"{key} on rank {rank}")
