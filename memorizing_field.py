@@ -312,7 +312,7 @@ def field_distance(net: Field, field: MemorizingField, points: Tensor, times: Se
     """How far ``net(t, x)`` is from v* on `points` ``[T, P, ...]`` (points ``[k]`` at ``times[k]``).
 
     The net (in eval mode: `build_net_from_checkpoint` returns it so) gets float32 points in batches
-    of `batch_size` on the field's device, with t ``[b]``; differences are taken in float64. Under
+    of `batch_size` on the field's device, with t ``[b]``; differences are taken in the field's dtype. Under
     torchrun every rank evaluates all points (v* needs them on every rank) and gets the same result.
     """
     if len(points) != len(times):
@@ -334,8 +334,9 @@ def memorizing_samples(field: MemorizingField, x0: Tensor, delta: float = 1e-3, 
                        steps: int = 100) -> Tensor:
     """The v*-driven sampler: dx/dt = v*(x, t) from x0 ``[B, ...]`` up to t = 1 - `delta` (v* is never
     evaluated at t = 1, where it is undefined for sigma = 0), with `steps` steps of a fixed-step
-    solver. Returns x(1 - delta) ``[B, ...]`` in the field's dtype: training images or mirrors,
-    up to about ``delta |x0 - y|`` (and the path's sigma)."""
+    solver. Returns x(1 - delta) ``[B, ...]`` in the field's dtype: each within about
+    ``s sqrt(D)`` of a training image or mirror (``s^2 = b^2 + sigma^2`` at 1 - delta, the width of
+    the path around an image there: about delta for icfm with sigma = 0)."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta}.")
     samples, _ = integrate(on_interval(field, 0.0, 1.0 - delta), x0.to(field.device, field.dtype), method, steps)

@@ -59,7 +59,8 @@ def main(argv):
     points = mf.path_points(field.matcher, held_out, times)
     field(0.5, points[0, :FLAGS.batch_size].to(device))  # warm-up: kernels, allocator
     lines = [f"v* over {FLAGS.num_train} images + mirrors on {utils_cifar.provenance(device)['device']} ({device}), "
-             f"{FLAGS.dtype}, chunks of {FLAGS.chunk_size}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
+             f"{FLAGS.dtype}, chunks of {FLAGS.chunk_size}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} CPU threads",
              "", "| row | size | seconds | v* evaluations/s | TFLOP/s |", "|---|---|---|---|---|"]
 
     def row(name: str, size: str, evaluations: int, run) -> None:

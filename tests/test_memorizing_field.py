@@ -23,8 +23,8 @@ CLOSED_FORMS = {
     "icfm": lambda t, s: (t, 1 - t, 1 + 0 * t, -1 + 0 * t, s + 0 * t),
     "otcfm": lambda t, s: (t, 1 - t, 1 + 0 * t, -1 + 0 * t, s + 0 * t),
     "fm": lambda t, s: (t, 1 - (1 - s) * t, 1 + 0 * t, -(1 - s) + 0 * t, 0 * t),
-    "si": lambda t, s: (torch.sin(math.pi * t / 2), torch.cos(math.pi * t / 2), math.pi / 2 * torch.cos(math.pi * t / 2),
-                        -math.pi / 2 * torch.sin(math.pi * t / 2), s + 0 * t),
+    "si": lambda t, s: (torch.sin(math.pi * t / 2), torch.cos(math.pi * t / 2),
+                        math.pi / 2 * torch.cos(math.pi * t / 2), -math.pi / 2 * torch.sin(math.pi * t / 2), s + 0 * t),
 }
 MATCHERS = [("icfm", 0.0), ("icfm", 0.3), ("otcfm", 0.1), ("fm", 0.0), ("fm", 0.2), ("si", 0.0), ("si", 0.3)]
 
