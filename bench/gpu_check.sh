@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU, synthetic data, under 5 minutes: the speed figures of the README's Performance section.
+# One GPU, synthetic data, about 5 minutes: the speed figures of the README's Performance section.
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine, from the repository root
 #   bash bench/gpu_check.sh --smoke         # the same commands on the CPU, tiny UNet, no compilation (checks the script)
@@ -13,7 +13,9 @@
 #      OT-CFM plain with pipelined and inline OT
 #   4. peak memory at batch 32 and 64 (128: table 1)
 #   5. 1024 dopri5 samples of a random paper UNet, fp32 (images/s)
-# Each section gets what is left of a 280 s budget (--smoke: 900 s); a section that fails or runs out is noted and
+#   6. the memorizing field v* (bench/memorizing_field.py): 1k points x 10 times and the v*-driven sampler
+#      (1k samples x 100 Euler steps) against 100k synthetic images + mirrors, float64
+# Each section gets what is left of a 320 s budget (--smoke: 900 s); a section that fails or runs out is noted and
 # the next one runs. Into $OUT (else ./gpu_check_out): gpu_check.md (the tables) and gpu_check.log
 # (everything printed).
 set -u
@@ -32,7 +34,8 @@ TRAIN=(--batch_size=128 --steps=10 --warmup_steps=3 --peak_tflops=790)
 SAMPLE=(--batch_size=1024 --methods=dopri5)
 SAMPLE_UNET=()
 MEMORY_BATCHES=(32 64)
-BUDGET=280  # seconds for all sections
+VSTAR=()  # bench/memorizing_field.py's defaults: the evaluation's default size
+BUDGET=320  # seconds for all sections
 if [[ "${1:-}" == "--smoke" ]]; then
     DEVICE=cpu
     UNET=(--num_channel=32 --num_res_blocks=1 --channel_mult=1,2)
@@ -43,6 +46,7 @@ if [[ "${1:-}" == "--smoke" ]]; then
     # run eager; tests/test_fast_path.py checks that the forward compiles without graph breaks.
     export TORCH_COMPILE_DISABLE=1
     MEMORY_BATCHES=(4 8)
+    VSTAR=(--num_train=2000 --num_points=100 --num_times=2 --sampler_samples=16 --sampler_steps=5)
     BUDGET=900  # bf16 runs many times slower on a CPU without native bf16
 fi
 RESULTS=${OUT:-./gpu_check_out}
@@ -92,4 +96,5 @@ for batch in "${MEMORY_BATCHES[@]}"; do
 done
 section sample "$PY" bench/sample.py --device=$DEVICE "${SAMPLE_UNET[@]}" "${SAMPLE[@]}"
 grep -A3 "^solver" "$LOG" >>"$TABLES"
+section memorizing_field "$PY" bench/memorizing_field.py --device=$DEVICE "${VSTAR[@]}" --out="$TABLES"
 echo "done in $SECONDS s: $TABLES, $LOG" | tee -a "$LOG"
