@@ -1,6 +1,7 @@
-"""The fast path: bf16 stays near fp32, the training forward compiles whole, the step hands back
-device tensors without branching on them, compiled checkpoints stay prefix-free, and pipelined OT
-(the next plan solved on a worker thread) trains what inline OT trains, bit for bit."""
+"""The fast path: bf16 stays near fp32, the training forward compiles whole, compiled checkpoints
+stay prefix-free, pipelined OT (the next plan solved on a worker thread) trains what inline OT
+trains, bit for bit, and a training step reads no tensor on the host but at five allowlisted call
+sites (a guard that fails the step otherwise, itself tested on eleven kinds of read)."""
 
 import sys
 import threading
