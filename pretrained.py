@@ -7,7 +7,8 @@ A file is downloaded to a temp file in ``{data_dir}/weights/`` (``atomic_files.d
 transfer never leaves a partial file), checked to fit the paper UNet strictly (every key and shape),
 and only then renamed to its release name; a file that does not fit is deleted. So the release name in the cache only ever holds a file
 that passed the check, and a cached file is checked again on every use (a cheap comparison against
-a UNet built on the meta device) in case it was put there by hand.
+a UNet built on the meta device) in case it was put there by hand. The release publishes no
+checksums: `verify` judges a file by what it holds (both weight sets; every key, shape and dtype).
 
 Offline, put the release file in ``{data_dir}/weights/`` yourself; the error says which URL to fetch.
 ``$CFM_WEIGHTS_URL`` replaces the release's base URL (a mirror, or a local server in the tests).
@@ -32,6 +33,8 @@ PUBLISHED = {
     "icfm": "cfm_cifar10_weights_step_400000.pt",
     "fm": "fm_cifar10_weights_step_400000.pt",
 }
+# The weight sets every release file holds (besides `optim`, `sched` and `step`).
+RELEASE_WEIGHTS = ("net_model", "ema_model")
 
 
 class WeightsUnavailable(UserError):
@@ -44,19 +47,30 @@ def base_url() -> str:
 
 
 def verify(path: Path, config: dict, source: str) -> dict:
-    """Load the checkpoint at `path` and check that its weights fit UNetModel(**config) strictly.
+    """Load the checkpoint at `path` and check that it holds what a release file holds for UNetModel(**config).
 
-    Every weight set it holds (`net_model`, `ema_model`) is compared key by key and shape by shape
-    with a UNet built on the meta device (no memory, no time). Returns the checkpoint with
-    `unet_config` set to `config`, so that it rebuilds as that UNet. Raises CheckpointError, whose
-    message calls the file `source`.
+    Both weight sets (`net_model`, `ema_model`: without the EMA one, the raw weights would be
+    scored in its place) are compared with a UNet built on the meta device (no memory, no time):
+    every key, shape and dtype (float32, so also the size in bytes), and finite values. Returns the
+    checkpoint with `unet_config` set to `config`, so that it rebuilds as that UNet. Raises
+    CheckpointError, whose message calls the file `source`.
+
+    The release publishes no checksums, so the file is judged by its contents alone.
     """
     ckpt = load_checkpoint(path, source=source)
     with torch.device("meta"):
         net = UNetModel(**config)
-    for key in ("net_model", "ema_model"):
-        if key in ckpt:
-            check_weights(net, ckpt[key], f"{source} ({key})")
+    dtypes = {key: value.dtype for key, value in net.state_dict().items()}
+    for key in RELEASE_WEIGHTS:
+        if not isinstance(ckpt.get(key), dict):
+            raise CheckpointError(f"{source} holds no {key!r} weights, which every published checkpoint holds.")
+        weights = check_weights(net, ckpt[key], f"{source} ({key})")
+        other = sorted(k for k, value in weights.items() if value.dtype != dtypes[k])
+        if other:
+            raise CheckpointError(
+                f"{source} ({key}) holds {weights[other[0]].dtype} weights where the release holds "
+                f"{dtypes[other[0]]} ({len(other)} tensors, e.g. {other[0]})."
+            )
     return {**ckpt, "unet_config": dict(config)}
 
 

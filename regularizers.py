@@ -157,6 +157,8 @@ class AnchorRegularizer:
             when a cluster has fewer); 0 = all members.
         pairing: ``"published"`` or ``"main"`` (see above; ``--anchor_pairing``).
         seed: seed of the CPU generator that draws the centroid subsets.
+        centroid_dtype: the centroids' dtype: float32 (training, as published) or float64 (to check
+            the loss in float64, where float32 centroids would be its largest rounding error).
     """
 
     name = "anchor"
@@ -173,6 +175,7 @@ class AnchorRegularizer:
         centroid_samples: int = 500,
         pairing: str = "published",
         seed: int = 0,
+        centroid_dtype: torch.dtype = torch.float32,
     ):
         if loss_type not in ANCHOR_LOSS_TYPES:
             raise ValueError(f"--anchor_loss_type must be full or simple, got {loss_type!r}.")
@@ -182,6 +185,8 @@ class AnchorRegularizer:
             raise ValueError(f"--centroid_update_freq must be positive, got {update_freq}.")
         if centroid_samples < 0:
             raise ValueError(f"centroid_samples must be >= 0 (0 = all members), got {centroid_samples}.")
+        if centroid_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"centroid_dtype must be torch.float32 or torch.float64, got {centroid_dtype}.")
         if images.dtype != torch.uint8 or assignment.shape != images.shape[:1]:
             raise ValueError(
                 f"images must be uint8 [N,C,H,W] with one cluster id each, got {images.dtype} "
@@ -200,7 +205,8 @@ class AnchorRegularizer:
         self.centroid_samples = int(centroid_samples)
         self.pairing = pairing
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.centroids: Tensor | None = None  # float32 [K, C, H, W] on images.device
+        self.centroid_dtype = centroid_dtype
+        self.centroids: Tensor | None = None  # centroid_dtype [K, C, H, W] on images.device
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(weight={self.weight}, sigma={self.sigma}, loss_type={self.loss_type!r}, "
@@ -213,7 +219,7 @@ class AnchorRegularizer:
         """Per-cluster mean image in model range, from a fresh random subset of each cluster,
         averaged with its mirror image.
 
-        Returns float32 ``[K, C, H, W]`` on the images' device: ``(m + flip(m)) / 2`` with
+        Returns ``centroid_dtype`` ``[K, C, H, W]`` on the images' device: ``(m + flip(m)) / 2`` with
         ``m = mean_i (x_i / 127.5 - 1)`` over ``min(centroid_samples, |c|)`` members of cluster c
         drawn without replacement (all members when ``centroid_samples == 0``); a zero image for
         an empty cluster. Why the mirror: training batches flip each image left-right with
@@ -225,7 +231,8 @@ class AnchorRegularizer:
         subset. Each cluster is then one index gather and one sum on the images' device. The uint8
         values are summed in float32, which is exact (integers below 2^24) for clusters of up to
         65,793 images, so the result does not depend on the summation order; the map to model
-        range is applied once, as ``sum / n / 127.5 - 1``.
+        range is applied once, in float64, as ``sum / n / 127.5 - 1``, and rounded to
+        ``centroid_dtype`` before the mirror average.
         """
         n = self.assignment.shape[0]
         # The all-members case draws nothing, so the generator only advances for real subsets.
@@ -243,7 +250,7 @@ class AnchorRegularizer:
                 sums[cluster] = flat.index_select(0, run[:used]).sum(0, dtype=torch.float32)
         used = counts_used.to(flat.device, torch.float64)[:, None]
         means = torch.where(used > 0, sums.double() / used.clamp(min=1) / 127.5 - 1, 0.0)
-        means = means.float().reshape(self.num_clusters, *self.images.shape[1:])
+        means = means.to(self.centroid_dtype).reshape(self.num_clusters, *self.images.shape[1:])
         return (means + means.flip(-1)) / 2
 
     def before_step(self, step: int) -> None:
@@ -310,5 +317,5 @@ class AnchorRegularizer:
                     f"stored centroids have shape {tuple(centroids.shape)}, expected {expected}: "
                     f"the checkpoint was trained with another --num_subclasses."
                 )
-            centroids = centroids.to(self.images.device, torch.float32)
+            centroids = centroids.to(self.images.device, self.centroid_dtype)
         self.centroids = centroids

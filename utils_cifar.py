@@ -282,6 +282,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", source: str | N
     return ckpt
 
 
+def _shape(value) -> tuple | str:
+    """A tensor's shape; for anything else (weights_only also loads lists and numbers) its type's name."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def check_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> dict:
     """`state_dict` without `module.`/`_orig_mod.` prefixes, if its keys and shapes are exactly `net`'s
     and its values finite; else a `CheckpointError` saying what differs (or that the run that wrote
@@ -290,7 +295,7 @@ def check_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpo
     own = net.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    wrong = sorted(k for k in set(own) & set(state_dict) if _shape(own[k]) != _shape(state_dict[k]))
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -299,7 +304,7 @@ def check_weights(net: torch.nn.Module, state_dict: dict, source: str = "checkpo
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)})")
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {_shape(state_dict[k])} vs {_shape(own[k])})")
         raise CheckpointError(f"{source} does not fit this UNet ({'; '.join(parts)}): build the UNet it was trained "
                               f"with (e.g. its --num_channel).")
     non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]

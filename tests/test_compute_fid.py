@@ -125,6 +125,29 @@ def test_checkpoint_that_does_not_fit_is_one_line_and_exit_1(tmp_path, tiny_chec
     assert len(lines) == 1 and "does not fit this UNet" in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("weights", ["ema_model", "net_model"])
+def test_nan_weights_end_the_run_in_one_sentence_writing_nothing(weights, tmp_path):
+    """A checkpoint whose evaluated weights hold a NaN (a diverged run): exit status 1, one line on
+    stderr, and no samples, no grid and no fid.jsonl line, although FID could be computed."""
+    path, _, _ = save_tiny_checkpoint(tmp_path / "run" / "otcfm" / "otcfm_cifar10_weights_step_20.pt", 20)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt[weights]["out.2.bias"][1] = float("nan")
+    torch.save(ckpt, path)
+    results = path.parent / "fid.jsonl"
+    results.write_text('{"fid": 3.5, "step": 10}\n')  # an earlier evaluation's line, to stay alone
+    flags, _ = fid_files(tmp_path, 4)
+    args = [f"--checkpoint={path}", "--num_gen=8", "--batch_size_fid=4", "--integration_method=euler",
+            "--integration_steps=2", "--save_samples=s.npz", "--grid=g.png", "--device=cpu", *flags]
+    proc = run_cli(tmp_path, [*args, f"--use_ema={weights == 'ema_model'}"], OFFLINE + stand_in(4))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"compute_fid.py: {path} ({weights}) holds NaN or infinite weights (1 tensors, e.g. out.2.bias): "
+                     f"the run that wrote it had diverged; use an earlier checkpoint."]
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "g.png").exists()
+    assert results.read_text() == '{"fid": 3.5, "step": 10}\n' and sorted(p.name for p in path.parent.iterdir()) == [
+        "fid.jsonl", path.name]
+
+
 def test_offline_fid_without_files_fails_before_sampling(tmp_path, tiny_checkpoint):
     path, _, _ = tiny_checkpoint
     proc = run_cli(tmp_path, [f"--checkpoint={path}", "--num_gen=8", "--save_samples=s.npz", "--device=cpu",

@@ -1,14 +1,18 @@
-"""The fast path: bf16 stays near fp32, the training forward compiles whole, the step hands back
-device tensors without branching on them, compiled checkpoints stay prefix-free, and pipelined OT
-(the next plan solved on a worker thread) trains what inline OT trains, bit for bit."""
+"""The fast path: bf16 stays near fp32, the training forward compiles whole, compiled checkpoints
+stay prefix-free, pipelined OT (the next plan solved on a worker thread) trains what inline OT
+trains, bit for bit, and a training step reads no tensor on the host but at five allowlisted call
+sites (a guard that fails the step otherwise, itself tested on eleven kinds of read)."""
 
+import sys
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from absl import flags
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_cifar10  # noqa: F401  (defines the training flags)
 import training
@@ -17,30 +21,33 @@ from conftest import TINY_UNET_CONFIG, TINY_UNET_FLAGS
 from distributed import World
 from fast_path import FastForward, resolve_precision
 from flow_matching import make_matcher
-from regularizers import AnchorRegularizer
+from regularizers import AnchorRegularizer, LocalRegularizer
 from samplers import ClassConditionedSampler
 from unet import UNetModel
 
 FLAGS = flags.FLAGS
+REPO = Path(__file__).resolve().parents[1]
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 
 
-def build(*args, model="otcfm", regularizer=None):
+def build(*args, model="otcfm", regularizer=None, monitor=False):
     """A Trainer of the tiny UNet as `build_trainer` makes it from these flags, on 64 random images
     (batch 4, dropout off, no warm-up); the zero-initialised layers get random weights, so the
-    output is not zero from the first step. Same seed, same initial weights."""
+    output is not zero from the first step. Same seed, same initial weights. `regularizer`: None,
+    "anchor" (on single-cluster batches) or "local"; `monitor`: the local loss, monitored."""
     FLAGS.unparse_flags()
     FLAGS(["train_cifar10.py", *TINY_UNET_FLAGS, "--batch_size=4", "--dropout=0", "--warmup=0", "--device=cpu",
            f"--model={model}", *args])
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     batches = utils_cifar.ShuffledBatches(images, FLAGS.batch_size, FLAGS.seed)
-    reg = None
+    reg = LocalRegularizer(1.0) if regularizer == "local" else None
     if regularizer == "anchor":
         batches = ClassConditionedSampler(images, torch.arange(64) % 10, FLAGS.batch_size, num_subclasses=1)
         reg = AnchorRegularizer(1.0, 0.0, "full", images, batches.assignment, batches.num_clusters)
+    monitored = (utils_cifar.ShuffledBatches(images, FLAGS.batch_size, 1), LocalRegularizer(1.0)) if monitor else None
     torch.manual_seed(0)
     trainer = training.build_trainer(FLAGS, training.unet_config_from_flags(FLAGS), CPU,
-                                     make_matcher(model, 0.0, FLAGS.ot_pairing), batches, reg)
+                                     make_matcher(model, 0.0, FLAGS.ot_pairing), batches, reg, monitored)
     with torch.no_grad():
         for p in trainer.params:
             if not p.any():
@@ -97,23 +104,6 @@ def test_channels_last_trains_what_contiguous_trains(one_thread):
     torch.testing.assert_close(metrics["--channels_last"], metrics["--nochannels_last"], rtol=1e-5, atol=0)
     plain = UNetModel(**TINY_UNET_CONFIG)
     utils_cifar.load_weights(plain, trainer.net.state_dict())  # a channels-last checkpoint loads anywhere
-
-
-def test_the_step_returns_device_tensors_and_never_branches_on_them(monkeypatch, one_thread):
-    """No Python branching on a device value inside a step (it would wait for the GPU): every
-    `bool(tensor)` raises here. Metrics come back as tensors, `lr` as the host's own float."""
-    trainer = build(regularizer="anchor")
-    trainer.step(0)  # the first centroids are computed before any training (host reads allowed there)
-
-    def refuse(self):
-        raise AssertionError("the step branched on a tensor's value")
-
-    monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
-    trainer.step(1)
-    metrics = trainer.step(2, with_metrics=True)
-    monkeypatch.undo()
-    assert isinstance(metrics.pop("lr"), float)
-    assert metrics and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in metrics.values())
 
 
 def test_fast_forward_returns_the_inputs_dtype(one_thread):
@@ -173,3 +163,187 @@ def test_the_ot_worker_solves_the_next_plan_before_the_next_step_draws(one_threa
     assert requested == [False, True, True]
     assert solved_on[0] == threading.current_thread().name
     assert len(solved_on) == 4 and all(name.startswith("ot") for name in solved_on[1:])
+
+
+# --------------------------------------------------------------------------------------------
+# No host reads in a step
+# --------------------------------------------------------------------------------------------
+
+
+class HostRead(AssertionError):
+    """A training step read a tensor's value on the host, or copied a tensor there."""
+
+
+# The host reads a training step makes on purpose, by call site (file, function) and kind of read.
+# Every entry must be seen by the step test below, so none outlives the read it excuses.
+ALLOWED_HOST_READS = {
+    # torch's (non-fused) Adam keeps its step count in a CPU tensor, on a GPU as well, so reading
+    # it for the bias corrections is no device sync; CUDA runs use fused Adam, which never reads it.
+    ("torch/optim/optimizer.py", "_get_value", "scalar"),
+    # The cluster sampler draws each batch's cluster on its own CPU generator, from CPU tensors.
+    ("samplers.py", "_draw_cluster", "scalar"),
+    # Exact OT runs on the CPU: the pipeline copies the cost matrix to the host on purpose (on a
+    # GPU from a side stream into pinned memory, without blocking, ahead of the step) ...
+    ("ot_pipeline.py", "fetch", "copy to the host"),
+    # ... and POT reads that host copy as a numpy array (on the worker thread when pipelined).
+    ("ot_pipeline.py", "solve", "numpy"),
+    # A centroid refresh (the first step, then every --centroid_update_freq) splits the members by
+    # the cluster sizes of the assignment, which lives on the CPU.
+    ("regularizers.py", "compute_centroids", "list"),
+}
+
+aten = torch.ops.aten
+# Ops that hand a value to the host (item() and float() end in _local_scalar_dense), and ops whose
+# output shape depends on the values: on a GPU each waits for the device.
+VALUE_RESULTS = {aten._local_scalar_dense, aten.equal, aten.allclose, aten.is_nonzero}
+VALUE_SHAPED = {aten.nonzero, aten.masked_select, aten._unique2, aten.unique_dim, aten.unique_consecutive}
+# Frames between a read and its call site: this guard, torch's Tensor wrappers (__format__,
+# __array__, ...) and the plumbing that calls a dispatch mode.
+TORCH_DIR = Path(torch.__file__).parent
+PLUMBING = {str(TORCH_DIR / name) for name in ("_tensor.py", "_ops.py", "utils/_python_dispatch.py", "_compile.py",
+                                               "_dynamo/eval_frame.py")}
+GUARD_FRAMES = ("guarded", "__torch_dispatch__", "check")
+# Tensor methods that hand a value to Python or numpy, or copy to the host -> kind of read.
+READING_METHODS = {"item": "scalar", "__bool__": "scalar", "__float__": "scalar", "__int__": "scalar",
+                   "__index__": "scalar", "__complex__": "scalar", "tolist": "list", "numpy": "numpy",
+                   "cpu": "copy to the host", "to": "copy to the host"}
+
+
+def call_site(frame) -> tuple[str, str, int]:
+    """(file, function, line) of the innermost frame outside the guard and torch's plumbing; files
+    of this repo relative to it, torch's relative to torch's parent folder."""
+    while frame.f_code.co_filename in PLUMBING or (
+            frame.f_code.co_filename == __file__ and frame.f_code.co_name in GUARD_FRAMES):
+        frame = frame.f_back
+    path = Path(frame.f_code.co_filename)
+    for root in (REPO, TORCH_DIR.parent):
+        if path.is_relative_to(root):
+            path = path.relative_to(root)
+            break
+    return path.as_posix(), frame.f_code.co_name, frame.f_lineno
+
+
+def names_the_host(*args, **kwargs) -> bool:
+    """Whether Tensor.to(*args, **kwargs) names the host as "cpu". A torch.device is not enough: on
+    this CPU run the training device is the CPU too (`x.to(y.device)` moves onto the device)."""
+    device = kwargs.get("device", args[0] if args else None)
+    return isinstance(device, str) and torch.device(device).type == "cpu"
+
+
+class HostReadGuard(TorchDispatchMode):
+    """While installed: a host read of any tensor outside `ALLOWED_HOST_READS` raises HostRead (and
+    is recorded in `refused`, in case another thread swallowed it); the allowed ones seen are in `allowed`.
+
+    Host reads are what would wait for a GPU: a value handed to Python (`.item()`, `.tolist()`,
+    `bool()`, `float()`, `int()`, `complex()`, `__index__`, f-strings and printing), to numpy
+    (`.numpy()`, `np.asarray`), a copy to the host (`.cpu()`, `.to("cpu")`), and the ops whose output
+    shape depends on the values (`nonzero`, boolean-mask indexing, `masked_select`, `unique`,
+    `equal`). The Tensor methods are patched for every thread (the OT worker's too); the dispatch
+    mode, on this thread, also sees the reads torch makes inside its own ops (`allclose`, ...).
+
+    Every tensor is checked, not only those derived from the net, the batch or the noise: on the
+    CPU all of them live on the host, so the bookkeeping that is host-side on a GPU too (the
+    allowlist) is told apart by call site instead.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.allowed, self.refused = set(), []
+
+    def check(self, kind: str, frame) -> None:
+        file, function, line = call_site(frame)
+        if (file, function, kind) in ALLOWED_HOST_READS:
+            self.allowed.add((file, function, kind))
+            return
+        self.refused.append(f"{kind} at {file}:{line} ({function})")
+        raise HostRead(f"a training step read a tensor on the host: {self.refused[-1]}")
+
+    def install(self, monkeypatch) -> "HostReadGuard":
+        """Patch the Tensor methods that read (undone by `monkeypatch`); the dispatch mode is on
+        while the guard is entered as a context."""
+        for name, kind in READING_METHODS.items():
+            monkeypatch.setattr(torch.Tensor, name, self.checking(getattr(torch.Tensor, name), kind, name == "to"))
+        return self
+
+    def checking(self, method, kind: str, only_to_the_host: bool):
+        """`method`, checked before it runs (`to` only when it names the host)."""
+
+        def guarded(tensor, *args, **kwargs):
+            if not only_to_the_host or names_the_host(*args, **kwargs):
+                self.check(kind, sys._getframe(1))
+            return method(tensor, *args, **kwargs)
+
+        return guarded
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in VALUE_RESULTS:
+            self.check("scalar", sys._getframe(1))
+        elif func.overloadpacket in VALUE_SHAPED or (
+                func.overloadpacket in (aten.index, aten.index_put, aten.index_put_)
+                and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])):
+            self.check("value-dependent shape", sys._getframe(1))
+        return func(*args, **kwargs)
+
+
+def run_guarded(trainer, monkeypatch, steps=3):
+    """`steps` steps as the loop runs them (a prefetch after each but the last; the last a log step)
+    under a HostReadGuard; returns (guard, the last step's metrics)."""
+    guard = HostReadGuard().install(monkeypatch)
+    with guard:
+        for step in range(steps):
+            metrics = trainer.step(step, with_metrics=step == steps - 1)
+            if step < steps - 1:
+                trainer.prefetch()
+        if trainer.pipeline.ahead is not None:  # a read on the worker thread surfaces here
+            trainer.pipeline.ahead.plans.result()
+    monkeypatch.undo()
+    return guard, metrics
+
+
+@pytest.mark.parametrize("case", ["otcfm_anchor_clusters", "icfm_local_monitor"])
+def test_a_step_reads_nothing_on_the_host_but_the_allowlisted_reads(case, monkeypatch, one_thread):
+    """Steps from the first one (first centroids, first OT plan inline, then pipelined) reading
+    no tensor on the host but at the allowlisted call sites, each of which is seen (otcfm + anchor
+    on clustered batches: all of them; icfm + local on shuffled batches, with the local monitor:
+    Adam's). Metrics come back as tensors, `lr` as the host's own float."""
+    if case == "otcfm_anchor_clusters":
+        trainer, expected = build(regularizer="anchor"), ALLOWED_HOST_READS
+    else:
+        trainer = build(model="icfm", regularizer="local", monitor=True)
+        expected = {("torch/optim/optimizer.py", "_get_value", "scalar")}
+    guard, metrics = run_guarded(trainer, monkeypatch)
+    assert guard.refused == [] and guard.allowed == expected
+    assert isinstance(metrics.pop("lr"), float)
+    assert metrics and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in metrics.values())
+
+
+READS = {  # a host read of the loss, as a stray debugging line would make it
+    "item": lambda loss: loss.item(),
+    "float": lambda loss: float(loss),
+    "bool": lambda loss: bool(loss > 1),
+    "format": lambda loss: f"{loss:.3f}",
+    "tolist": lambda loss: loss.tolist(),
+    "numpy": lambda loss: loss.detach().numpy(),
+    "cpu": lambda loss: loss.detach().cpu(),
+    "to_cpu": lambda loss: loss.to("cpu", torch.float64),
+    "index": lambda loss: [0, 1][(loss > 1).long()],
+    "nonzero": lambda loss: loss.reshape(1).nonzero(),
+    "allclose": lambda loss: torch.allclose(loss, loss),
+}
+
+
+@pytest.mark.parametrize("read", list(READS))
+def test_the_guard_fails_a_step_that_reads_the_loss(read, monkeypatch, one_thread):
+    """Testing the test: one read of the loss inside `Trainer.losses` fails the step, naming its line."""
+    trainer = build(model="icfm")
+    losses = trainer.losses
+
+    def losses_then_read(inputs):
+        terms, loss, vt = losses(inputs)
+        READS[read](loss)
+        return terms, loss, vt
+
+    trainer.losses = losses_then_read
+    with pytest.raises(HostRead, match=r"at tests/test_fast_path.py:\d+ \(<lambda>\)"):
+        run_guarded(trainer, monkeypatch, steps=1)

@@ -109,3 +109,91 @@ def test_locality_table_keeps_the_latest_record_of_each_setting():
     assert "| 0.45 ± 0.01 | 0.37 ± 0.01 | 0.29 ± 0.01 | 0.22 ± 0.01 |" in rows["otcfm", "test"]  # not 0.5: re-evaluated
     assert "| 100 x 128 | 0 | 0.12 | 0.2 | 0.25 | 0.23 |" in rows["otcfm_local_1e0", "test"]  # no standard error stored
     assert results.locality_table([REPO / "tests/data/runs/icfm"]) == ""
+
+
+# ------------------------------------------------------------------------ what the figures show
+
+
+@pytest.fixture
+def drawn(tmp_path, monkeypatch):
+    """{file name: Figure}: plot_results.main run in this process on the fixture runs, each figure
+    captured as it is saved (before it is closed); the plot flags parsed for it, then unparsed."""
+    import matplotlib.figure
+    from absl import flags
+
+    import plot_results
+
+    figures = {}
+    savefig = matplotlib.figure.Figure.savefig
+
+    def capturing_savefig(fig, path, *args, **kwargs):
+        figures[Path(path).name] = fig
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capturing_savefig)
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["plot_results.py", f"--out={tmp_path}", "--dpi=20"])
+    try:
+        with pytest.warns(UserWarning, match="torn write"):
+            plot_results.main(["plot_results.py", *map(str, RUNS)])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert set(figures) == {"training_curves.png", "fid_vs_nfe.png"}
+    return figures
+
+
+def line_points(line):
+    return list(zip(map(float, line.get_xdata()), map(float, line.get_ydata())))
+
+
+def test_training_curves_draw_each_metrics_file_as_recorded(drawn):
+    """A panel per metric titled with its name over `step`; in it one line per metrics file holding
+    that metric, whose points are the file's (step, value) records (start lines and nulls left
+    out); the figure's legend names every run/file once, in the colour of its lines."""
+    fig = drawn["training_curves.png"]
+    legend, = fig.legends
+    labels = [text.get_text() for text in legend.get_texts()]
+    files = sorted(p for run in RUNS for p in run.glob("*metrics.jsonl"))
+    assert sorted(labels) == sorted(f"{p.parent.name}/{p.name}" for p in files)
+    colour_of = {label: handle.get_color() for label, handle in zip(labels, legend.legend_handles)}
+    assert len(set(colour_of.values())) == len(labels)  # one colour per file
+    file_of = {colour: REPO / "tests/data/runs" / label for label, colour in colour_of.items()}
+
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["loss", "loss_fm", "local_loss", "grad_norm", "fid"]
+    assert all(not ax.lines for ax in fig.axes if not ax.get_visible())  # the spare panel is empty
+    for ax in panels:
+        metric = ax.get_title()
+        assert ax.get_xlabel() == "step"
+        holding = [p for p in files if any(r.get(metric) is not None for r in parse(p) if "event" not in r)]
+        assert sorted(file_of[line.get_color()] for line in ax.lines) == holding
+        for line in ax.lines:
+            records = parse(file_of[line.get_color()])
+            expected = [(r["step"], r[metric]) for r in records if "event" not in r and r.get(metric) is not None]
+            assert line_points(line) == expected and len(expected) > 1
+
+
+def test_fid_against_nfe_draws_each_evaluation_and_solver_as_recorded(drawn):
+    """One log-log panel, FID over mean NFE; a line per evaluation and solver, labelled so in the
+    legend, through the latest scored record of each setting sorted by NFE; a colour per run and a
+    line style and marker per solver."""
+    fig = drawn["fid_vs_nfe.png"]
+    ax, = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("mean NFE per sample", "FID", "FID against NFE")
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    otcfm, icfm = REPO / "tests/data/runs/otcfm", REPO / "tests/data/runs/icfm"
+    groups = {"icfm": latest_scored(icfm), "otcfm, vs train": latest_scored(otcfm, fid_split="train"),
+              "otcfm, vs test": latest_scored(otcfm, fid_split="test")}
+    expected = {}
+    for group, records in groups.items():
+        for solver in {r["integration_method"] for r in records}:
+            expected[f"{group}: {solver}"] = sorted((r["mean_nfe"], r["fid"]) for r in records
+                                                   if r["integration_method"] == solver)
+    assert {line.get_label(): line_points(line) for line in ax.lines} == expected
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [line.get_label() for line in ax.lines]
+    runs = {line.get_label().split(": ")[0]: line.get_color() for line in ax.lines}
+    styles = {line.get_label().split(": ")[1]: (line.get_linestyle(), line.get_marker()) for line in ax.lines}
+    for line in ax.lines:
+        run, solver = line.get_label().split(": ")
+        assert line.get_color() == runs[run] and (line.get_linestyle(), line.get_marker()) == styles[solver]
+    assert len(set(runs.values())) == len(runs) == 3 and len(set(styles.values())) == len(styles) > 1

@@ -1,4 +1,5 @@
-"""Published weights by name: download from a local HTTP server, the cache, atomic refusal of wrong files."""
+"""Published weights by name: download from a local HTTP server, the cache, atomic refusal of wrong files,
+and what the verification refuses: a file whose weight sets, keys, shapes or dtypes (size) are not the release's."""
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ def tiny_checkpoint(path, prefix="module."):
     """A published-style file (DataParallel prefixes, no unet_config) of a tiny UNet."""
     torch.manual_seed(0)
     state = {f"{prefix}{k}": v for k, v in UNetModel(**TINY_UNET_CONFIG).state_dict().items()}
-    torch.save({"net_model": state, "ema_model": state, "step": 400000}, path)
+    torch.save({"net_model": state, "ema_model": dict(state), "step": 400000}, path)  # two weight sets, as released
     return state
 
 
@@ -93,6 +94,63 @@ def test_a_wrong_file_put_in_the_cache_by_hand_is_refused_and_kept(tmp_path):
     with pytest.raises(pretrained.WeightsUnavailable, match=f"{path} \\(net_model\\) does not fit this UNet.*delete it"):
         pretrained.published_checkpoint(NAME, tmp_path, progress=False)
     assert path.is_file()  # the user's file: reported, not deleted
+
+
+def half(ckpt):
+    ckpt["ema_model"] = {k: v.half() for k, v in ckpt["ema_model"].items()}
+
+
+def double(ckpt):
+    ckpt["net_model"] = {k: v.double() for k, v in ckpt["net_model"].items()}
+
+
+def narrower(ckpt):
+    ckpt["ema_model"]["module.out.2.weight"] = ckpt["ema_model"]["module.out.2.weight"][:, :-1]
+
+
+# How a file can differ from the release (made from the tiny UNet's) -> what the refusal says.
+WRONG_FILES = {
+    "a key missing": (lambda ckpt: ckpt["ema_model"].pop("module.out.2.bias"),
+                      r"\(ema_model\) does not fit this UNet \(1 missing keys \(e.g. out.2.bias\)"),
+    "a key too many": (lambda ckpt: ckpt["net_model"].update({"module.out.3.weight": torch.zeros(3)}),
+                       r"\(net_model\) does not fit this UNet \(1 unexpected keys \(e.g. out.3.weight\)"),
+    "a shape": (narrower, r"\(ema_model\) does not fit this UNet \(1 shape mismatches \(e.g. out.2.weight: "
+                          r"\(3, 31, 3, 3\) vs \(3, 32, 3, 3\)"),
+    "not a tensor": (lambda ckpt: ckpt["net_model"].update({"module.out.2.bias": [0.0, 0.0, 0.0]}),
+                     r"\(net_model\) does not fit this UNet \(1 shape mismatches \(e.g. out.2.bias: list vs \(3,\)"),
+    "half the size (float16)": (half, r"\(ema_model\) holds torch.float16 weights where the release holds "
+                                      r"torch.float32 \(128 tensors"),
+    "twice the size (float64)": (double, r"\(net_model\) holds torch.float64 weights where the release holds "
+                                         r"torch.float32 \(128 tensors"),
+    "no EMA weights": (lambda ckpt: ckpt.pop("ema_model"), "holds no 'ema_model' weights, which every published"),
+}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG_FILES))
+def test_verification_refuses_a_file_that_differs_from_the_release(wrong, file_server, tmp_path, monkeypatch):
+    """The release file (made here from the tiny UNet: both weight sets, `module.` prefixes, float32)
+    is accepted; the same file with one difference is refused, downloaded (not kept) or put in the
+    cache by hand (kept, named), in one sentence that says what differs."""
+    change, reason = WRONG_FILES[wrong]
+    folder, url, _ = file_server
+    monkeypatch.setenv(pretrained.URL_ENV, url)
+    fetch = lambda data_dir: pretrained.published_checkpoint(NAME, data_dir, config=TINY_UNET_CONFIG,  # noqa: E731
+                                                             progress=False)
+    tiny_checkpoint(folder / FILE)
+    path, _ = fetch(tmp_path / "accepted")  # the file as released: downloaded and kept
+
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, folder / FILE)
+    with pytest.raises(pretrained.WeightsUnavailable, match=f"was not kept, since {url}/{FILE} {reason}") as err:
+        fetch(tmp_path / "downloaded")
+    assert "\n" not in str(err.value) and leftovers(tmp_path / "downloaded" / "weights") == []
+    assert not (tmp_path / "downloaded" / "weights" / FILE).exists()
+
+    torch.save(ckpt, path)  # the accepted file, changed in the cache
+    with pytest.raises(pretrained.WeightsUnavailable, match=f"{path} {reason}.*; delete it to download"):
+        fetch(tmp_path / "accepted")
+    assert path.is_file()
 
 
 class CutShort:

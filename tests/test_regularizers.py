@@ -21,6 +21,8 @@ from unet import UNetModel
 from utils_cifar import to_model_range
 
 REPO = Path(__file__).resolve().parents[1]
+# float64 results with float64 centroids: equal to a few hundred ulps (float32 centroids would be off by ~1e-8).
+F64 = dict(rtol=1e-13, atol=1e-13)
 # The small UNet of the other tests, on 16x16 images (a quarter of the CPU time of 32x32; nothing
 # here depends on the image size).
 TINY_UNET = dict(dim=(3, 16, 16), num_channels=32, num_res_blocks=1, channel_mult=(1, 2), num_head_channels=16,
@@ -176,7 +178,8 @@ def test_anchor_losses_closed_form(anchor_batch, pairing):
     mse = lambda a: a.square().mean()  # noqa: E731
 
     def loss(loss_type, field, sigma, zero_noise):
-        reg = anchor(images, assignment, 3, loss_type=loss_type, sigma=sigma, pairing=pairing, centroid_samples=0)
+        reg = anchor(images, assignment, 3, loss_type=loss_type, sigma=sigma, pairing=pairing, centroid_samples=0,
+                     centroid_dtype=torch.float64)
         reg.before_step(0)
         sample = make_sample(x1, sigma, zero_noise=zero_noise)
         t_extra, x_extra, _ = reg.extra_inputs(x1, sample.x0, cluster, sample)
@@ -187,16 +190,16 @@ def test_anchor_losses_closed_form(anchor_batch, pairing):
     full, _ = loss("full", over_t, 0.0, True)
     simple, _ = loss("simple", over_t, 0.0, True)
     assert full.item() < 1e-25
-    torch.testing.assert_close(simple, mse(x1 - e))
+    torch.testing.assert_close(simple, mse(x1 - e), **F64)
     assert simple > 0.01
     # a constant field: v(x_t) = v(e_t)
     assert loss("simple", constant, 0.2, False)[0].item() == 0.0
-    torch.testing.assert_close(loss("full", constant, 0.2, False)[0], mse(e - x1))
+    torch.testing.assert_close(loss("full", constant, 0.2, False)[0], mse(e - x1), **F64)
     # v = 2x: v(x_t) - v(e_t) = 2t (x1 - e) whatever x0 and eps
     full, t = loss("full", double, 0.2, False)
     simple, _ = loss("simple", double, 0.2, False)
-    torch.testing.assert_close(full, mse((2 * t - 1) * (x1 - e)))
-    torch.testing.assert_close(simple, mse(2 * t * (x1 - e)))
+    torch.testing.assert_close(full, mse((2 * t - 1) * (x1 - e)), **F64)
+    torch.testing.assert_close(simple, mse(2 * t * (x1 - e)), **F64)
 
 
 def test_anchor_inputs_published_and_main(anchor_batch):
@@ -204,22 +207,23 @@ def test_anchor_inputs_published_and_main(anchor_batch):
     sample = make_sample(x1, 0.2)
     x0 = torch.randn_like(x1)  # the noise as drawn, not the sample's
     e = e.expand_as(x1)
-    published = anchor(images, assignment, 3, sigma=0.2, centroid_samples=0)
+    published = anchor(images, assignment, 3, sigma=0.2, centroid_samples=0, centroid_dtype=torch.float64)
     published.before_step(0)
     torch.manual_seed(3)
     t_extra, x_extra, (e_got, x1_got) = published.extra_inputs(x1, x0, cluster, sample)
     torch.manual_seed(3)
     eps = torch.randn_like(x1)  # a fresh eps, shared by both rows
     assert torch.equal(t_extra, torch.cat([sample.t, sample.t]))  # the main term's t
-    torch.testing.assert_close(x_extra, torch.cat([line(sample.t, x1, x0, eps, 0.2), line(sample.t, e, x0, eps, 0.2)]))
-    torch.testing.assert_close(e_got, e)
+    torch.testing.assert_close(x_extra, torch.cat([line(sample.t, x1, x0, eps, 0.2), line(sample.t, e, x0, eps, 0.2)]),
+                               **F64)
+    torch.testing.assert_close(e_got, e, **F64)
     assert x1_got is x1
 
-    main = anchor(images, assignment, 3, sigma=0.2, centroid_samples=0, pairing="main")
+    main = anchor(images, assignment, 3, sigma=0.2, centroid_samples=0, pairing="main", centroid_dtype=torch.float64)
     main.before_step(0)
     t_extra, x_extra, (_, x1_got) = main.extra_inputs(x1, x0, cluster, sample)
     assert torch.equal(t_extra, sample.t) and x1_got is sample.x1
-    torch.testing.assert_close(x_extra, line(sample.t, e, sample.x0, sample.eps, 0.2))
+    torch.testing.assert_close(x_extra, line(sample.t, e, sample.x0, sample.eps, 0.2), **F64)
 
 
 def test_bad_anchor_loss_type_and_pairing():
@@ -377,8 +381,9 @@ def published_anchor_loss(net, x1, x0, t, e, sigma, loss_type):
 
 @pytest.mark.parametrize("kind", ["local", "anchor_full", "anchor_simple"])
 def test_otcfm_step_computes_the_published_formulas_on_the_batch_as_drawn(kind, one_thread):
-    """float64, dropout off: the loss a training step logs equals the published formula evaluated
-    directly on the pre-pairing batch and noise, with the same random draws (to 1e-10)."""
+    """float64 (net, batch and centroids), dropout off: the loss a training step logs equals the
+    published formula evaluated directly on the pre-pairing batch and noise, with the same random
+    draws (to 1e-13)."""
     sigma = 0.1
     images, assignment = clustered_images([4, 12, 5], shape=(3, 16, 16))
     x1 = to_model_range(images[assignment == 1][:8]).double()  # 8 distinct images of cluster 1
@@ -393,7 +398,8 @@ def test_otcfm_step_computes_the_published_formulas_on_the_batch_as_drawn(kind, 
     if kind == "local":
         reg = LocalRegularizer(weight=1.0, sigma=sigma)
     else:
-        reg = anchor(images, assignment, 3, sigma=sigma, loss_type=kind.split("_")[1], centroid_samples=0)
+        reg = anchor(images, assignment, 3, sigma=sigma, loss_type=kind.split("_")[1], centroid_samples=0,
+                     centroid_dtype=torch.float64)
     matcher = make_matcher("otcfm", sigma)  # replacement pairing: the re-paired batch repeats images
     ema = UNetModel(**TINY_UNET).double().eval()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
@@ -424,7 +430,7 @@ def test_otcfm_step_computes_the_published_formulas_on_the_batch_as_drawn(kind, 
             e = naive_centroid(images, assignment, 1).expand_as(x1)
             expected = published_anchor_loss(reference, x1, x0, sample.t, e, sigma, kind.split("_")[1])
     assert expected > 1e-4
-    assert abs(logged.item() - expected.item()) <= 1e-10 * max(1.0, expected.item())
+    torch.testing.assert_close(logged, expected, **F64)
     # the regularizer got the drawn batch: each of the 8 images once, no row duplicated by re-pairing
     (x1_seen, x0_seen, _, _), = seen
     assert torch.equal(x1_seen, x1) and torch.equal(x0_seen, x0)
@@ -437,16 +443,32 @@ def test_otcfm_step_computes_the_published_formulas_on_the_batch_as_drawn(kind, 
 SIZES = [6, 5, 2, 0, 7]  # cluster 3 is empty
 
 
-def test_centroids_equal_naive_means():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_centroids_equal_naive_means(dtype):
+    """To float32 rounding, or in float64 to 1e-13."""
     images, assignment = clustered_images(SIZES)
+    tolerance = F64 if dtype == torch.float64 else dict(atol=1e-6, rtol=0)
     for centroid_samples in (0, 7, 100):  # all members, and subsets at least as large as every cluster
-        reg = anchor(images, assignment, 5, centroid_samples=centroid_samples)
+        kwargs = {} if dtype == torch.float32 else {"centroid_dtype": dtype}  # float32: the default
+        reg = anchor(images, assignment, 5, centroid_samples=centroid_samples, **kwargs)
         reg.before_step(0)
-        assert reg.centroids.shape == (5, 3, 4, 4) and reg.centroids.dtype == torch.float32
+        assert reg.centroids.shape == (5, 3, 4, 4) and reg.centroids.dtype == dtype
         for k in range(5):
-            torch.testing.assert_close(reg.centroids[k].double(), naive_centroid(images, assignment, k),
-                                       atol=1e-6, rtol=0)
-    assert torch.equal(reg.centroids[3], torch.zeros(3, 4, 4))
+            torch.testing.assert_close(reg.centroids[k].double(), naive_centroid(images, assignment, k), **tolerance)
+    assert torch.equal(reg.centroids[3], torch.zeros(3, 4, 4, dtype=dtype))
+
+
+def test_centroids_keep_their_dtype_when_loaded():
+    """A regularizer loads stored centroids in its own centroid dtype; only float32 and float64 are taken."""
+    images, assignment = clustered_images(SIZES)
+    state = anchor_state_after(images, assignment, steps=[0], centroid_dtype=torch.float64)
+    assert state["centroids"].dtype == torch.float64
+    for dtype in (torch.float64, torch.float32):
+        loaded = anchor(images, assignment, 5, centroid_dtype=dtype)
+        loaded.load_state_dict(state)
+        assert loaded.centroids.dtype == dtype and torch.equal(loaded.centroids, state["centroids"].to(dtype))
+    with pytest.raises(ValueError, match="centroid_dtype must be torch.float32 or torch.float64, got torch.float16"):
+        anchor(images, assignment, 5, centroid_dtype=torch.float16)
 
 
 def test_subsampled_centroids_are_means_of_distinct_members():
