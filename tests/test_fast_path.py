@@ -216,7 +216,7 @@ def call_site(frame) -> tuple[str, str, int]:
             frame.f_code.co_filename == __file__ and frame.f_code.co_name in GUARD_FRAMES):
         frame = frame.f_back
     path = Path(frame.f_code.co_filename)
-    for root in (REPO, TORCH_DIR.parent):
+    for root in (TORCH_DIR.parent, REPO):  # torch first: a .venv may live inside the repo
         if path.is_relative_to(root):
             path = path.relative_to(root)
             break
