@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU, synthetic data, under 5 minutes: the speed figures of the README's Performance section.
+# One GPU, synthetic data, under 7 minutes: the speed figures of the README's Performance section.
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine, from the repository root
 #   bash bench/gpu_check.sh --smoke         # the same commands on the CPU, tiny UNet, no compilation (checks the script)
@@ -13,7 +13,10 @@
 #      OT-CFM plain with pipelined and inline OT
 #   4. peak memory at batch 32 and 64 (128: table 1)
 #   5. 1024 dopri5 samples of a random paper UNet, fp32 (images/s)
-# Each section gets what is left of a 280 s budget (--smoke: 900 s); a section that fails or runs out is noted and
+#   6. compute_generalization.py's default sizes (bench/generalization.py): 10k queries against 50k training
+#      images and their mirrors (float64, checked against the CPU), and the loss gap of 10k train and test images
+#      at 10 times on a random paper UNet
+# Each section gets what is left of a 400 s budget (--smoke: 900 s); a section that fails or runs out is noted and
 # the next one runs. Into $OUT (else ./gpu_check_out): gpu_check.md (the tables) and gpu_check.log
 # (everything printed).
 set -u
@@ -32,7 +35,8 @@ TRAIN=(--batch_size=128 --steps=10 --warmup_steps=3 --peak_tflops=790)
 SAMPLE=(--batch_size=1024 --methods=dopri5)
 SAMPLE_UNET=()
 MEMORY_BATCHES=(32 64)
-BUDGET=280  # seconds for all sections
+GENERALIZATION=()  # the defaults of compute_generalization.py
+BUDGET=400  # seconds for all sections
 if [[ "${1:-}" == "--smoke" ]]; then
     DEVICE=cpu
     UNET=(--num_channel=32 --num_res_blocks=1 --channel_mult=1,2)
@@ -43,6 +47,8 @@ if [[ "${1:-}" == "--smoke" ]]; then
     # run eager; tests/test_fast_path.py checks that the forward compiles without graph breaks.
     export TORCH_COMPILE_DISABLE=1
     MEMORY_BATCHES=(4 8)
+    GENERALIZATION=(--num_queries=256 --num_train=5000 --check=64 --loss_images=32 --batch_size=16 --num_times=2
+                    --num_channel=32)
     BUDGET=900  # bf16 runs many times slower on a CPU without native bf16
 fi
 RESULTS=${OUT:-./gpu_check_out}
@@ -92,4 +98,5 @@ for batch in "${MEMORY_BATCHES[@]}"; do
 done
 section sample "$PY" bench/sample.py --device=$DEVICE "${SAMPLE_UNET[@]}" "${SAMPLE[@]}"
 grep -A3 "^solver" "$LOG" >>"$TABLES"
+section generalization "$PY" bench/generalization.py --device=$DEVICE "${GENERALIZATION[@]}" --out="$TABLES"
 echo "done in $SECONDS s: $TABLES, $LOG" | tee -a "$LOG"
