@@ -90,6 +90,10 @@ def test_copies_and_mirror_copies_are_memorized_and_gaussian_images_are_not():
     assert found.index[:3, 0].tolist() == [5, 9, 0] and found.flipped[:2, 0].tolist() == [False, True]
     assert found.distance[:2, 0].tolist() == [0, 0] and (found.distance[:3, 1] > 40).all()
     assert (found.ratio[3:] > 0.9).all()
+    # The grid shows each neighbour in the orientation that matched: the two exact copies (ratio 0,
+    # the most memorized) sit over themselves.
+    grid = generalization.most_memorized_grid(queries, found, references, 3)
+    assert grid.shape == (9, 3, 32, 32) and torch.equal(grid[3:5], grid[:2])
     summary = generalization.memorization_summary(found)
     assert summary["num"] == 15 and summary["memorized_fraction"] == pytest.approx(3 / 15)
     assert summary["memorized_fraction_se"] == pytest.approx(np.sqrt(0.2 * 0.8 / 15))
