@@ -207,14 +207,11 @@ def write_grid(path: Path, images: torch.Tensor, nrow: int) -> None:
         utils_cifar.atomic_write(path, lambda f: save_image(images.float() / 255, f, nrow=nrow, format="png"))
 
 
-def percent(section: dict) -> str:
-    return results.format_mean_error(100 * section["memorized_fraction"], 100 * section["memorized_fraction_se"]) + "%"
-
-
 def summary(record: dict) -> str:
     """One line: the headline numbers of each section."""
     mem, test, gap = record["memorization"], record["memorization_test"], record["loss_gap"]
-    return (f"memorized {percent(mem)} of {mem['num']} samples (test images: {percent(test)}), median ratio "
+    return (f"memorized {results.format_memorized(mem)} of {mem['num']} samples (test images: "
+            f"{results.format_memorized(test)}), median ratio "
             f"{mem['ratio_quantiles']['0.5']:.3f} (test {test['ratio_quantiles']['0.5']:.3f}), nearest distance "
             f"{mem['nearest_distance']:.2f} (test {test['nearest_distance']:.2f}); loss_fm train "
             f"{results.format_mean_error(gap['loss_train'], gap['loss_train_se'])}, test "

@@ -291,7 +291,8 @@ def held_out_local_loss_of(run_dir: Path, record: dict) -> str:
     return format_mean_error(matching[-1].get("local_loss"), matching[-1].get("local_loss_se")) if matching else "-"
 
 
-def _percent(section: dict) -> str:
+def format_memorized(section: dict) -> str:
+    """A memorization section's memorized fraction as a percentage ± its standard error ('-' without one)."""
     mean, error = section.get("memorized_fraction"), section.get("memorized_fraction_se")
     if not isinstance(mean, (int, float)):
         return "-"
@@ -317,9 +318,9 @@ def generalization_table(run_dirs: Sequence[Path]) -> str:
         source = mem.get("integration_method") if generated else Path(str(mem.get("samples"))).name
         fid = best_fid_of(evaluation.run_dir, r)
         cells = [evaluation.label, Path(str(r.get("checkpoint"))).stem, r.get("step"),
-                 _describe("use_ema", r.get("use_ema")), r.get("seed"), f"{mem.get('num')} ({source})", _percent(mem),
+                 _describe("use_ema", r.get("use_ema")), r.get("seed"), f"{mem.get('num')} ({source})", format_memorized(mem),
                  _number((mem.get("ratio_quantiles") or {}).get("0.5")), _number(mem.get("nearest_distance"), ".2f"),
-                 _percent(test), _number((test.get("ratio_quantiles") or {}).get("0.5")),
+                 format_memorized(test), _number((test.get("ratio_quantiles") or {}).get("0.5")),
                  _number(test.get("nearest_distance"), ".2f"),
                  *(format_mean_error(gap.get(name), gap.get(f"{name}_se"))
                    for name in ("loss_train", "loss_test", "loss_gap")),
