@@ -15,7 +15,7 @@ output paths and missing FID files are reported before any sampling starts (see 
 the FID files are looked up).
 
 The checkpoint flags (--checkpoint | --model/--input_dir/--step | --pretrained, --use_ema, --num_channel,
---data_dir, --device) are eval_checkpoint.py's, shared with compute_locality.py.
+--data_dir, --device) are eval_checkpoint.py's, shared with compute_locality.py and compute_generalization.py.
 
 Under torchrun the samples are split across ranks by whole --batch_size_fid batches (batch k on rank
 k mod W; the noise is keyed by sample index), so the samples and the FID are those of one process
@@ -149,8 +149,7 @@ def main(argv):
             if keep:
                 save_outputs(samples)
             record = {
-                "checkpoint": str(path),
-                **eval_checkpoint.describe(ckpt),
+                **eval_checkpoint.record_head(path, ckpt),
                 **setting.describe(),
                 "mean_nfe": mean_nfe,
                 "num_gen": FLAGS.num_gen,

@@ -11,7 +11,7 @@ batches with their noise and times from --seed, and reports for the EMA (or raw)
 --model and --sigma, else --model), each as mean and standard error over batches. The same seed,
 split and clustering give every checkpoint the same batches, noise and times, so runs compare on
 the same numbers. One record per evaluation is appended to `locality.jsonl` beside the checkpoint.
-The checkpoint flags are eval_checkpoint.py's, shared with compute_fid.py.
+The checkpoint flags are eval_checkpoint.py's, shared with compute_fid.py and compute_generalization.py.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 import eval_checkpoint
 import locality
 import results
 import utils_cifar
-from flow_matching import make_matcher
 from samplers import (CLUSTER_ALGORITHMS, PUBLISHED_CLUSTER_ALGORITHM, PUBLISHED_CLUSTER_SEED, PUBLISHED_NUM_SUBCLASSES,
                       kmeans_cache_dir)
 
@@ -48,20 +47,6 @@ flags.DEFINE_bool("quiet", False, "No progress bar.")
 RESULTS_FILE = "locality.jsonl"
 
 
-def checkpoint_path_matcher(ckpt: dict):
-    """The checkpoint's path for loss_fm: its stored --model, --sigma, --ot_pairing (TorchCFM's
-    published checkpoints store none: --pretrained or --model, sigma 0)."""
-    stored = ckpt.get("flags") or {}
-    model = stored.get("model", FLAGS.pretrained or FLAGS.model)
-    if FLAGS["model"].present and FLAGS.model != model:
-        logging.warning("the checkpoint was trained with --model=%s: its loss_fm is scored on that path, "
-                        "not on --model=%s.", model, FLAGS.model)
-    try:
-        return make_matcher(model, stored.get("sigma", 0.0), stored.get("ot_pairing", "replacement"))
-    except ValueError as err:  # an unknown --model for a checkpoint that stores none
-        raise utils_cifar.UserError(str(err)) from err
-
-
 def summary(record: dict) -> str:
     """One line: every term as mean ± standard error, and the setting."""
     terms = ", ".join(f"{name} {results.format_mean_error(record[name], record[f'{name}_se'])}"
@@ -76,7 +61,7 @@ def evaluate() -> None:
     eval_checkpoint.check_flags()
     device = utils_cifar.resolve_device(FLAGS.device)
     path, ckpt, net = eval_checkpoint.load(device, progress=not FLAGS.quiet)
-    matcher = checkpoint_path_matcher(ckpt)
+    matcher = eval_checkpoint.checkpoint_path_matcher(ckpt)
     results_path = eval_checkpoint.results_file(path, RESULTS_FILE)
     images, labels = utils_cifar.load_cifar10(FLAGS.data_dir, train=FLAGS.split == "train")
     start = time.perf_counter()
@@ -85,10 +70,7 @@ def evaluate() -> None:
                                       cache_dir=kmeans_cache_dir(FLAGS.data_dir))
     values = locality.evaluate(net, batches, FLAGS.num_batches, device, progress=not FLAGS.quiet)
     record = {
-        "checkpoint": str(path),
-        **eval_checkpoint.describe(ckpt),
-        "model": matcher.name,  # the path loss_fm was scored on
-        "sigma": matcher.sigma,
+        **eval_checkpoint.record_head(path, ckpt, matcher),  # model, sigma: the path loss_fm was scored on
         "split": FLAGS.split,
         "num_batches": FLAGS.num_batches,
         "batch_size": FLAGS.batch_size,

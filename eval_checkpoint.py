@@ -1,4 +1,5 @@
-"""Which checkpoint an evaluation script scores: the flags compute_fid.py and compute_locality.py share.
+"""Which checkpoint an evaluation script scores: the flags compute_fid.py, compute_locality.py and
+compute_generalization.py share, and the head of their result records.
 
     --checkpoint=PATH                       a checkpoint file (ours or a published TorchCFM one)
     --model=M --input_dir=DIR --step=S      {input_dir}/{model}/{model}_cifar10_weights_step_{step}.pt
@@ -13,15 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from absl import flags
+from absl import flags, logging
 
 import pretrained
 import utils_cifar
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("model", "otcfm", "Method name: the default checkpoint path, and the path of compute_locality.py's "
-                    "loss_fm when the checkpoint stores no flags.")
+flags.DEFINE_string("model", "otcfm", "Method name: the default checkpoint path, and the path of the loss_fm of "
+                    "compute_locality.py and compute_generalization.py when the checkpoint stores no flags.")
 flags.DEFINE_string("input_dir", "./results", "Folder holding {model}/{model}_cifar10_weights_step_{step}.pt.")
 flags.DEFINE_integer("step", 400000, "Training step of the checkpoint (default path; used if the checkpoint stores none).")
 flags.DEFINE_string("checkpoint", None, "Checkpoint path; overrides --input_dir/--model/--step.")
@@ -62,11 +63,38 @@ def load(device: torch.device, progress: bool = True) -> tuple[Path, dict, torch
     return path, ckpt, net
 
 
-def describe(ckpt: dict) -> dict:
-    """The fields every result record starts with: step (the checkpoint's, else --step), method
-    (--pretrained, else --model) and which weights."""
-    return {"step": int(ckpt.get("step", FLAGS.step)), "model": FLAGS.pretrained or FLAGS.model,
+def checkpoint_model(ckpt: dict) -> str:
+    """The method the checkpoint was trained with: its stored --model; for a checkpoint that stores
+    no flags (TorchCFM's published ones), --pretrained, else --model."""
+    return (ckpt.get("flags") or {}).get("model", FLAGS.pretrained or FLAGS.model)
+
+
+def checkpoint_path_matcher(ckpt: dict):
+    """The checkpoint's path for loss_fm: its stored --model, --sigma, --ot_pairing (TorchCFM's
+    published checkpoints store none: --pretrained or --model, sigma 0)."""
+    # Imported here: POT comes with flow_matching, and compute_fid.py needs no path.
+    from flow_matching import make_matcher
+
+    stored = ckpt.get("flags") or {}
+    model = checkpoint_model(ckpt)
+    if FLAGS["model"].present and FLAGS.model != model:
+        logging.warning("the checkpoint was trained with --model=%s: its loss_fm is scored on that path, "
+                        "not on --model=%s.", model, FLAGS.model)
+    try:
+        return make_matcher(model, stored.get("sigma", 0.0), stored.get("ot_pairing", "replacement"))
+    except ValueError as err:  # an unknown --model for a checkpoint that stores none
+        raise utils_cifar.UserError(str(err)) from err
+
+
+def record_head(path: Path, ckpt: dict, matcher=None) -> dict:
+    """The fields every result record (fid.jsonl, locality.jsonl, generalization.jsonl) starts with,
+    in this order: checkpoint, step (the checkpoint's, else --step), model (`checkpoint_model`),
+    use_ema; then, where a `matcher` scores loss_fm on the checkpoint's path, that path's sigma."""
+    head = {"checkpoint": str(path), "step": int(ckpt.get("step", FLAGS.step)), "model": checkpoint_model(ckpt),
             "use_ema": FLAGS.use_ema}
+    if matcher is not None:
+        head["sigma"] = matcher.sigma
+    return head
 
 
 def results_file(checkpoint: Path, name: str) -> Path:

@@ -7,6 +7,9 @@ writes to --out:
     fid_vs_nfe.png        FID against the measured mean NFE (log-log), a curve per run and solver
     best_fid.md           the best FID of each run and solver (also printed)
     locality.md           held-out local and anchor losses per run (compute_locality.py; also printed)
+    generalization.png    per run, the distribution of the nearest-neighbour ratio d1 / d2 (samples and
+                          test images) and the train/test gap of loss_fm against t (compute_generalization.py)
+    generalization.md     memorization, loss gap, best FID and held-out local loss per run (also printed)
 A figure with nothing to draw is skipped, with a line saying so.
 """
 
@@ -78,6 +81,36 @@ def draw_fid_vs_nfe(curves: list[results.Curve], path: Path) -> None:
     plt.close(fig)
 
 
+def draw_generalization(curves: list[results.Curve], path: Path) -> None:
+    """Left: ratio histograms (samples solid, test images dashed; left of the 1/3 line: memorized; log density).
+    Right: loss_fm(test) - loss_fm(train) against t (the 'gap' series), with standard-error bars."""
+    import matplotlib.pyplot as plt
+
+    histograms = [c for c in curves if c.series != "gap"]
+    gaps = [c for c in curves if c.series == "gap"]
+    colour = colours(c.run for c in curves)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for curve in histograms:
+        left.step(curve.x, curve.y, where="mid", color=colour[curve.run],
+                  linestyle="-" if curve.series == "samples" else "--", label=f"{curve.run}: {curve.series}")
+    left.axvline(results.MEMORIZATION_RATIO, color="grey", linestyle=":", label="1/3: memorized below")
+    # Log density: the memorized tail (about 1% of samples) would be flat on a linear axis; empty bins are left out.
+    left.set_yscale("log", nonpositive="mask")
+    left.set(xlim=(0, 1), xlabel="d1 / d2 (nearest / second-nearest training image)", ylabel="density (log)",
+             title="nearest-neighbour ratio")
+    for curve in gaps:
+        right.errorbar(curve.x, curve.y, yerr=curve.error or None, marker="o", markersize=3, capsize=2,
+                       color=colour[curve.run], label=curve.run)
+    right.axhline(0, color="grey", linewidth=0.8)
+    right.set(xlabel="t", ylabel="loss_fm(test) - loss_fm(train)", title="generalization gap")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=FLAGS.dpi)
+    plt.close(fig)
+
+
 def main(argv):
     if len(argv) < 2:
         raise app.UsageError("name at least one run folder: plot_results.py RUN_DIR... --out figures/")
@@ -91,8 +124,10 @@ def main(argv):
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    generalization = results.ratio_histograms(run_dirs) + results.gap_curves(run_dirs)
     figures = [("training_curves.png", results.training_curves(run_dirs), draw_training_curves, "*metrics.jsonl"),
-               ("fid_vs_nfe.png", results.fid_curves(run_dirs), draw_fid_vs_nfe, "fid.jsonl records")]
+               ("fid_vs_nfe.png", results.fid_curves(run_dirs), draw_fid_vs_nfe, "fid.jsonl records"),
+               ("generalization.png", generalization, draw_generalization, "generalization.jsonl records")]
     for name, curves, draw, source in figures:
         if curves:
             draw(curves, out / name)
@@ -106,6 +141,10 @@ def main(argv):
     if locality:
         (out / "locality.md").write_text(locality)
         print(locality, end="")
+    generalization_table = results.generalization_table(run_dirs)
+    if generalization_table:
+        (out / "generalization.md").write_text(generalization_table)
+        print(generalization_table, end="")
 
 
 if __name__ == "__main__":

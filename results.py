@@ -9,6 +9,9 @@ A run folder holds what training and compute_fid.py write there:
                      tol, mean_nfe, fid, num_gen, fid_split, checkpoint, use_ema, ...
     locality.jsonl   one record per compute_locality.py evaluation: the held-out local and anchor
                      losses and loss_fm (mean and standard error), split, seed, batches, ...
+    generalization.jsonl  one record per compute_generalization.py evaluation: sections
+                     `memorization` (generated samples), `memorization_test` (test images) and
+                     `loss_gap` (loss_fm on train and test images against t)
 
 Every file goes through ``utils_cifar.read_jsonl`` (a torn line is skipped with a warning). The
 plotting itself lives in plot_results.py; this module only reads and arranges, so it is tested
@@ -32,6 +35,13 @@ LOCALITY_SETTING = ("checkpoint", "use_ema", "split", "num_batches", "batch_size
                     "cluster_algorithm", "cluster_seed", "seed")
 # locality.TERMS, not imported from there: that module pulls in POT and scikit-learn (seconds).
 LOCALITY_TERMS = ("local_loss", "anchor_loss_full", "anchor_loss_simple", "loss_fm")
+# generalization.jsonl fields (section.field for a section's) that make an evaluation: records that
+# differ in one were scored on other numbers; the first four, where they vary in a folder, label it.
+GENERALIZATION_SETTING = ("checkpoint", "use_ema", "seed", "memorization.num", "memorization.samples",
+                          "memorization.integration_method", "memorization.integration_steps", "memorization.tol",
+                          "memorization_test.num", "loss_gap.images", "loss_gap.batch_size", "loss_gap.times")
+# generalization.MEMORIZATION_RATIO, not imported from there (it pulls in POT and scikit-learn).
+MEMORIZATION_RATIO = 1 / 3
 # `regularized_loss` repeats `local_loss` / `anchor_loss` under the published name: not drawn twice.
 ALIASES = ("regularized_loss",)
 
@@ -44,6 +54,7 @@ class Curve:
     series: str
     x: list[float] = field(default_factory=list)
     y: list[float] = field(default_factory=list)
+    error: list[float] = field(default_factory=list)  # standard errors of y, where known
 
 
 def check_run_dirs(run_dirs: Sequence[str | Path]) -> list[Path]:
@@ -119,6 +130,8 @@ def _describe(field_name: str, value) -> str:
         return "EMA" if value else "raw net"
     if field_name == "fid_split":
         return f"vs {value}"
+    if field_name == "seed":
+        return f"seed {value}"
     return f"{value} samples"
 
 
@@ -195,3 +208,128 @@ def format_mean_error(mean, error) -> str:
     if not isinstance(mean, (int, float)):
         return "-"
     return f"{mean:.4g}" + (f" ± {error:.2g}" if isinstance(error, (int, float)) and math.isfinite(error) else "")
+
+
+def _field(record: dict, name: str):
+    """`record[name]`, or for 'section.field' `record[section][field]`; None where absent."""
+    section, _, key = name.rpartition(".")
+    holder = record.get(section) if section else record
+    return holder.get(key) if isinstance(holder, dict) else None
+
+
+@dataclass
+class GeneralizationRecord:
+    """The latest generalization.jsonl record of one evaluation setting of one run folder."""
+
+    label: str
+    run_dir: Path
+    record: dict
+
+
+def generalization_records(run_dirs: Sequence[Path]) -> list[GeneralizationRecord]:
+    """The latest record of each GENERALIZATION_SETTING in each folder's generalization.jsonl,
+    labelled by the run, plus its checkpoint, weights, seed and sample count where these vary in
+    the folder."""
+    out = []
+    labels = run_labels(run_dirs)
+    for run_dir in run_dirs:
+        latest: dict[tuple, dict] = {}
+        for record in read_jsonl(run_dir / "generalization.jsonl"):
+            latest[tuple(str(_field(record, f)) for f in GENERALIZATION_SETTING)] = record
+        varying = [f for f in GENERALIZATION_SETTING[:4] if len({str(_field(r, f)) for r in latest.values()}) > 1]
+        for record in latest.values():
+            label = ", ".join([labels[run_dir], *(_describe(f.rpartition(".")[2], _field(record, f)) for f in varying)])
+            out.append(GeneralizationRecord(label, run_dir, record))
+    return out
+
+
+def ratio_histograms(run_dirs: Sequence[Path]) -> list[Curve]:
+    """The distribution of d_(1) / d_(2) of each evaluation: series 'samples' (generated) and 'test
+    images' (the real-data baseline); x the bin centres, y the density (fraction per bin / bin width)."""
+    curves = []
+    for evaluation in generalization_records(run_dirs):
+        for section, series in (("memorization", "samples"), ("memorization_test", "test images")):
+            counts = _field(evaluation.record, f"{section}.ratio_histogram")
+            if not counts or not sum(counts):
+                continue
+            width = 1 / len(counts)
+            curves.append(Curve(evaluation.label, series, [(i + 0.5) * width for i in range(len(counts))],
+                                [c / sum(counts) / width for c in counts]))
+    return curves
+
+
+def gap_curves(run_dirs: Sequence[Path]) -> list[Curve]:
+    """loss_fm(test) - loss_fm(train) against t, with standard errors: one curve per evaluation."""
+    curves = []
+    for evaluation in generalization_records(run_dirs):
+        gap = evaluation.record.get("loss_gap") or {}
+        if gap.get("times") and gap.get("gap"):
+            error = [e if isinstance(e, (int, float)) else math.nan for e in gap.get("gap_se") or []]
+            curves.append(Curve(evaluation.label, "gap", gap["times"], gap["gap"], error))
+    return curves
+
+
+def _same_checkpoint(record: dict, other: dict) -> bool:
+    """Two records of one run folder score the same weights: the same checkpoint file and use_ema."""
+    return (Path(str(record.get("checkpoint"))).name == Path(str(other.get("checkpoint"))).name
+            and record.get("use_ema") == other.get("use_ema"))
+
+
+def best_fid_of(run_dir: Path, record: dict) -> float | None:
+    """The lowest FID (vs the train reference; the latest record of each setting) of `record`'s
+    checkpoint and weights in the folder's fid.jsonl, None without one."""
+    scores = [r["fid"] for evaluation in evaluations([run_dir]) for r in evaluation.records
+              if _same_checkpoint(r, record) and r.get("fid_split", "train") == "train"]
+    return min(scores, default=None)
+
+
+def held_out_local_loss_of(run_dir: Path, record: dict) -> str:
+    """The held-out local loss (the latest test-split locality.jsonl record of `record`'s checkpoint
+    and weights) as mean ± standard error; '-' without one."""
+    matching = [r for r in read_jsonl(run_dir / "locality.jsonl")
+                if _same_checkpoint(r, record) and r.get("split") == "test"]
+    return format_mean_error(matching[-1].get("local_loss"), matching[-1].get("local_loss_se")) if matching else "-"
+
+
+def format_memorized(section: dict) -> str:
+    """A memorization section's memorized fraction as a percentage ± its standard error ('-' without one)."""
+    mean, error = section.get("memorized_fraction"), section.get("memorized_fraction_se")
+    if not isinstance(mean, (int, float)):
+        return "-"
+    return format_mean_error(100 * mean, 100 * error if isinstance(error, (int, float)) else None) + "%"
+
+
+def _number(value, digits: str = ".3f") -> str:
+    return format(value, digits) if isinstance(value, (int, float)) else "-"
+
+
+def generalization_table(run_dirs: Sequence[Path]) -> str:
+    """A Markdown table of the headline numbers of each evaluation (compute_generalization.py), beside
+    the best FID and the held-out local loss of the same checkpoint; "" when no folder has records.
+
+    Columns: memorized (% of samples with d_(1) < d_(2) / 3, ± binomial standard error), the median
+    ratio and mean nearest distance, the same for the test images, loss_fm on train and test images
+    and their gap (test - train, mean over times, ± standard error)."""
+    rows = []
+    for evaluation in generalization_records(run_dirs):
+        r = evaluation.record
+        mem, test, gap = (r.get(name) or {} for name in ("memorization", "memorization_test", "loss_gap"))
+        generated = mem.get("samples") == "generated"
+        source = mem.get("integration_method") if generated else Path(str(mem.get("samples"))).name
+        fid = best_fid_of(evaluation.run_dir, r)
+        cells = [evaluation.label, Path(str(r.get("checkpoint"))).stem, r.get("step"),
+                 _describe("use_ema", r.get("use_ema")), r.get("seed"), f"{mem.get('num')} ({source})", format_memorized(mem),
+                 _number((mem.get("ratio_quantiles") or {}).get("0.5")), _number(mem.get("nearest_distance"), ".2f"),
+                 format_memorized(test), _number((test.get("ratio_quantiles") or {}).get("0.5")),
+                 _number(test.get("nearest_distance"), ".2f"),
+                 *(format_mean_error(gap.get(name), gap.get(f"{name}_se"))
+                   for name in ("loss_train", "loss_test", "loss_gap")),
+                 _number(fid, ".2f"), held_out_local_loss_of(evaluation.run_dir, r)]
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if not rows:
+        return ""
+    header = ["| run | checkpoint | step | weights | seed | samples | memorized | median ratio | nearest distance | "
+              "test: memorized | test: median ratio | test: nearest distance | loss_fm train | loss_fm test | gap | "
+              "best FID | local_loss (test) |",
+              "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    return "\n".join(header + rows) + "\n"

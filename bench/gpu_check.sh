@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU, synthetic data, about 5 minutes: the speed figures of the README's Performance section.
+# One GPU, synthetic data, about 7 minutes: the speed figures of the README's Performance section.
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine, from the repository root
 #   bash bench/gpu_check.sh --smoke         # the same commands on the CPU, tiny UNet, no compilation (checks the script)
@@ -15,7 +15,10 @@
 #   5. 1024 dopri5 samples of a random paper UNet, fp32 (images/s)
 #   6. the memorizing field v* (bench/memorizing_field.py): 1k points x 10 times and the v*-driven sampler
 #      (1k samples x 100 Euler steps) against 100k synthetic images + mirrors, float64
-# Each section gets what is left of a 320 s budget (--smoke: 900 s); a section that fails or runs out is noted and
+#   7. compute_generalization.py's default sizes (bench/generalization.py): 10k queries against 50k training
+#      images and their mirrors (float64, checked against the CPU), and the loss gap of 10k train and test images
+#      at 10 times on a random paper UNet
+# Each section gets what is left of a 440 s budget (--smoke: 900 s); a section that fails or runs out is noted and
 # the next one runs. Into $OUT (else ./gpu_check_out): gpu_check.md (the tables) and gpu_check.log
 # (everything printed).
 set -u
@@ -35,7 +38,8 @@ SAMPLE=(--batch_size=1024 --methods=dopri5)
 SAMPLE_UNET=()
 MEMORY_BATCHES=(32 64)
 VSTAR=()  # bench/memorizing_field.py's defaults: the evaluation's default size
-BUDGET=320  # seconds for all sections
+GENERALIZATION=()  # the defaults of compute_generalization.py
+BUDGET=440  # seconds for all sections
 if [[ "${1:-}" == "--smoke" ]]; then
     DEVICE=cpu
     UNET=(--num_channel=32 --num_res_blocks=1 --channel_mult=1,2)
@@ -47,6 +51,8 @@ if [[ "${1:-}" == "--smoke" ]]; then
     export TORCH_COMPILE_DISABLE=1
     MEMORY_BATCHES=(4 8)
     VSTAR=(--num_train=2000 --num_points=100 --num_times=2 --sampler_samples=16 --sampler_steps=5)
+    GENERALIZATION=(--num_queries=256 --num_train=5000 --check=64 --loss_images=32 --batch_size=16 --num_times=2
+                    --num_channel=32)
     BUDGET=900  # bf16 runs many times slower on a CPU without native bf16
 fi
 RESULTS=${OUT:-./gpu_check_out}
@@ -97,4 +103,5 @@ done
 section sample "$PY" bench/sample.py --device=$DEVICE "${SAMPLE_UNET[@]}" "${SAMPLE[@]}"
 grep -A3 "^solver" "$LOG" >>"$TABLES"
 section memorizing_field "$PY" bench/memorizing_field.py --device=$DEVICE "${VSTAR[@]}" --out="$TABLES"
+section generalization "$PY" bench/generalization.py --device=$DEVICE "${GENERALIZATION[@]}" --out="$TABLES"
 echo "done in $SECONDS s: $TABLES, $LOG" | tee -a "$LOG"

@@ -1,7 +1,8 @@
 """plot_results.py and results.py on the fixture run folders in tests/data/runs (synthetic numbers,
-written in the formats training, compute_fid.py and compute_locality.py write: start lines, nulls, a
-torn line, a metrics file per run name beside metrics.jsonl, a re-evaluated setting, a test-split
-record, a null FID, held-out locality on both splits)."""
+written in the formats training, compute_fid.py, compute_locality.py and compute_generalization.py
+write: start lines, nulls, a torn line, a metrics file per run name beside metrics.jsonl, a
+re-evaluated setting, a test-split record, a null FID, held-out locality on both splits,
+generalization of the EMA and the raw net, one re-evaluated)."""
 
 import json
 import os
@@ -98,6 +99,11 @@ def test_the_script_renders_every_figure_and_the_table(tmp_path):
     with pytest.warns(UserWarning, match="torn write"):
         locality = results.locality_table(RUNS)
     assert (out / "locality.md").read_text() == locality and locality in proc.stdout
+    with Image.open(out / "generalization.png") as image:
+        assert image.size == (550, 210)  # 11 x 4.2 inches
+    with pytest.warns(UserWarning, match="torn write"):
+        generalization = results.generalization_table(RUNS)
+    assert (out / "generalization.md").read_text() == generalization and generalization in proc.stdout
 
 
 @pytest.mark.filterwarnings("ignore:.*torn write")
@@ -109,6 +115,45 @@ def test_locality_table_keeps_the_latest_record_of_each_setting():
     assert "| 0.45 ± 0.01 | 0.37 ± 0.01 | 0.29 ± 0.01 | 0.22 ± 0.01 |" in rows["otcfm", "test"]  # not 0.5: re-evaluated
     assert "| 100 x 128 | 0 | 0.12 | 0.2 | 0.25 | 0.23 |" in rows["otcfm_local_1e0", "test"]  # no standard error stored
     assert results.locality_table([REPO / "tests/data/runs/icfm"]) == ""
+
+
+@pytest.mark.filterwarnings("ignore:.*torn write")
+def test_generalization_table_keeps_the_latest_record_beside_the_best_fid_and_local_loss():
+    table = results.generalization_table(RUNS).splitlines()
+    assert table[0].startswith("| run | checkpoint | step | weights | seed | samples | memorized | median ratio |")
+    rows = {row.split(" | ")[0].lstrip("| "): row for row in table[2:]}
+    assert set(rows) == {"otcfm, EMA", "otcfm, raw net", "otcfm_local_1e0"}
+    latest = [r for r in parse(REPO / "tests/data/runs/otcfm/generalization.jsonl") if r["use_ema"]][-1]
+    mem, gap = latest["memorization"], latest["loss_gap"]
+    assert mem["memorized_fraction"] == 0.008  # not the superseded 0.009 of the first record
+    assert (f"| 0.8 ± 0.089% | {mem['ratio_quantiles']['0.5']:.3f} | {mem['nearest_distance']:.2f} |"
+            in rows["otcfm, EMA"])
+    assert f"| {gap['loss_gap']:.4g} ± {gap['loss_gap_se']:.2g} |" in rows["otcfm, EMA"]
+    # The best FID of the same checkpoint: the latest dopri5 1e-5 record (3.622, not the superseded
+    # 1.23, nor the test-reference 5.722); the held-out local loss of the re-evaluated test split.
+    assert rows["otcfm, EMA"].endswith("| 3.62 | 0.45 ± 0.01 |")
+    assert rows["otcfm, raw net"].endswith("| - | - |")  # no FID nor locality of the raw net
+    assert rows["otcfm_local_1e0"].endswith("| - | 0.12 |")
+    assert results.generalization_table([REPO / "tests/data/runs/icfm"]) == ""
+
+
+def test_ratio_histograms_are_densities_and_gap_curves_follow_the_records():
+    runs = [REPO / "tests/data/runs/otcfm", REPO / "tests/data/runs/otcfm_local_1e0"]
+    histograms = results.ratio_histograms(runs)
+    assert [(c.run, c.series) for c in histograms] == [
+        (run, series) for run in ("otcfm, EMA", "otcfm, raw net", "otcfm_local_1e0")
+        for series in ("samples", "test images")]
+    records = {"otcfm, raw net": parse(runs[0] / "generalization.jsonl")[-1],
+               "otcfm_local_1e0": parse(runs[1] / "generalization.jsonl")[-1]}
+    for curve in histograms:
+        assert len(curve.x) == 50 and curve.x[0] == pytest.approx(0.01) and sum(curve.y) / 50 == pytest.approx(1)
+        if curve.run in records and curve.series == "samples":
+            counts = records[curve.run]["memorization"]["ratio_histogram"]
+            assert curve.y == pytest.approx([50 * c / sum(counts) for c in counts])
+    gaps = {c.run: c for c in results.gap_curves(runs)}
+    for run, record in records.items():
+        assert (gaps[run].x, gaps[run].y, gaps[run].error) == (
+            record["loss_gap"]["times"], record["loss_gap"]["gap"], record["loss_gap"]["gap_se"])
 
 
 # ------------------------------------------------------------------------ what the figures show
@@ -138,7 +183,7 @@ def drawn(tmp_path, monkeypatch):
             plot_results.main(["plot_results.py", *map(str, RUNS)])
     finally:
         flags.FLAGS.unparse_flags()
-    assert set(figures) == {"training_curves.png", "fid_vs_nfe.png"}
+    assert set(figures) == {"training_curves.png", "fid_vs_nfe.png", "generalization.png"}
     return figures
 
 

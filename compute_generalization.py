@@ -1,0 +1,251 @@
+"""Checkpoint -> does it copy training images, and does it fit them better than unseen ones? (see generalization.py)
+
+    python compute_generalization.py --model=otcfm --step=400000
+    python compute_generalization.py --checkpoint=results/otcfm_local_1e0/otcfm_cifar10_local_1e0_weights_step_400000.pt
+    python compute_generalization.py --pretrained=otcfm --samples=samples.npz    # compute_fid.py --save_samples
+    python compute_generalization.py --checkpoint=... --quick                     # about a minute on a CPU, tiny UNet
+    torchrun --standalone --nproc_per_node=8 compute_generalization.py --pretrained=icfm
+
+Sections of one record (each a dict under its name):
+    memorization       --num_gen samples (generated as compute_fid.py generates them, same --seed, same
+                       solver flags; or the images of --samples), each searched exactly for its two
+                       nearest training images, flips included: the fraction memorized (d1 < d2 / 3),
+                       ratio quantiles, mean nearest distance; a PNG grid of the most memorized (--grid)
+    memorization_test  the same numbers for the first --num_test test images: the real-data baseline
+    loss_gap           loss_fm on --loss_images training images and as many test images at --num_times
+                       times with the same noise, on the checkpoint's own path: per time and overall
+                       (train, test, gap = test - train), with standard errors over batches
+
+The record starts with the head of fid.jsonl and locality.jsonl (checkpoint, step, model, use_ema;
+eval_checkpoint.record_head) and is appended to `generalization.jsonl` beside the checkpoint. The same
+--seed gives every checkpoint the same sample noise, training subset, loss noise and times, so
+records pair by seed. Under torchrun the samples, searches and loss batches are split across ranks by
+whole batches (batch k on rank k mod W) and gathered in order: the numbers are one process's; rank 0
+writes. The checkpoint flags are eval_checkpoint.py's, shared with compute_fid.py and compute_locality.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from absl import app, flags
+
+import eval_checkpoint
+import generalization
+import results
+import utils_cifar
+from distributed import World, init_world, main_first
+from flow_matching import FlowMatcher
+from sampling import SOLVERS, SolverSetting, gather_batches, generate_samples
+
+FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(eval_checkpoint)  # listed by --helpshort with this script's own
+
+flags.DEFINE_integer("num_gen", 10000, "Generated samples to search (ignored with --samples).", lower_bound=1)
+flags.DEFINE_integer("batch_size_fid", 1024, "Samples per ODE solve (as compute_fid.py), and queries per "
+                     "nearest-neighbour search.", lower_bound=1)
+flags.DEFINE_enum("integration_method", "dopri5", SOLVERS, "ODE solver of the samples.")
+flags.DEFINE_integer("integration_steps", 100, "Steps of the fixed-step solvers.", lower_bound=1)
+flags.DEFINE_float("tol", 1e-5, "atol = rtol of dopri5.", lower_bound=1e-12)
+flags.DEFINE_integer("seed", 0, "Seed of the sample noise (as compute_fid.py's), the training subset, and the loss "
+                     "gap's noise and draws: the same seed scores every checkpoint on the same numbers.", lower_bound=0)
+flags.DEFINE_string("samples", None, "Search the images of this .npz (compute_fid.py --save_samples: uint8 NHWC under "
+                    "'arr_0') instead of generating --num_gen.")
+flags.DEFINE_integer("num_test", 10000, "Test images searched as the real-data baseline (the first of the split).",
+                     lower_bound=1)
+flags.DEFINE_integer("search_chunk", 10000, "Training images per distance block of the search (memory: 24 bytes x "
+                     "queries x this).", lower_bound=1)
+flags.DEFINE_string("grid", None, "PNG of the most memorized samples over their nearest and second-nearest training "
+                    "images (default: {checkpoint name}_memorized.png beside the checkpoint).")
+flags.DEFINE_integer("grid_size", 16, "Samples in the grid (its columns).", lower_bound=1)
+flags.DEFINE_integer("loss_images", 10000, "Training images (a seeded subset) and test images of the loss gap; whole "
+                     "--batch_size batches of them are used.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 128, "Images per loss batch (otcfm pairs noise and images within a batch, as in "
+                     "training).", lower_bound=1)
+flags.DEFINE_integer("num_times", 10, "Times of the loss gap: (k + 1/2) / num_times, k = 0 .. num_times - 1.",
+                     lower_bound=1)
+flags.DEFINE_bool("quick", False, "A small size that runs in about a minute on a CPU with a tiny UNet: the values of "
+                  "QUICK for every flag of it not given.")
+flags.DEFINE_bool("quiet", False, "No progress bars.")
+
+RESULTS_FILE = "generalization.jsonl"
+# --quick: fewer samples, test images and loss images, and 10 Euler steps instead of dopri5.
+QUICK = {"num_gen": 64, "num_test": 64, "loss_images": 64, "batch_size": 16, "num_times": 5,
+         "integration_method": "euler", "integration_steps": 10}
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What the sections share, loaded once: the net and its path, both splits (uint8 [N, 3, 32, 32],
+    CPU), the search over the training images and their mirrors (on the device), the world."""
+
+    net: torch.nn.Module
+    matcher: FlowMatcher
+    train: torch.Tensor
+    test: torch.Tensor
+    search: generalization.FlipNeighbours
+    world: World
+    grid: Path
+    samples: torch.Tensor | None  # --samples (uint8 NCHW), else None: generated
+
+
+def apply_quick() -> None:
+    """--quick: QUICK's value for each of its flags the command line does not set."""
+    if FLAGS.quick:
+        for name, value in QUICK.items():
+            if not FLAGS[name].present:
+                FLAGS[name].value = value
+
+
+def read_samples(path: str) -> torch.Tensor:
+    """The images of a compute_fid.py samples file: uint8 NHWC [N, 32, 32, 3] under 'arr_0' -> NCHW.
+    A missing or foreign file is a UserError."""
+    try:
+        with np.load(path) as npz:
+            images = npz["arr_0"]
+    except (OSError, ValueError, KeyError) as err:
+        raise utils_cifar.UserError(f"cannot read --samples={path} ({type(err).__name__}: {err}): pass a .npz "
+                                    f"written by compute_fid.py --save_samples.") from err
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(images) < 1:
+        raise utils_cifar.UserError(f"--samples={path} holds {images.dtype} {images.shape} under 'arr_0', not uint8 "
+                                    f"images [N, 32, 32, 3] as compute_fid.py --save_samples writes.")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def check_sizes(train: torch.Tensor, test: torch.Tensor) -> None:
+    """UserError for counts the splits cannot serve (before any sampling)."""
+    if FLAGS.num_test > len(test):
+        raise utils_cifar.UserError(f"--num_test={FLAGS.num_test} but the test split holds {len(test)} images: "
+                                    f"pass at most {len(test)}.")
+    most = min(len(train), len(test))
+    if not FLAGS.batch_size <= FLAGS.loss_images <= most:
+        raise utils_cifar.UserError(f"--loss_images={FLAGS.loss_images} must lie between --batch_size="
+                                    f"{FLAGS.batch_size} and the {most} images both splits hold.")
+
+
+def prepare() -> tuple[Path, dict, Path, Evaluation]:
+    """Flags, checkpoint, results folder, grid path, data and samples file, checked before any heavy
+    work (each a UserError); returns (checkpoint path, checkpoint, results file, Evaluation)."""
+    apply_quick()
+    eval_checkpoint.check_flags()
+    samples = read_samples(FLAGS.samples) if FLAGS.samples else None
+    world = init_world(FLAGS.device)
+    with main_first(world):  # rank 0 downloads weights and CIFAR-10; the others find them
+        path, ckpt, net = eval_checkpoint.load(world.device, progress=not FLAGS.quiet)
+        matcher = eval_checkpoint.checkpoint_path_matcher(ckpt)
+        results_path = eval_checkpoint.results_file(path, RESULTS_FILE)
+        grid = Path(FLAGS.grid) if FLAGS.grid else path.parent / f"{path.stem}_memorized.png"
+        utils_cifar.ensure_writable(grid, "--grid")
+        train, _ = utils_cifar.load_cifar10(FLAGS.data_dir, train=True)
+        test, _ = utils_cifar.load_cifar10(FLAGS.data_dir, train=False)
+    check_sizes(train, test)
+    search = generalization.FlipNeighbours(train, world.device, FLAGS.search_chunk)
+    return path, ckpt, results_path, Evaluation(net, matcher, train, test, search, world, grid, samples)
+
+
+def memorization(ev: Evaluation) -> dict | None:
+    """Generated samples (or --samples) -> their neighbours' numbers; the grid of the most memorized."""
+    progress = not FLAGS.quiet
+    if ev.samples is not None:
+        samples, found = ev.samples, ev.search.search_across_ranks(ev.samples, FLAGS.batch_size_fid, ev.world, progress)
+        source = {"samples": FLAGS.samples}
+    else:
+        setting = SolverSetting(FLAGS.integration_method, FLAGS.integration_steps, FLAGS.tol)
+        found = []  # this rank's batches, searched on the device as they are sampled
+
+        def search(images: torch.Tensor) -> None:
+            found.append(ev.search.search(images))
+
+        samples, mean_nfe = generate_samples(ev.net, FLAGS.num_gen, FLAGS.batch_size_fid, **dataclasses.asdict(setting),
+                                             seed=FLAGS.seed, on_batch=search, world=ev.world, progress=progress)
+        found = gather_batches(found, ev.world)
+        found = None if found is None else generalization.Neighbours.cat(found)
+        source = {"samples": "generated", **setting.describe(), "mean_nfe": mean_nfe,
+                  "batch_size_fid": FLAGS.batch_size_fid}
+    if not ev.world.is_main:
+        return None
+    grid = generalization.most_memorized_grid(samples, found, ev.train, min(FLAGS.grid_size, len(samples)))
+    write_grid(ev.grid, grid, nrow=len(grid) // 3)
+    return {**source, **generalization.memorization_summary(found), "grid": str(ev.grid)}
+
+
+def memorization_test(ev: Evaluation) -> dict | None:
+    """The first --num_test test images: what real unseen images score (they copy nothing the net saw)."""
+    found = ev.search.search_across_ranks(ev.test[:FLAGS.num_test], FLAGS.batch_size_fid, ev.world, not FLAGS.quiet)
+    return None if found is None else generalization.memorization_summary(found)
+
+
+def loss_gap(ev: Evaluation) -> dict | None:
+    """loss_fm on the seeded training subset and the test images, per time and overall."""
+    train, test = generalization.loss_gap_images(ev.train, ev.test, FLAGS.loss_images, FLAGS.seed)
+    gap = generalization.loss_gap(ev.net, ev.matcher, train, test, generalization.loss_times(FLAGS.num_times),
+                                  FLAGS.batch_size, FLAGS.seed, ev.world, ev.world.device, progress=not FLAGS.quiet)
+    if gap is None:
+        return None
+    return {"images": gap.train.shape[0] * FLAGS.batch_size, "batch_size": FLAGS.batch_size, **gap.summary()}
+
+
+# The record's sections, in order: name -> section(evaluation) -> dict on rank 0, None elsewhere.
+SECTIONS: dict[str, Callable[[Evaluation], dict | None]] = {
+    "memorization": memorization,
+    "memorization_test": memorization_test,
+    "loss_gap": loss_gap,
+}
+
+
+def write_grid(path: Path, images: torch.Tensor, nrow: int) -> None:
+    """uint8 images -> a PNG grid of `nrow` columns, written atomically."""
+    from torchvision.utils import save_image
+
+    with utils_cifar.writing(path):
+        utils_cifar.atomic_write(path, lambda f: save_image(images.float() / 255, f, nrow=nrow, format="png"))
+
+
+def summary(record: dict) -> str:
+    """One line: the headline numbers of each section."""
+    mem, test, gap = record["memorization"], record["memorization_test"], record["loss_gap"]
+    return (f"memorized {results.format_memorized(mem)} of {mem['num']} samples (test images: "
+            f"{results.format_memorized(test)}), median ratio "
+            f"{mem['ratio_quantiles']['0.5']:.3f} (test {test['ratio_quantiles']['0.5']:.3f}), nearest distance "
+            f"{mem['nearest_distance']:.2f} (test {test['nearest_distance']:.2f}); loss_fm train "
+            f"{results.format_mean_error(gap['loss_train'], gap['loss_train_se'])}, test "
+            f"{results.format_mean_error(gap['loss_test'], gap['loss_test_se'])}, gap "
+            f"{results.format_mean_error(gap['loss_gap'], gap['loss_gap_se'])} (seed {record['seed']}, "
+            f"{record['seconds']:.0f} s)")
+
+
+def evaluate() -> None:
+    """Score the checkpoint on every section and append its record (rank 0)."""
+    path, ckpt, results_path, ev = prepare()
+    start = time.perf_counter()
+    sections = {}
+    for name, section in SECTIONS.items():
+        begun = time.perf_counter()
+        sections[name] = section(ev)
+        if sections[name] is not None:
+            sections[name]["seconds"] = round(time.perf_counter() - begun, 2)
+    if not ev.world.is_main:
+        return
+    record = {**eval_checkpoint.record_head(path, ckpt, ev.matcher), "seed": FLAGS.seed, "world_size": ev.world.size,
+              **sections, "seconds": round(time.perf_counter() - start, 2),
+              "provenance": utils_cifar.provenance(ev.world.device)}
+    utils_cifar.append_jsonl(results_path, record)
+    print(f"{summary(record)}; grid {ev.grid}; appended to {results_path}")
+
+
+def main(argv):
+    del argv
+    try:
+        evaluate()
+    except utils_cifar.UserError as err:  # flags, checkpoint, weights, results folder, data, samples file, device
+        sys.exit(f"compute_generalization.py: {err}")
+
+
+if __name__ == "__main__":
+    app.run(main)
