@@ -38,11 +38,13 @@ from absl import app, flags
 
 import eval_checkpoint
 import generalization
+import memorizing_field
 import results
 import utils_cifar
 from distributed import World, init_world, main_first
 from flow_matching import FlowMatcher
-from sampling import SOLVERS, SolverSetting, gather_batches, generate_samples
+from utils_cifar import to_uint8
+from sampling import SOLVERS, SolverSetting, gather_batches, generate_samples, noise
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(eval_checkpoint)  # listed by --helpshort with this script's own
@@ -70,6 +72,19 @@ flags.DEFINE_integer("batch_size", 128, "Images per loss batch (otcfm pairs nois
                      "training).", lower_bound=1)
 flags.DEFINE_integer("num_times", 10, "Times of the loss gap: (k + 1/2) / num_times, k = 0 .. num_times - 1.",
                      lower_bound=1)
+flags.DEFINE_bool("field", True, "Measure the distance to the memorizing field v* (memorizing_field.py) and the "
+                  "v*-driven sampler.")
+flags.DEFINE_integer("field_points", 1000, "Points per time on each set (test-image paths, the net's own "
+                     "trajectories) where the net is compared with v*.", lower_bound=1)
+flags.DEFINE_integer("field_times", 10, "Times of the distance to v*: (k + 1/2) / field_times (as the loss gap's).",
+                     lower_bound=1)
+flags.DEFINE_integer("field_steps", 100, "Euler steps over [0, 1] of the net's trajectories and of the v*-driven "
+                     "sampler.", lower_bound=1)
+flags.DEFINE_integer("field_samples", 1000, "Samples of the v*-driven sampler (0: skip it).", lower_bound=0)
+flags.DEFINE_float("field_delta", 1e-3, "The v*-driven sampler stops at t = 1 - field_delta (v* is undefined at 1).",
+                   lower_bound=1e-6, upper_bound=0.5)
+flags.DEFINE_integer("field_chunk", 4096, "Training images per chunk of the v* sums.", lower_bound=1)
+flags.DEFINE_enum("field_dtype", "float64", ["float64", "float32"], "dtype of the v* sums (float32 runs with TF32 off).")
 flags.DEFINE_bool("quick", False, "A small size that runs in about a minute on a CPU with a tiny UNet: the values of "
                   "QUICK for every flag of it not given.")
 flags.DEFINE_bool("quiet", False, "No progress bars.")
@@ -77,7 +92,8 @@ flags.DEFINE_bool("quiet", False, "No progress bars.")
 RESULTS_FILE = "generalization.jsonl"
 # --quick: fewer samples, test images and loss images, and 10 Euler steps instead of dopri5.
 QUICK = {"num_gen": 64, "num_test": 64, "loss_images": 64, "batch_size": 16, "num_times": 5,
-         "integration_method": "euler", "integration_steps": 10}
+         "integration_method": "euler", "integration_steps": 10,
+         "field_points": 16, "field_times": 3, "field_steps": 10, "field_samples": 16}
 
 
 @dataclasses.dataclass
@@ -191,11 +207,41 @@ def loss_gap(ev: Evaluation) -> dict | None:
     return {"images": gap.train.shape[0] * FLAGS.batch_size, "batch_size": FLAGS.batch_size, **gap.summary()}
 
 
+def memorizing_field_section(ev: Evaluation) -> dict | None:
+    """How far the net is from the memorizing field v* (the exact minimizer of its loss over the
+    training images and their mirrors) along t, on the test images' paths and on the net's own
+    trajectories; and how many of the v*-driven sampler's samples the memorization criterion counts."""
+    if not FLAGS.field:
+        return None
+    dtype = torch.float64 if FLAGS.field_dtype == "float64" else torch.float32
+    field = memorizing_field.MemorizingField(ev.train, ev.matcher, ev.world, ev.world.device, FLAGS.field_chunk, dtype)
+    times = generalization.loss_times(FLAGS.field_times).tolist()
+    num = min(FLAGS.field_points, len(ev.test))
+    on_sets = {
+        "test_paths": memorizing_field.path_points(ev.matcher, ev.test[:num], times, FLAGS.seed),
+        "trajectories": memorizing_field.model_trajectory_points(
+            ev.net, num, times, FLAGS.batch_size_fid, "euler", FLAGS.field_steps, FLAGS.seed, ev.world),
+    }
+    out = {**field.describe(), "times": times, "points": num}
+    for name, points in on_sets.items():
+        distance = memorizing_field.field_distance(ev.net, field, points, times, FLAGS.batch_size)
+        out[name] = {"distance": distance.per_time, "overall": distance.overall}
+    if FLAGS.field_samples:  # every rank integrates the same noise (v* sums over every rank's images)
+        x0 = noise(FLAGS.field_samples, seed=FLAGS.seed)
+        samples = memorizing_field.memorizing_samples(field, x0, FLAGS.field_delta, "euler", FLAGS.field_steps)
+        found = ev.search.search(to_uint8(samples.float()).cpu()) if ev.world.is_main else None
+        out["sampler"] = None if found is None else {
+            "num": FLAGS.field_samples, "steps": FLAGS.field_steps, "delta": FLAGS.field_delta,
+            **generalization.memorization_summary(found)}
+    return out if ev.world.is_main else None
+
+
 # The record's sections, in order: name -> section(evaluation) -> dict on rank 0, None elsewhere.
 SECTIONS: dict[str, Callable[[Evaluation], dict | None]] = {
     "memorization": memorization,
     "memorization_test": memorization_test,
     "loss_gap": loss_gap,
+    "memorizing_field": memorizing_field_section,
 }
 
 
@@ -216,8 +262,20 @@ def summary(record: dict) -> str:
             f"{mem['nearest_distance']:.2f} (test {test['nearest_distance']:.2f}); loss_fm train "
             f"{results.format_mean_error(gap['loss_train'], gap['loss_train_se'])}, test "
             f"{results.format_mean_error(gap['loss_test'], gap['loss_test_se'])}, gap "
-            f"{results.format_mean_error(gap['loss_gap'], gap['loss_gap_se'])} (seed {record['seed']}, "
-            f"{record['seconds']:.0f} s)")
+            f"{results.format_mean_error(gap['loss_gap'], gap['loss_gap_se'])}{field_summary(record)} (seed "
+            f"{record['seed']}, {record['seconds']:.0f} s)")
+
+
+def field_summary(record: dict) -> str:
+    """"; distance to v* ..." for the summary line ("" when it was not measured)."""
+    field = record.get("memorizing_field")
+    if field is None:
+        return ""
+    sampler = field.get("sampler")
+    memorized = f"; v* sampler memorized {results.format_memorized(sampler)}" if sampler else ""
+    reference = "" if field["vstar_is_minimizer"] else f" (the {field['vstar_model']} v*: a reference, not the minimizer)"
+    return (f"; distance to v*{reference} {field['test_paths']['overall']:.3f} on test paths, "
+            f"{field['trajectories']['overall']:.3f} on its trajectories{memorized}")
 
 
 def evaluate() -> None:

@@ -31,7 +31,7 @@ combined with two all-reduces: every rank must call the field with the same poin
 Usage::
 
     field = MemorizingField(train_images, make_matcher("icfm"), world=world, device=device)
-    times = DEFAULT_TIMES
+    times = generalization.loss_times(10).tolist()        # 0.05, 0.15, ..., 0.95
     on_test = field_distance(net, field, path_points(field.matcher, test_x1, times, seed=0), times)
     on_model = field_distance(net, field, model_trajectory_points(net, 1000, times, world=world), times)
     print(on_test.per_time, on_model.overall)                  # E|v_net - v*|^2 / E|v*|^2
@@ -45,18 +45,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from distributed import World, broadcast_from_main
 from flow_matching import FlowMatcher
-from sampling import Field, _solve_batches, gather_batches, integrate
+from sampling import Field, gather_batches, integrate, solve_batches
 from utils_cifar import to_model_range
-
-# The evaluation times: 10 from 0.05 to 0.95 (away from t = 1, where v* of a sigma = 0 path diverges).
-DEFAULT_TIMES = tuple(float(t) for t in np.linspace(0.05, 0.95, 10))
 
 
 @dataclass(frozen=True)
@@ -265,7 +261,7 @@ def model_trajectory_points(net: torch.nn.Module, num: int, times: Sequence[floa
     field needs the same points on every rank).
     """
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
-    solves = _solve_batches(net, lambda f, x0: (trajectory_points(f, x0, times, method, steps).cpu(), steps),
+    solves = solve_batches(net, lambda f, x0: (trajectory_points(f, x0, times, method, steps).cpu(), steps),
                             num, batch_size, seed, rank, size)
     batches = gather_batches([points for points, _ in solves], world)
     if world is not None:

@@ -9,7 +9,10 @@ writes to --out:
     locality.md           held-out local and anchor losses per run (compute_locality.py; also printed)
     generalization.png    per run, the distribution of the nearest-neighbour ratio d1 / d2 (samples and
                           test images) and the train/test gap of loss_fm against t (compute_generalization.py)
-    generalization.md     memorization, loss gap, best FID and held-out local loss per run (also printed)
+    memorizing_field.png  per run, the distance of the net's field to the memorizing field v* against t,
+                          on its own trajectories and on test-image paths (compute_generalization.py)
+    generalization.md     memorization, loss gap, distance to v*, best FID and held-out local loss per run
+                          (also printed)
 A figure with nothing to draw is skipped, with a line saying so.
 """
 
@@ -111,6 +114,25 @@ def draw_generalization(curves: list[results.Curve], path: Path) -> None:
     plt.close(fig)
 
 
+def draw_memorizing_field(curves: list[results.Curve], path: Path) -> None:
+    """E|v_net - v*|^2 / E|v*|^2 against t, one colour per run: solid on the net's own trajectories,
+    dashed on test-image paths (0: the net is the memorizing field; 1: as far as the zero field)."""
+    import matplotlib.pyplot as plt
+
+    colour = colours(c.run for c in curves)
+    styles = dict(zip(results.FIELD_POINT_SETS.values(), ("-", "--")))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for curve in curves:
+        ax.plot(curve.x, curve.y, linestyle=styles[curve.series], marker="o", markersize=3, color=colour[curve.run],
+                label=f"{curve.run}: {curve.series}")
+    ax.set(xlabel="t", ylabel="E|v - v*|^2 / E|v*|^2", title="distance to the memorizing field")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=FLAGS.dpi)
+    plt.close(fig)
+
+
 def main(argv):
     if len(argv) < 2:
         raise app.UsageError("name at least one run folder: plot_results.py RUN_DIR... --out figures/")
@@ -127,7 +149,9 @@ def main(argv):
     generalization = results.ratio_histograms(run_dirs) + results.gap_curves(run_dirs)
     figures = [("training_curves.png", results.training_curves(run_dirs), draw_training_curves, "*metrics.jsonl"),
                ("fid_vs_nfe.png", results.fid_curves(run_dirs), draw_fid_vs_nfe, "fid.jsonl records"),
-               ("generalization.png", generalization, draw_generalization, "generalization.jsonl records")]
+               ("generalization.png", generalization, draw_generalization, "generalization.jsonl records"),
+               ("memorizing_field.png", results.field_distance_curves(run_dirs), draw_memorizing_field,
+                "distances to v* in generalization.jsonl")]
     for name, curves, draw, source in figures:
         if curves:
             draw(curves, out / name)

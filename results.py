@@ -269,6 +269,23 @@ def gap_curves(run_dirs: Sequence[Path]) -> list[Curve]:
     return curves
 
 
+# The point sets of compute_generalization.py's distance to v*, as the plot names them.
+FIELD_POINT_SETS = {"trajectories": "own trajectories", "test_paths": "test-image paths"}
+
+
+def field_distance_curves(run_dirs: Sequence[Path]) -> list[Curve]:
+    """E|v_net - v*|^2 / E|v*|^2 against t (the memorizing_field section): one curve per evaluation and
+    point set (series: FIELD_POINT_SETS' names)."""
+    curves = []
+    for evaluation in generalization_records(run_dirs):
+        section = evaluation.record.get("memorizing_field") or {}
+        for key, series in FIELD_POINT_SETS.items():
+            distance = (section.get(key) or {}).get("distance")
+            if section.get("times") and distance:
+                curves.append(Curve(evaluation.label, series, section["times"], distance))
+    return curves
+
+
 def _same_checkpoint(record: dict, other: dict) -> bool:
     """Two records of one run folder score the same weights: the same checkpoint file and use_ema."""
     return (Path(str(record.get("checkpoint"))).name == Path(str(other.get("checkpoint"))).name
@@ -309,11 +326,14 @@ def generalization_table(run_dirs: Sequence[Path]) -> str:
 
     Columns: memorized (% of samples with d_(1) < d_(2) / 3, ± binomial standard error), the median
     ratio and mean nearest distance, the same for the test images, loss_fm on train and test images
-    and their gap (test - train, mean over times, ± standard error)."""
+    and their gap (test - train, mean over times, ± standard error), the distance to the memorizing
+    field v* over all times on the net's own trajectories and on test-image paths, and the memorized
+    % of the v*-driven sampler's samples ('-' where not measured)."""
     rows = []
     for evaluation in generalization_records(run_dirs):
         r = evaluation.record
-        mem, test, gap = (r.get(name) or {} for name in ("memorization", "memorization_test", "loss_gap"))
+        mem, test, gap, vstar = (r.get(name) or {} for name in ("memorization", "memorization_test", "loss_gap",
+                                                                "memorizing_field"))
         generated = mem.get("samples") == "generated"
         source = mem.get("integration_method") if generated else Path(str(mem.get("samples"))).name
         fid = best_fid_of(evaluation.run_dir, r)
@@ -324,12 +344,14 @@ def generalization_table(run_dirs: Sequence[Path]) -> str:
                  _number(test.get("nearest_distance"), ".2f"),
                  *(format_mean_error(gap.get(name), gap.get(f"{name}_se"))
                    for name in ("loss_train", "loss_test", "loss_gap")),
+                 *(_number((vstar.get(key) or {}).get("overall")) for key in FIELD_POINT_SETS),
+                 format_memorized(vstar.get("sampler") or {}),
                  _number(fid, ".2f"), held_out_local_loss_of(evaluation.run_dir, r)]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     if not rows:
         return ""
     header = ["| run | checkpoint | step | weights | seed | samples | memorized | median ratio | nearest distance | "
               "test: memorized | test: median ratio | test: nearest distance | loss_fm train | loss_fm test | gap | "
-              "best FID | local_loss (test) |",
-              "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "to v*: own trajectories | to v*: test paths | v* sampler: memorized | best FID | local_loss (test) |",
+              "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     return "\n".join(header + rows) + "\n"

@@ -241,7 +241,7 @@ def _rank_of(world: World | None) -> tuple[int, int]:
     return (world.rank, world.size) if world is not None else (0, 1)
 
 
-def _solve_batches(
+def solve_batches(
     net: torch.nn.Module, solve: Callable, num: int, batch_size: int, seed: int, rank: int, world_size: int
 ) -> Iterator[tuple[Tensor, int]]:
     """Yield `solve(net, x0)` -> (out [b, ...], nfe) for each of this rank's batches (see batch_ranges).
@@ -299,7 +299,7 @@ def sample_batches(
     `world_size` ranks; this rank gets batches rank, rank + W, ... (see batch_ranges).
     """
     check_solver(method)
-    yield from _solve_batches(net, lambda f, x0: integrate(f, x0, method=method, steps=steps, tol=tol),
+    yield from solve_batches(net, lambda f, x0: integrate(f, x0, method=method, steps=steps, tol=tol),
                               num, batch_size, seed, rank, world_size)
 
 
@@ -379,7 +379,7 @@ def straightness(
     (the first `num` FID samples); split across ranks like ``generate_samples``. None off rank 0."""
     if steps < 1:
         raise ValueError(f"steps must be a positive number of Euler steps, got {steps}.")
-    solves = _solve_batches(net, lambda f, x0: (path_straightness(f, x0, steps), steps),
+    solves = solve_batches(net, lambda f, x0: (path_straightness(f, x0, steps), steps),
                             num, batch_size, seed, *_rank_of(world))
     values = [s.cpu() for s, _ in _progress(solves, num, batch_size, world, progress, "straightness", "path")]
     values = gather_batches(values, world)

@@ -17,16 +17,18 @@ from PIL import Image
 import generalization
 from flow_matching import make_matcher
 from sampling import generate_samples, noise
-from utils_cifar import read_jsonl, to_model_range, to_uint8
+from utils_cifar import load_cifar10, read_jsonl, to_model_range, to_uint8
 
 from conftest import TINY_UNET_CONFIG, random_unet, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2")
 # A tiny evaluation: 6 samples and 6 test images in search batches of 4 (two batches: one per rank
-# under torchrun), 8 loss images in batches of 4 at 3 times.
+# under torchrun), 8 loss images in batches of 4 at 3 times; the distance to v* on 3 points at 2 times,
+# 4 Euler steps, 3 samples of the v*-driven sampler, v* sums over chunks of 7 training images.
 TINY = ["--num_gen=6", "--batch_size_fid=4", "--integration_method=euler", "--integration_steps=2", "--num_test=6",
-        "--loss_images=8", "--batch_size=4", "--num_times=3", "--grid_size=3", "--search_chunk=7", "--seed=2"]
+        "--loss_images=8", "--batch_size=4", "--num_times=3", "--grid_size=3", "--search_chunk=7", "--seed=2",
+        "--field_points=3", "--field_times=2", "--field_steps=4", "--field_samples=3", "--field_chunk=7"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,8 +193,6 @@ def without_timing(record):
 def test_the_script_reports_the_library_numbers_and_the_grid(evaluated, fake_cifar):
     path, ema, record, proc = evaluated
     train = torch.from_numpy(fake_cifar[1])
-    from utils_cifar import load_cifar10
-
     test, _ = load_cifar10(fake_cifar[0], train=False)
     samples, mean_nfe = generate_samples(ema, 6, batch_size=4, method="euler", steps=2, seed=2)
     search = generalization.FlipNeighbours(train)
@@ -220,6 +220,35 @@ def test_the_script_reports_the_library_numbers_and_the_grid(evaluated, fake_cif
         row, column = divmod(tile, 3)
         assert torch.equal(pixels[:, 2 + 34 * row:34 * (row + 1), 2 + 34 * column:34 * (column + 1)], expected[tile])
     assert proc.stdout.strip().splitlines()[-1].endswith(f"appended to {path.parent / 'generalization.jsonl'}")
+
+
+def test_the_script_reports_the_library_distance_to_vstar_and_the_vstar_sampler(evaluated, fake_cifar):
+    """The memorizing_field section: the distance of the EMA net to v* (icfm, sigma 0.1: the
+    checkpoint's path) on 3 test-image paths and 3 of its own trajectories at the loss gap's times,
+    and the memorization numbers of 3 samples of the v*-driven sampler, as the library computes them."""
+    import memorizing_field
+
+    _, ema, record, proc = evaluated
+    train = torch.from_numpy(fake_cifar[1])
+    test, _ = load_cifar10(fake_cifar[0], train=False)
+    field = memorizing_field.MemorizingField(train, make_matcher("icfm", 0.1), chunk_size=7)
+    times = generalization.loss_times(2).tolist()
+    section = record["memorizing_field"]
+    assert {k: section[k] for k in ("vstar_model", "vstar_sigma", "vstar_is_minimizer", "times", "points")} == {
+        "vstar_model": "icfm", "vstar_sigma": 0.1, "vstar_is_minimizer": True, "times": times, "points": 3}
+    point_sets = {"test_paths": memorizing_field.path_points(field.matcher, test[:3], times, seed=2),
+                  "trajectories": memorizing_field.model_trajectory_points(ema, 3, times, 4, "euler", 4, seed=2)}
+    for name, points in point_sets.items():
+        distance = memorizing_field.field_distance(ema, field, points, times, batch_size=4)
+        assert section[name]["distance"] == pytest.approx(distance.per_time, rel=1e-9), name
+        assert section[name]["overall"] == pytest.approx(distance.overall, rel=1e-9), name
+    samples = memorizing_field.memorizing_samples(field, noise(3, seed=2), 1e-3, "euler", 4)
+    expected = generalization.memorization_summary(generalization.FlipNeighbours(train).search(to_uint8(samples.float())))
+    assert section["sampler"] == {"num": 3, "steps": 4, "delta": 1e-3, **expected}
+    # (With sigma 0.1 the sampler ends 0.1 from a training image per pixel, farther than the fake
+    # images lie from each other: none counts as memorized here; test_memorizing_field's sampler test
+    # checks that they land on training images.)
+    assert f"distance to v* {section['test_paths']['overall']:.3f} on test paths" in proc.stdout
 
 
 def test_the_record_head_is_that_of_the_other_evaluation_files(evaluated, fake_cifar, tmp_path):
@@ -257,7 +286,13 @@ def test_two_gloo_processes_equal_one(evaluated, fake_cifar, tmp_path):
     expected = without_timing(record)
     expected["checkpoint"] = str(copy)
     expected["memorization"]["grid"] = str(copy.parent / f"{copy.stem}_memorized.png")
+    # v* sums over each rank's half of the training set: the same up to float64 rounding.
+    field, expected_field = two.pop("memorizing_field"), expected.pop("memorizing_field")
     assert without_timing(two) == expected
+    for name in ("test_paths", "trajectories"):
+        assert field.pop(name)["distance"] == pytest.approx(expected_field.pop(name)["distance"], rel=1e-12)
+    del field["seconds"]
+    assert field == expected_field  # the sampler's samples, rounded to uint8, and their numbers
     grid = Path(record["memorization"]["grid"]).read_bytes()
     assert (copy.parent / f"{copy.stem}_memorized.png").read_bytes() == grid
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -183,7 +184,7 @@ def drawn(tmp_path, monkeypatch):
             plot_results.main(["plot_results.py", *map(str, RUNS)])
     finally:
         flags.FLAGS.unparse_flags()
-    assert set(figures) == {"training_curves.png", "fid_vs_nfe.png", "generalization.png"}
+    assert set(figures) == {"training_curves.png", "fid_vs_nfe.png", "generalization.png", "memorizing_field.png"}
     return figures
 
 
@@ -242,3 +243,70 @@ def test_fid_against_nfe_draws_each_evaluation_and_solver_as_recorded(drawn):
         run, solver = line.get_label().split(": ")
         assert line.get_color() == runs[run] and (line.get_linestyle(), line.get_marker()) == styles[solver]
     assert len(set(runs.values())) == len(runs) == 3 and len(set(styles.values())) == len(styles) > 1
+
+
+def assert_points(drawn_points, expected_points):
+    """The same (x, y) points, to float rounding."""
+    drawn_points, expected_points = np.asarray(drawn_points), np.asarray(expected_points)
+    assert drawn_points.shape == expected_points.shape and np.allclose(drawn_points, expected_points, rtol=1e-12, atol=0)
+
+
+def latest_generalization(run_dir, use_ema=True):
+    return [r for r in parse(run_dir / "generalization.jsonl") if r["use_ema"] == use_ema][-1]
+
+
+def test_generalization_figure_draws_the_histograms_and_gaps_as_recorded(drawn):
+    """Left: a step line per evaluation and series at the bin centres with the recorded counts as a
+    density, the 1/3 line, log density; right: the recorded gap and its errors against t."""
+    left, right = drawn["generalization.png"].axes
+    assert (left.get_xlabel(), left.get_yscale(), left.get_title()) == (
+        "d1 / d2 (nearest / second-nearest training image)", "log", "nearest-neighbour ratio")
+    otcfm, local = REPO / "tests/data/runs/otcfm", REPO / "tests/data/runs/otcfm_local_1e0"
+    record = latest_generalization(local)
+    counts = record["memorization"]["ratio_histogram"]
+    line, = [ln for ln in left.lines if ln.get_label() == "otcfm_local_1e0: samples"]
+    assert_points(line_points(line), [((i + 0.5) / 50, 50 * c / sum(counts)) for i, c in enumerate(counts)])
+    assert [ln.get_xdata()[0] for ln in left.lines if ln.get_label().startswith("1/3")] == [1 / 3]
+    assert {t.get_text() for t in left.get_legend().get_texts()} == {
+        "1/3: memorized below", *(f"{run}: {series}" for run in ("otcfm, EMA", "otcfm, raw net", "otcfm_local_1e0")
+                                  for series in ("samples", "test images"))}
+    assert (right.get_xlabel(), right.get_ylabel()) == ("t", "loss_fm(test) - loss_fm(train)")
+    gaps = {c.get_label(): c for c in right.containers}
+    gap = latest_generalization(otcfm)["loss_gap"]
+    drawn_line = gaps["otcfm, EMA"].lines[0]
+    assert_points(line_points(drawn_line), list(zip(gap["times"], gap["gap"])))
+    segments = gaps["otcfm, EMA"].lines[2][0].get_segments()  # the error bars: gap ± se at each t
+    assert_points([(s[0][1], s[1][1]) for s in segments], [(g - e, g + e) for g, e in zip(gap["gap"], gap["gap_se"])])
+
+
+def test_memorizing_field_figure_draws_each_runs_distance_to_vstar_as_recorded(drawn):
+    """A line per evaluation and point set through the recorded (t, distance); a colour per run, solid
+    on the net's own trajectories and dashed on test-image paths; evaluations without the section
+    draw nothing."""
+    ax, = drawn["memorizing_field.png"].axes
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == (
+        "t", "E|v - v*|^2 / E|v*|^2", "distance to the memorizing field")
+    expected = {}
+    for run_dir, label in ((REPO / "tests/data/runs/otcfm", "otcfm, EMA"),
+                           (REPO / "tests/data/runs/otcfm_local_1e0", "otcfm_local_1e0")):
+        section = latest_generalization(run_dir)["memorizing_field"]
+        for key, series in (("trajectories", "own trajectories"), ("test_paths", "test-image paths")):
+            expected[f"{label}: {series}"] = list(zip(section["times"], section[key]["distance"]))
+    drawn_lines = {line.get_label(): line_points(line) for line in ax.lines}
+    assert set(drawn_lines) == set(expected)
+    for label, points in expected.items():
+        assert_points(drawn_lines[label], points)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [line.get_label() for line in ax.lines]
+    for line in ax.lines:
+        run, series = line.get_label().split(": ")
+        assert line.get_linestyle() == ("-" if series == "own trajectories" else "--")
+    colours = {line.get_label().split(": ")[0]: line.get_color() for line in ax.lines}
+    assert len(set(colours.values())) == 2
+
+
+def test_field_distance_columns_of_the_generalization_table():
+    rows = {row.split(" | ")[0].lstrip("| "): row for row in results.generalization_table(RUNS).splitlines()[2:]}
+    section = latest_generalization(REPO / "tests/data/runs/otcfm")["memorizing_field"]
+    assert (f"| {section['trajectories']['overall']:.3f} | {section['test_paths']['overall']:.3f} | "
+            f"{results.format_memorized(section['sampler'])} | 3.62 |") in rows["otcfm, EMA"]
+    assert "| - | - | - | - | - |" in rows["otcfm, raw net"]  # no distance, sampler, FID or locality
