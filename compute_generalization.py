@@ -273,7 +273,8 @@ def field_summary(record: dict) -> str:
         return ""
     sampler = field.get("sampler")
     memorized = f"; v* sampler memorized {results.format_memorized(sampler)}" if sampler else ""
-    reference = "" if field["vstar_is_minimizer"] else f" (the {field['vstar_model']} v*: a reference, not the minimizer)"
+    reference = ("" if field["vstar_is_minimizer"] else
+                 f" (icfm's v*, a reference: {field['vstar_model']} couples noise and data, so it is not the minimizer)")
     return (f"; distance to v*{reference} {field['test_paths']['overall']:.3f} on test paths, "
             f"{field['trajectories']['overall']:.3f} on its trajectories{memorized}")
 
