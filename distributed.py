@@ -230,7 +230,8 @@ def wait_for_main(world: World, what: str) -> None:
         return
     missing = _check_in(world, world.side.long_wait, world.timeout)
     if missing == [0]:
-        raise PeerLost(f"rank 0 stopped answering: it did not finish {what} within {_seconds(LONG_WAIT)}")
+        raise PeerLost(f"rank 0 stopped answering before it finished {what} (it exited, its own message says why, "
+                       f"or ran past {_seconds(LONG_WAIT)})")
     if missing:
         raise PeerLost(f"{_ranks(missing)} stopped answering: rank 0 finished {what} and waited "
                        f"--collective_timeout={_seconds(world.timeout)} for it")
