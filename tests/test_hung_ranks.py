@@ -221,12 +221,13 @@ def test_sigterm_during_the_grids_of_a_save_step_keeps_its_checkpoint_and_exits_
                                      "--grid_steps=100000", "--monitor_local=False"))
     checkpoint = run_dir / f"{PREFIX}_weights_step_2.pt"
     deadline = time.monotonic() + 120  # a tiny run reaches step 2 within seconds
-    while not checkpoint.is_file():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    stopped = time.monotonic()
     try:
+        while not checkpoint.is_file():
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no step-2 checkpoint after 120 s: drawn after the grids?"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
         stdout, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
