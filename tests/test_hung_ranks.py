@@ -114,7 +114,7 @@ try:
     with distributed.peers_watched(world, lambda: "nothing written"):
         distributed.mean_over_ranks(torch.ones(1), world)
 except distributed.PeerLost as err:
-    print(f"rank {{world.rank}}: {{err}}", flush=True)
+    os.write(1, f"rank {{world.rank}}: {{err}}\\n".encode())  # one write: the ranks share stdout
     sys.exit(1)
 """
 
@@ -142,6 +142,55 @@ def test_every_rank_that_answers_names_the_stopped_one_in_the_same_sentence(tmp_
     assert len(set(said.values())) == 1, said
     assert next(iter(said.values())).startswith(f"rank {victim} stopped answering")
     assert next(iter(said.values())).endswith("; nothing written")
+
+
+SHARES = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch
+import distributed, sampling
+
+class Drift(torch.nn.Module):  # v(t, x) = a: a net with one parameter, on 3x2x2 images
+    config = {{"dim": (3, 2, 2)}}
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.5))
+    def forward(self, t, x):
+        return self.a.expand_as(x)
+
+def fail_on_rank_1(images):
+    if world.rank == 1:
+        raise RuntimeError("out of memory (stand-in)")
+
+world = distributed.init_world("cpu", collective_timeout=5)
+for case, kwargs in [("fails", dict(on_batch=fail_on_rank_1)), ("stopped", dict(stop=lambda: world.rank == 1)),
+                     ("fine", dict())]:
+    try:
+        images, _ = sampling.generate_samples(Drift(), 10, 4, "euler", 2, world=world, **kwargs)
+        said = "None" if images is None else tuple(images.shape)
+    except Exception as err:
+        said = f"{{type(err).__name__}}: {{err}}"
+    os.write(1, f"rank {{world.rank}} {{case}}: {{said}}\\n".encode())  # one write: the ranks share stdout
+"""
+
+
+def test_a_share_that_fails_or_is_stopped_on_one_rank_ends_the_split_job_on_every_rank(tmp_path):
+    """Rank 1's share raises, then a stop request cuts it short: both ranks raise the same error at
+    the gather instead of rank 0 waiting for its results; the job after it runs as usual."""
+    script = tmp_path / "shares.py"
+    script.write_text(SHARES.format(repo=str(REPO)))
+    launcher = torchrun(script, [])
+    try:
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, stderr[-3000:]
+    said = dict(line.split(": ", 1) for line in stdout.splitlines() if line.startswith("rank "))
+    failed = "ShareFailed: rank 1's share of sampling failed: RuntimeError: out of memory (stand-in)"
+    stopped = "SamplingStopped: a stop request cut rank 1's share of sampling short"
+    assert said == {"rank 0 fails": failed, "rank 1 fails": failed, "rank 0 stopped": stopped,
+                    "rank 1 stopped": stopped, "rank 0 fine": "(10, 3, 2, 2)", "rank 1 fine": "None"}
 
 
 # --------------------------------------------------------------------- FID split, slow save
