@@ -47,8 +47,13 @@ def wait_until_exited(pids, timeout):
         time.sleep(0.05)
 
 
-def end(launcher, pids):
-    """Cleanup: a stopped process needs SIGCONT to die of anything but SIGKILL; kill all that is left."""
+def end(launcher, pids=()):
+    """Cleanup: kill the launcher and its workers, if any is left (SIGCONT first: a stopped process
+    only dies of SIGKILL). A test that fails leaves no worker waiting for its peers."""
+    try:
+        pids = {*pids, *worker_pids(launcher.pid).values()}
+    except (FileNotFoundError, ProcessLookupError):  # the launcher is gone, and its workers with it
+        pass
     for pid in pids:
         for signum in (signal.SIGCONT, signal.SIGKILL):
             try:
@@ -184,7 +189,7 @@ def test_a_share_that_fails_or_is_stopped_on_one_rank_ends_the_split_job_on_ever
     try:
         stdout, stderr = launcher.communicate(timeout=120)
     finally:
-        launcher.kill()
+        end(launcher)
     assert launcher.returncode == 0, stderr[-3000:]
     said = dict(line.split(": ", 1) for line in stdout.splitlines() if line.startswith("rank "))
     failed = "ShareFailed: rank 1's share of sampling failed: RuntimeError: out of memory (stand-in)"
@@ -246,7 +251,10 @@ def test_every_rank_shares_the_training_fid_which_equals_one_process_and_a_slow_
                      "--integration_method=euler", "--integration_steps=2", f"--fid_inception_path={inception}",
                      f"--fid_stats_path={stats}")
     launcher = torchrun(runner, args)
-    _, stderr = launcher.communicate(timeout=300)
+    try:
+        _, stderr = launcher.communicate(timeout=300)
+    finally:
+        end(launcher)
     assert launcher.returncode == 0, stderr[-3000:]
     featurised = {rank: [int(n) for n in (tmp_path / f"featurised_rank{rank}").read_text().split()] for rank in (0, 1)}
     assert featurised == {0: [4, 2], 1: [4]}  # whole batches, rank 1 its own
