@@ -200,9 +200,10 @@ def peer_lost(world: World, err: BaseException) -> PeerLost:
             f"a collective failed ({type(err).__name__}) although every rank answered the roll call after it: a rank "
             f"was slower than --collective_timeout={_seconds(world.timeout)} (raise it)"
         )
+    it = "it" if len(missing) == 1 else "them"
     return PeerLost(
         f"{_ranks(missing)} stopped answering (a dead, hung or stopped process): a collective waited "
-        f"--collective_timeout={_seconds(world.timeout)} for it and the roll call after it {_seconds(world.roll_call_timeout)}"
+        f"--collective_timeout={_seconds(world.timeout)} for {it}, and the roll call that followed went unanswered"
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import distributed
 import fid
 import utils_cifar
 from conftest import stand_in_extractor
@@ -21,7 +22,7 @@ from test_reliability import PREFIX, start_script, tiny_args, wait_for_step, wor
 REPO = Path(__file__).resolve().parents[1]
 # Short, yet well above a tiny step on a busy 2-core machine (a false alarm would fail the tests).
 TIMEOUT_S = 6
-ROLL_CALL_S = min(TIMEOUT_S, 30)  # distributed.ROLL_CALL_CAP
+ROLL_CALL_S = min(TIMEOUT_S, distributed.ROLL_CALL_CAP.total_seconds())  # rank 0's wait at the roll call
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
 
@@ -203,6 +204,7 @@ def test_a_share_that_fails_or_is_stopped_on_one_rank_ends_the_split_job_on_ever
 RUNNER = """
 import os, sys, time
 sys.path[:0] = [{repo!r}, {tests!r}]
+import distributed
 import fid
 import utils_cifar
 from conftest import stand_in_extractor
