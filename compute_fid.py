@@ -19,7 +19,8 @@ The checkpoint flags (--checkpoint | --model/--input_dir/--step | --pretrained, 
 
 Under torchrun the samples are split across ranks by whole --batch_size_fid batches (batch k on rank
 k mod W; the noise is keyed by sample index), so the samples and the FID are those of one process
-with the same seed; rank 0 writes the results.
+with the same seed; rank 0 writes the results. The ranks wait for rank 0's downloads, and for each
+other's last batch, in a long-wait group of their own (see distributed.py).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main(argv):
     try:
         settings = check_flags()
         world = init_world(FLAGS.device)
-        with main_first(world):  # rank 0 downloads and caches weights and FID files; the others find them
+        with main_first(world, "loading the checkpoint and the FID files"):  # rank 0 downloads and caches; the others find them
             path, ckpt, net = eval_checkpoint.load(world.device, progress=not FLAGS.quiet)
             if FLAGS.fid:
                 results_path = eval_checkpoint.results_file(path, RESULTS_FILE)

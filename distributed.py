@@ -5,6 +5,20 @@ World-size invariance: every rank draws the whole global batch from streams shar
 (the same seed everywhere), so all ranks hold identical global tensors, and each rank trains on its
 own contiguous block of rows (`own_rows`). DDP averages the blocks' gradients, which is the
 gradient of the global mean loss: N processes train exactly what one process trains.
+
+Hung ranks. The training collectives (the main group, and the gloo group that agrees on stop
+signals) wait `--collective_timeout` (a few minutes) for a rank that stopped answering. When one
+fails that way, the ranks that still answer hold a roll call on a gloo group of its own
+(`roll_call`), so that every one of them exits with the same sentence naming the missing rank
+(`PeerLost`), on the CPU and the GPU alike. Where one rank works alone on purpose, the others wait
+for it in the long-wait group (`wait_for_main`, `wait_for_all`: up to `LONG_WAIT`), never in the
+training collectives:
+    - the CIFAR-10 download / extraction, the K-means clustering and its cluster grids, and the FID
+      files (download, or the reference statistics computed once): `main_first`, rank 0;
+    - the start of rank 0's logger (wandb), and the checkpoint and sample grids of a save step: rank 0;
+    - the last batch of a split sampling job (the FID): the ranks that finished wait for the rest.
+Everything else one rank does alone is short by design: a metrics line, the lock's heartbeat, the
+stop line. gloo groups live on the CPU, so no GPU stream is synchronised for any of this.
 """
 
 from __future__ import annotations
@@ -13,6 +27,8 @@ import contextlib
 import datetime
 import os
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,21 +37,50 @@ from torch import Tensor
 
 import utils_cifar
 
+# The training collectives' default: a step takes well under a second on a GPU, so a rank silent
+# for minutes is lost. `--collective_timeout` sets it; the evaluation scripts keep this default.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+# The longest one rank may work alone while the others wait (a CIFAR-10 download over a slow link,
+# the FID reference statistics computed from 50,000 images, the sample grids on a slow device).
+LONG_WAIT = datetime.timedelta(hours=1)
+# How long rank 0 waits for the others at a roll call. The ranks that still answer reach it within
+# about one step of each other: each gave up on the same collective (or on the next one).
+ROLL_CALL_CAP = datetime.timedelta(seconds=30)
+
+
+@dataclass
+class SideGroups:
+    """gloo groups on the CPU beside the training group, one per purpose: a gloo group is unusable
+    once one of its operations timed out, and its ranks other than 0 wait as long as the group's
+    timeout (a per-call timeout binds rank 0 only).
+
+    signals:   the stop-flag all-reduce after every step (timeout: the collective timeout T)
+    roll_call: who still answers once a collective failed (2 R: rank 0 calls it for R = min(T, 30 s))
+    long_wait: the others wait here while one rank works alone (`LONG_WAIT`)
+    verdicts:  rank 0 tells the ranks that answered which did not (`LONG_WAIT`)
+    """
+
+    signals: object
+    roll_call: object
+    long_wait: object
+    verdicts: object
+
 
 @dataclass
 class World:
     rank: int
     size: int
     device: torch.device
+    timeout: datetime.timedelta = datetime.timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S)
+    side: SideGroups | None = None  # made by init_world when size > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-
-# Rank 0 alone draws grids, writes checkpoints and computes FID while the other ranks wait in the
-# next collective: the default 10-minute watchdog would kill a run at its first FID.
-COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+    @property
+    def roll_call_timeout(self) -> datetime.timedelta:
+        return min(self.timeout, ROLL_CALL_CAP)
 
 
 def process_rank() -> int:
@@ -46,33 +91,174 @@ def process_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
-def init_world(device_flag: str) -> World:
-    """Join the torchrun process group if launched by torchrun; pick this rank's device."""
+def main_group_timeout(backend: str, timeout: datetime.timedelta) -> datetime.timedelta:
+    """The main group's timeout: T for gloo. NCCL's watchdog aborts a process whose collective ran
+    past the group's timeout without naming the rank that did not answer; it gets the roll call's
+    time and a minute on top, so that on a GPU (where a healthy rank's host thread runs ahead of the
+    device and waits in the gloo stop-flag all-reduce) the roll call speaks first."""
+    if backend != "nccl":
+        return timeout
+    return timeout + 2 * min(timeout, ROLL_CALL_CAP) + datetime.timedelta(minutes=1)
+
+
+def init_world(device_flag: str, collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> World:
+    """Join the torchrun process group if launched by torchrun; pick this rank's device.
+
+    `collective_timeout` (seconds) bounds how long a collective waits for a rank that stopped
+    answering: the main group's (see `main_group_timeout`) and the stop-signal group's timeout.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    timeout = datetime.timedelta(seconds=collective_timeout)
     device = utils_cifar.resolve_device(device_flag)
     if device.type == "cuda":
         if size > 1:  # one GPU per process, as torchrun lays them out
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    return World(rank=rank, size=size, device=device)
+    world = World(rank=rank, size=size, device=device, timeout=timeout)
+    if size > 1:
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=main_group_timeout(backend, timeout))
+        # new_group is collective: every rank makes the same groups in the same order.
+        world.side = SideGroups(
+            signals=dist.new_group(backend="gloo", timeout=timeout),
+            roll_call=dist.new_group(backend="gloo", timeout=2 * world.roll_call_timeout),
+            long_wait=dist.new_group(backend="gloo", timeout=LONG_WAIT),
+            verdicts=dist.new_group(backend="gloo", timeout=LONG_WAIT),
+        )
+    return world
 
 
-def barrier(world: World) -> None:
-    if world.size > 1:
-        dist.barrier()
+class PeerLost(utils_cifar.UserError):
+    """A collective failed because another rank stopped answering (it died, hung or was stopped),
+    or, when every rank still answers, because one was slower than the collective timeout. Every
+    rank that still answers raises it with the same sentence, and exits without writing."""
+
+
+def _seconds(delta: datetime.timedelta) -> str:
+    return f"{delta.total_seconds():g} s"
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def _check_in(world: World, group, main_waits: datetime.timedelta) -> list[int]:
+    """The ranks that did not check in with rank 0 within `main_waits` of its arrival: the same
+    sorted list on every rank that checked in ([0] on a rank whose rank 0 never took its check-in).
+
+    Every rank but 0 sends its number to rank 0 on `group`, waiting for rank 0 up to the group's
+    timeout, then receives rank 0's verdict. Rank 0 takes the numbers as they come (from any
+    source) until all are in or `main_waits` has passed. Its wait timing out leaves `group`
+    unusable (gloo), so the verdict goes out on a group of its own.
+    """
+    verdict = torch.zeros(world.size, dtype=torch.int32)  # 1 marks a missing rank
+    if not world.is_main:
+        try:
+            dist.send(torch.tensor([world.rank], dtype=torch.int32), dst=0, group=group)
+            dist.recv(verdict, src=0, group=world.side.verdicts)
+        except RuntimeError:  # rank 0 did not take the check-in in time, or closed the connection
+            return [0]
+        return verdict.nonzero().flatten().tolist()
+    deadline = time.monotonic() + main_waits.total_seconds()
+    present = set()
+    while len(present) < world.size - 1:
+        number = torch.zeros(1, dtype=torch.int32)
+        remaining = datetime.timedelta(seconds=max(deadline - time.monotonic(), 1e-3))
+        try:
+            dist.irecv(number, src=None, group=group).wait(timeout=remaining)
+        except RuntimeError:  # the deadline passed (or a peer's connection broke)
+            break
+        present.add(int(number))
+    missing = sorted(set(range(1, world.size)) - present)
+    verdict[missing] = 1
+    for rank in sorted(present):
+        dist.send(verdict, dst=rank, group=world.side.verdicts)
+    return missing
+
+
+def roll_call(world: World) -> list[int]:
+    """After a collective failed: the ranks that do not answer within the roll-call time, the same
+    list on every rank that answers ([] when every rank answers). Every rank whose collective
+    failed calls it; they get there within about a step of each other."""
+    return _check_in(world, world.side.roll_call, world.roll_call_timeout)
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed (timed out, or lost its connection to a peer):
+    NCCL and the c10d layer raise DistError subclasses; gloo raises plain RuntimeErrors that
+    name its transport."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err))
+
+
+def peer_lost(world: World, err: BaseException) -> PeerLost:
+    """The PeerLost a failed collective `err` amounts to, after a roll call names who is missing."""
+    missing = roll_call(world)
+    if not missing:
+        return PeerLost(
+            f"a collective failed ({type(err).__name__}) although every rank answered the roll call after it: a rank "
+            f"was slower than --collective_timeout={_seconds(world.timeout)} (raise it)"
+        )
+    it = "it" if len(missing) == 1 else "them"
+    return PeerLost(
+        f"{_ranks(missing)} stopped answering (a dead, hung or stopped process): a collective waited "
+        f"--collective_timeout={_seconds(world.timeout)} for {it}, and the roll call that followed went unanswered"
+    )
 
 
 @contextlib.contextmanager
-def main_first(world: World):
-    """Rank 0 runs the block first (downloads, caches); the other ranks then run it and find its files."""
+def peers_watched(world: World, epilogue: Callable[[], str] | None = None):
+    """Turn a collective that fails in the block into `PeerLost` naming the rank that stopped
+    answering (see `roll_call`); other errors pass through. `epilogue()`, if given, ends the
+    sentence of any PeerLost leaving the block (e.g. which checkpoint to resume from)."""
+    try:
+        yield
+    except Exception as err:
+        if world.size == 1 or not (isinstance(err, PeerLost) or is_collective_failure(err)):
+            raise
+        lost = err if isinstance(err, PeerLost) else peer_lost(world, err)
+        if epilogue is not None:
+            lost = PeerLost(f"{lost}; {epilogue()}")
+        raise lost from err
+
+
+def wait_for_main(world: World, what: str) -> None:
+    """Every rank calls it once rank 0 has done `what` alone (a download, a checkpoint): the others
+    wait for rank 0 up to `LONG_WAIT`, in the long-wait group; rank 0, which comes last, waits at
+    most the collective timeout for them. Raises PeerLost naming a rank that did not come."""
+    if world.size == 1:
+        return
+    missing = _check_in(world, world.side.long_wait, world.timeout)
+    if missing == [0]:
+        raise PeerLost(f"rank 0 stopped answering before it finished {what} (it exited, its own message says why, "
+                       f"or ran past {_seconds(LONG_WAIT)})")
+    if missing:
+        raise PeerLost(f"{_ranks(missing)} stopped answering: rank 0 finished {what} and waited "
+                       f"--collective_timeout={_seconds(world.timeout)} for it")
+
+
+def wait_for_all(world: World, what: str) -> None:
+    """The ranks that finished their share of `what` wait for the others (say, the one with the
+    last batch), up to `LONG_WAIT`, in the long-wait group. Raises PeerLost naming a rank that
+    did not come."""
+    if world.size == 1:
+        return
+    missing = _check_in(world, world.side.long_wait, LONG_WAIT)
+    if missing:
+        raise PeerLost(f"{_ranks(missing)} stopped answering: {'it' if len(missing) == 1 else 'they'} did not finish "
+                       f"{what} within {_seconds(LONG_WAIT)}")
+
+
+@contextlib.contextmanager
+def main_first(world: World, what: str):
+    """Rank 0 runs the block first (downloads, caches) while the others wait for it (see
+    `wait_for_main`); the others then run it and find its files."""
     if not world.is_main:
-        barrier(world)
+        wait_for_main(world, what)
     yield
     if world.is_main:
-        barrier(world)
+        wait_for_main(world, what)
 
 
 def gather_to_main(obj, world: World) -> list | None:
@@ -81,6 +267,15 @@ def gather_to_main(obj, world: World) -> list | None:
         return [obj]
     out = [None] * world.size if world.is_main else None
     dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def gather_everywhere(obj, world: World) -> list:
+    """Every rank's `obj` (picklable), as a list in rank order, on every rank."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -116,10 +311,6 @@ def own_rows(x: Tensor, global_batch: int, world: World) -> Tensor:
     return x.unflatten(0, (-1, world.size, global_batch // world.size))[:, world.rank].flatten(0, 1)
 
 
-class PeerLost(utils_cifar.UserError):
-    """Another rank stopped answering (it died): this rank exits without writing anything."""
-
-
 # A stop code above every signal number: rank 0 lost the run's lock (run_lock.LockLost).
 LOCK_LOST = 1000
 
@@ -132,8 +323,10 @@ class StopRequest:
     inside one, lets the loop write a consistent checkpoint. Under torchrun every rank must stop
     after the same step (a checkpoint needs every rank's state, and DDP's collectives would hang),
     but the signal may reach the ranks at different moments: `agreed()` takes the maximum of the
-    ranks' flags with an all-reduce of one CPU integer on a gloo side group, so the GPU stream is
-    never synchronised for it. A second SIGINT (an impatient Ctrl-C) exits at once, writing nothing.
+    ranks' flags with an all-reduce of one CPU integer on the gloo signals group, so the GPU stream
+    is never synchronised for it. Work that may be cut short (sample grids, FID) polls this
+    process's own flag, `requested()`. A second SIGINT (an impatient Ctrl-C) exits at once,
+    writing nothing.
     """
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
@@ -143,8 +336,6 @@ class StopRequest:
         self.signum = 0
         self._previous = {}
         self._flag = torch.zeros(1, dtype=torch.int32)
-        # A gloo group on top of NCCL: the flag lives on the CPU, so its all-reduce needs no GPU sync.
-        self._group = dist.new_group(backend="gloo") if world.size > 1 else None
 
     def __enter__(self) -> StopRequest:
         for signum in self.SIGNALS:
@@ -165,15 +356,17 @@ class StopRequest:
         """Ask every rank to stop after this step for a reason of the loop's own (e.g. LOCK_LOST)."""
         self.signum = max(self.signum, code)
 
+    def requested(self) -> bool:
+        """Whether this process received a stop signal (no communication: any rank may ask any time)."""
+        return self.signum != 0
+
     def agreed(self) -> int:
         """The signal every rank acts on after this step: 0 to go on, else the largest signal number
-        any rank received. Raises PeerLost when another rank has died. Every rank calls it every step."""
+        any rank received. Raises PeerLost when another rank stopped answering. Every rank calls it
+        every step."""
         if self.world.size == 1:
             return self.signum
         self._flag.fill_(self.signum)
-        try:
-            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
-        except Exception as err:  # gloo raises RuntimeError / DistBackendError when a peer is gone
-            raise PeerLost(f"another training process stopped answering ({type(err).__name__}): "
-                           f"this one exits without writing a checkpoint.") from err
+        with peers_watched(self.world):
+            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.world.side.signals)
         return int(self._flag.item())  # a CPU tensor: no device sync

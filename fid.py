@@ -338,19 +338,22 @@ class FIDScorer:
         keep_samples: bool = False,
         world: World | None = None,
         progress: bool = True,
+        stop: Callable[[], bool] | None = None,
     ) -> FIDResult | None:
         """Sample `num_gen` images from `net` (see sampling.py) and score them as they come.
 
         `progress` draws a bar over the samples on rank 0. Under torchrun (`world` of size > 1) each
         rank samples and featurises its own batches; rank 0 gathers the features in sample order
-        and returns the FID one process would get, the other ranks None.
+        and returns the FID one process would get, the other ranks None. `stop` cuts it short
+        (sampling.SamplingStopped, on every rank); a rank whose share fails makes every rank raise
+        sampling.ShareFailed.
         """
         start = time.perf_counter()
         features = []
         samples, mean_nfe = generate_samples(net, num_gen, batch_size, method, steps, tol, seed,
                                              on_batch=lambda images: features.append(self.features(images)),
-                                             keep=keep_samples, world=world, progress=progress)
-        features = gather_batches(features, world)
+                                             keep=keep_samples, world=world, progress=progress, stop=stop)
+        features = gather_batches(features, world)  # every share ended well (generate_samples): no wait here
         if features is None:
             return None
         fid = self.fid_of_features(np.concatenate(features))

@@ -24,7 +24,14 @@ batch, so images depend on the batch composition too (within the solver toleranc
 
 Under torchrun the samples are split by whole batches: batch k (samples kB .. kB + B - 1) runs on
 rank k mod W, so every batch, and with it every dopri5 solve, is the one a single process makes.
-Rank 0 gathers the results back into sample order (``gather_batches``).
+Rank 0 gathers the results back into sample order (``gather_shares``). The ranks that finish first
+wait for the others (the one with the last, partial batch) in the long-wait group
+(``distributed.wait_for_all``), never in the training collectives; a rank whose share raised tells
+the others there, so no rank waits for a share that never comes.
+
+A stop request (``stop``, e.g. a pre-emption signal during a training run's sample grids or FID)
+is checked before every evaluation of the net: it cuts a solve short within one evaluation
+(``SamplingStopped``).
 
 Straightness (Liu et al. 2022, "Flow straight and fast") measures how far the learned paths are from
 straight lines; see ``path_straightness``.
@@ -47,12 +54,21 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from distributed import World, gather_to_main, process_rank
+from distributed import World, gather_everywhere, gather_to_main, process_rank, wait_for_all
 from utils_cifar import UserError, to_uint8, writing
 
 SOLVERS = ("dopri5", "euler", "midpoint", "heun", "rk4")
 
 Field = Callable[[Tensor, Tensor], Tensor]
+
+
+class SamplingStopped(Exception):
+    """A stop request cut sampling short (this rank's, or under torchrun any rank's share of the job)."""
+
+
+class ShareFailed(RuntimeError):
+    """Under torchrun, a rank's share of a split sampling job raised: every rank raises this, naming
+    that rank and its error, so none waits for a share that never comes."""
 
 
 def check_solver(method: str) -> None:
@@ -210,11 +226,43 @@ def interleave(per_rank: Sequence[Sequence]) -> list:
 
 
 def gather_batches(batches: list, world: World | None) -> list | None:
-    """Every rank's per-batch results, in sample order (batch 0, 1, ...), on rank 0; None on the others."""
+    """Every rank's per-batch results, in sample order (batch 0, 1, ...), on rank 0; None on the
+    others. Every rank calls it when its share is done (see `gather_shares`)."""
     if world is None or world.size == 1:
         return batches
     gathered = gather_to_main(batches, world)
     return interleave(gathered) if gathered is not None else None
+
+
+_STOPPED = "stopped"  # what a rank whose share a stop request cut short reports to the others
+
+
+def gather_shares(share: Callable[[], list], world: World | None, what: str = "sampling") -> list | None:
+    """Run this rank's share of a split job (`share()` -> its per-batch results) and return every
+    rank's, in sample order, on rank 0 (None on the others). Alone: ``share()``.
+
+    The ranks that finish first wait for the others in the long-wait group (the last batch may be
+    partial, a device slower). Then the ranks exchange how their shares ended: if one raised, every
+    rank raises `SamplingStopped` (a stop request cut it short) or `ShareFailed` (naming the rank
+    and its error), instead of waiting for results that never come.
+    """
+    if world is None or world.size == 1:
+        return share()
+    try:
+        batches, failure = share(), None
+    except SamplingStopped:
+        batches, failure = [], _STOPPED
+    except Exception as err:  # noqa: BLE001 -- told to every rank below, raised there
+        batches, failure = [], f"{type(err).__name__}: {err}"
+    wait_for_all(world, what)
+    failures = gather_everywhere(failure, world)
+    failed = [(rank, f) for rank, f in enumerate(failures) if f not in (None, _STOPPED)]
+    if failed:
+        rank, message = failed[0]
+        raise ShareFailed(f"rank {rank}'s share of {what} failed: {message}")
+    if _STOPPED in failures:
+        raise SamplingStopped(f"a stop request cut rank {failures.index(_STOPPED)}'s share of {what} short")
+    return gather_batches(batches, world)
 
 
 @contextlib.contextmanager
@@ -241,24 +289,41 @@ def _rank_of(world: World | None) -> tuple[int, int]:
     return (world.rank, world.size) if world is not None else (0, 1)
 
 
-def solve_batches(
-    net: torch.nn.Module, solve: Callable, num: int, batch_size: int, seed: int, rank: int, world_size: int
-) -> Iterator[tuple[Tensor, int]]:
-    """Yield `solve(net, x0)` -> (out [b, ...], nfe) for each of this rank's batches (see batch_ranges).
+def _stoppable(net: torch.nn.Module, stop: Callable[[], bool] | None) -> Field:
+    """The field v(t, x) = net(t, x), raising SamplingStopped once `stop()` is true (checked before
+    every evaluation: a long solve ends within one evaluation of the request)."""
+    if stop is None:
+        return net
 
-    x0 is the batch's noise on the net's device. Each solve runs under ``torch.inference_mode()``
-    (no autograd records, no version counters) with the net in eval mode; its previous mode is
-    restored after every batch. The outputs are inference tensors: read them, do not train on them.
+    def field(t: Tensor, x: Tensor) -> Tensor:
+        if stop():
+            raise SamplingStopped("a stop request cut sampling short")
+        return net(t, x)
+
+    return field
+
+
+def solve_batches(
+    net: torch.nn.Module, solve: Callable, num: int, batch_size: int, seed: int, rank: int, world_size: int,
+    stop: Callable[[], bool] | None = None,
+) -> Iterator[tuple[Tensor, int]]:
+    """Yield `solve(field, x0)` -> (out [b, ...], nfe) for each of this rank's batches (see batch_ranges).
+
+    x0 is the batch's noise on the net's device; `field` is the net, checking `stop` first when
+    given (see `_stoppable`). Each solve runs under ``torch.inference_mode()`` (no autograd
+    records, no version counters) with the net in eval mode; its previous mode is restored after
+    every batch. The outputs are inference tensors: read them, do not train on them.
     """
     if num < 1 or batch_size < 1:
         raise ValueError(f"num ({num}) and batch_size ({batch_size}) must be positive.")
     shape, device = _sample_shape(net), _device_of(net)
+    field = _stoppable(net, stop)
     for indices in batch_ranges(num, batch_size, rank, world_size):
         x0 = noise(indices, shape, seed).to(device)
         # Entered per batch, never held across a yield: the caller's grad mode and the net's
         # train/eval mode are its own between batches, even if it stops iterating early.
         with _eval_mode(net), torch.inference_mode():
-            out = solve(net, x0)
+            out = solve(field, x0)
         yield out
 
 
@@ -292,15 +357,17 @@ def sample_batches(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[Tensor, int]]:
     """Yield (x1, nfe) batch by batch: x1 float [b, C, H, W] (about [-1, 1], unclipped) on the net's device.
 
     Batches hold `batch_size` samples (the last one the remainder), num in all over the
-    `world_size` ranks; this rank gets batches rank, rank + W, ... (see batch_ranges).
+    `world_size` ranks; this rank gets batches rank, rank + W, ... (see batch_ranges). Raises
+    SamplingStopped once `stop()` is true.
     """
     check_solver(method)
     yield from solve_batches(net, lambda f, x0: integrate(f, x0, method=method, steps=steps, tol=tol),
-                              num, batch_size, seed, rank, world_size)
+                              num, batch_size, seed, rank, world_size, stop)
 
 
 def generate_samples(
@@ -315,6 +382,7 @@ def generate_samples(
     keep: bool = True,
     world: World | None = None,
     progress: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[Tensor | None, float | None]:
     """Sample `num` images: uint8 NCHW [num, C, H, W] on the CPU (None if not `keep`), and the mean
     NFE per sample.
@@ -326,16 +394,21 @@ def generate_samples(
 
     Under torchrun (`world` of size W > 1) each rank samples its own batches (``on_batch`` sees only
     those) and rank 0 returns all `num` in sample order, exactly what one process returns; the
-    other ranks return (None, None).
+    other ranks return (None, None). `stop` cuts sampling short (SamplingStopped; under torchrun on
+    every rank, see `gather_shares`).
     """
-    batches = []  # (uint8 images on the CPU or None, nfe, batch length) per batch
-    solves = sample_batches(net, num, batch_size, method, steps, tol, seed, *_rank_of(world))
-    for x1, nfe in _progress(solves, num, batch_size, world, progress):
-        images = to_uint8(x1)
-        if on_batch is not None:
-            on_batch(images)
-        batches.append((images.cpu() if keep else None, nfe, len(x1)))
-    batches = gather_batches(batches, world)
+
+    def share() -> list:  # (uint8 images on the CPU or None, nfe, batch length) per batch of this rank
+        batches = []
+        solves = sample_batches(net, num, batch_size, method, steps, tol, seed, *_rank_of(world), stop=stop)
+        for x1, nfe in _progress(solves, num, batch_size, world, progress):
+            images = to_uint8(x1)
+            if on_batch is not None:
+                on_batch(images)
+            batches.append((images.cpu() if keep else None, nfe, len(x1)))
+        return batches
+
+    batches = gather_shares(share, world)
     if batches is None:
         return None, None
     mean_nfe = sum(nfe * length for _, nfe, length in batches) / num
@@ -379,10 +452,13 @@ def straightness(
     (the first `num` FID samples); split across ranks like ``generate_samples``. None off rank 0."""
     if steps < 1:
         raise ValueError(f"steps must be a positive number of Euler steps, got {steps}.")
-    solves = solve_batches(net, lambda f, x0: (path_straightness(f, x0, steps), steps),
-                            num, batch_size, seed, *_rank_of(world))
-    values = [s.cpu() for s, _ in _progress(solves, num, batch_size, world, progress, "straightness", "path")]
-    values = gather_batches(values, world)
+
+    def share() -> list:  # straightness [b] per batch of this rank
+        solves = solve_batches(net, lambda f, x0: (path_straightness(f, x0, steps), steps),
+                                num, batch_size, seed, *_rank_of(world))
+        return [s.cpu() for s, _ in _progress(solves, num, batch_size, world, progress, "straightness", "path")]
+
+    values = gather_shares(share, world, "straightness")
     return None if values is None else torch.cat(values).mean().item()
 
 
@@ -395,6 +471,7 @@ def save_sample_grid(
     tol: float = 1e-5,
     seed: int = 0,
     nrow: int = 8,
+    stop: Callable[[], bool] | None = None,
 ) -> Path:
     """Write a PNG grid of `num` samples (Euler, 99 steps by default: the published grids integrate
     over ``t_span = linspace(0, 1, 100)``, i.e. 99 Euler steps).
@@ -402,11 +479,12 @@ def save_sample_grid(
     Samples are clipped to [-1, 1] and mapped to [0, 1] (x / 2 + 0.5), then written by
     ``torchvision.utils.save_image(..., nrow=8)``. Neither torch's global RNG nor the net's
     train/eval mode is changed, so a training run continues exactly as if no grid had been drawn.
-    A failed write is a `utils_cifar.SaveError`.
+    A failed write is a `utils_cifar.SaveError`. `stop` cuts sampling short (SamplingStopped),
+    before anything is written.
     """
     from torchvision.utils import save_image
 
-    x1 = torch.cat([x for x, _ in sample_batches(net, num, num, method, steps, tol, seed)])
+    x1 = torch.cat([x for x, _ in sample_batches(net, num, num, method, steps, tol, seed, stop=stop)])
     path = Path(path)
     with writing(path):  # a full disk or read-only folder: one sentence (SaveError)
         path.parent.mkdir(parents=True, exist_ok=True)

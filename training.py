@@ -13,9 +13,13 @@ One step (see `Trainer.step`), the same on every rank up to the forward call:
                                                        # --precision / --channels_last / --compile: fast_path.py
     loss = mse(vt, own(ut)) + lambda * regularizer.loss(vt, v_extra, own(ctx))
     backward (DDP averages) -> clip (grad_norm) -> Adam -> warm-up schedule -> EMA lerp -> finiteness flag
-After each step: metrics (log steps), a checkpoint (save steps), the stop signal the ranks agree on
-(pre-emption: checkpoint and exit), then the next batch and noise are drawn and their OT plan solved
-on a worker thread while the device runs the step (`Trainer.prefetch`, ot_pipeline.py).
+After each step: metrics (log steps); on save steps the checkpoint, then the sample grids (rank 0)
+and the FID (split across ranks), which a stop request cuts short; the stop signal the ranks agree
+on (pre-emption: checkpoint and exit); then the next batch and noise are drawn and their OT plan
+solved on a worker thread while the device runs the step (`Trainer.prefetch`, ot_pipeline.py).
+Under torchrun, a rank that stops answering ends every other rank within --collective_timeout
+(and a short roll call), with one sentence naming it (distributed.PeerLost); where one rank works
+alone on purpose, the others wait in a long-wait group (see distributed.py).
 """
 
 from __future__ import annotations
@@ -38,14 +42,15 @@ from tqdm import tqdm
 
 import checks
 import utils_cifar
-from distributed import (LOCK_LOST, StopRequest, World, barrier, broadcast_from_main, gather_to_main, init_world, main_first,
-                         mean_over_ranks, own_rows)
+from distributed import (DEFAULT_COLLECTIVE_TIMEOUT_S, LOCK_LOST, PeerLost, StopRequest, World, broadcast_from_main,
+                         gather_everywhere, gather_to_main, init_world, is_collective_failure, main_first,
+                         mean_over_ranks, own_rows, peers_watched, wait_for_main)
 from fast_path import COMPILE_MODES, PRECISIONS, FastForward, resolve_precision
 from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher
 from ot_pipeline import OTPipeline
 from samplers import (CLUSTER_ALGORITHMS, PUBLISHED_CLUSTER_ALGORITHM, PUBLISHED_CLUSTER_SEED, PUBLISHED_NUM_SUBCLASSES,
                       ClassConditionedSampler, kmeans_cache_dir, save_cluster_grids)
-from sampling import SOLVERS, save_sample_grid
+from sampling import SOLVERS, SamplingStopped, save_sample_grid
 from run_lock import LockLost, RunLock, RunLocked
 from unet import PAPER_CONFIG, UNetModel, normalize_config
 
@@ -102,7 +107,10 @@ flags.DEFINE_bool("overwrite", False, "let a new run replace existing checkpoint
 flags.DEFINE_enum("wandb_mode", "offline", ["online", "offline", "disabled"],
                   "wandb mode (WANDB_MODE in the environment wins); offline runs sync later with `wandb sync`")
 flags.DEFINE_string("device", "", "training device (default: cuda if available, else cpu)")
-# FID at save steps (EMA weights, rank 0), as in the published runs.
+flags.DEFINE_float("collective_timeout", DEFAULT_COLLECTIVE_TIMEOUT_S,
+                   "under torchrun: seconds a collective waits for a rank that stopped answering before every "
+                   "other rank exits, naming it", lower_bound=1.0)
+# FID at save steps (EMA weights, split across ranks), as in the published runs.
 flags.DEFINE_integer("fid_num_gen", -1, "samples for the FID at each save step: -1 = 10000 on CUDA and 0 on CPU "
                      "(hours there); 0 disables", lower_bound=-1)
 flags.DEFINE_enum("integration_method", "dopri5", list(SOLVERS), "ODE solver of the training-time FID")
@@ -265,14 +273,15 @@ def cluster_sampler(FLAGS, data: DataContext):
                 f"(num_subclasses={data.stored['num_subclasses']}): drop the flag to resume on the same clusters."
             )
         num_subclasses = data.stored["num_subclasses"]
-    with main_first(data.world):  # rank 0 clusters and caches; the other ranks read its cache
+    # Rank 0 clusters, caches and draws the cluster grids; the other ranks then read its cache.
+    with main_first(data.world, "the K-means clustering"):
         sampler = ClassConditionedSampler(
             data.images, data.labels, data.batch_size, num_subclasses=num_subclasses, seed=data.seed,
             cluster_weighting=FLAGS.cluster_weighting, cache_dir=kmeans_cache_dir(data.data_dir),
             assignment=stored, cluster_seed=FLAGS.cluster_seed, algorithm=FLAGS.cluster_algorithm,
         )
-    if FLAGS.visualize and data.world.is_main:
-        save_cluster_grids(data.images, data.labels, sampler.assignment, num_subclasses, FLAGS.group_dir)
+        if FLAGS.visualize and data.world.is_main:
+            save_cluster_grids(data.images, data.labels, sampler.assignment, num_subclasses, FLAGS.group_dir)
     return sampler
 
 
@@ -527,34 +536,57 @@ def fid_num_gen(FLAGS, world: World) -> int:
 
 
 def prepare_fid(FLAGS, world: World):
-    """rank 0's FID scorer for save steps, or None (FID off, or its files unreachable: logged).
+    """Every rank's FID scorer for save steps (each samples and featurises its share of the
+    samples), or None on every rank (FID off, or its files unreachable from some rank: logged).
 
-    Checked before training starts, so a missing Inception file or statistics never crashes a run.
+    Rank 0 finds or downloads the files (or computes the reference statistics) while the others
+    wait for it; they then find its files. Checked before training starts, so a missing Inception
+    file or statistics never crashes a run.
     """
-    if not world.is_main or fid_num_gen(FLAGS, world) == 0:
+    if fid_num_gen(FLAGS, world) == 0:
         return None
     import fid
 
-    try:
-        scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
-                                       device=world.device, batch_size=FLAGS.batch_size_fid)
-    except utils_cifar.UserError as err:  # FIDUnavailable, or no CIFAR-10 to compute statistics from
-        logging.warning("training without FID: %s", err)
+    def prepare():
+        try:
+            return fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
+                                         device=world.device, batch_size=FLAGS.batch_size_fid), None
+        except utils_cifar.UserError as err:  # FIDUnavailable, or no CIFAR-10 to compute statistics from
+            return None, str(err)
+
+    scorer, problem = prepare() if world.is_main else (None, None)
+    wait_for_main(world, "preparing the FID files")
+    problem = broadcast_from_main(problem, world)
+    if problem is None and not world.is_main:
+        scorer, problem = prepare()
+    problems = [p for p in gather_everywhere(problem, world) if p is not None]  # every rank scores, or none
+    if problems:
+        if world.is_main:
+            logging.warning("training without FID: %s", problems[0])
         return None
     return scorer
 
 
-def log_fid(scorer, ema, FLAGS, num_gen: int, step: int, logger: RunLogger) -> None:
-    """FID of the EMA net's samples, logged as `fid` (with its mean NFE). A failure here (say, out of
-    memory) is logged and training goes on: a metric must never cost the run."""
+def log_fid(scorer, ema, FLAGS, num_gen: int, step: int, logger: RunLogger | None, world: World,
+            stop: Callable[[], bool]) -> list[str]:
+    """FID of the EMA net's samples, every rank sampling and featurising its share, logged by rank 0
+    as `fid` (with its mean NFE). Returns what a stop request skipped (["the FID"] or []). A failure
+    on any rank (say, out of memory) is logged and training goes on: a metric must never cost the run."""
     try:
         result = scorer.evaluate_net(ema, num_gen, FLAGS.batch_size_fid, FLAGS.integration_method,
-                                     FLAGS.integration_steps, FLAGS.tol, FLAGS.seed)
-    except Exception as err:  # noqa: BLE001 -- see docstring
-        logging.warning("FID at step %d failed: %s: %s", step, type(err).__name__, err)
-        return
-    logger.log({"step": step, "fid": result.fid, "fid_nfe": result.mean_nfe, "fid_num_gen": result.num_gen,
-                "fid_seconds": round(result.seconds, 1)})
+                                     FLAGS.integration_steps, FLAGS.tol, FLAGS.seed, world=world, stop=stop)
+    except SamplingStopped:
+        return ["the FID"]
+    except Exception as err:  # noqa: BLE001 -- see docstring; sampling.ShareFailed on every rank
+        if isinstance(err, PeerLost) or is_collective_failure(err):  # a rank stopped answering: not a metric's failure
+            raise
+        if world.is_main:
+            logging.warning("FID at step %d failed: %s: %s", step, type(err).__name__, err)
+        return []
+    if logger is not None:
+        logger.log({"step": step, "fid": result.fid, "fid_nfe": result.mean_nfe, "fid_num_gen": result.num_gen,
+                    "fid_seconds": round(result.seconds, 1)})
+    return []
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,7 +646,7 @@ def load_resume_checkpoint(FLAGS, paths: utils_cifar.RunPaths) -> tuple[str, dic
 
 
 def train(FLAGS, spec: RunSpec) -> Outcome:
-    world = init_world(FLAGS.device)
+    world = init_world(FLAGS.device, FLAGS.collective_timeout)
     checks.check_batch_and_clip(FLAGS, world.size)
     # --ot_scope=local pairs each rank's block within itself, as the published DDP script does.
     matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing,
@@ -630,6 +662,7 @@ def train(FLAGS, spec: RunSpec) -> Outcome:
             refusal = str(err)
         else:  # a run killed mid-save left temp files; with the lock held, none of them is live
             paths.remove_stale_temp_files()
+    wait_for_main(world, "the run lock (with --resume=auto, waiting out another host's live lock)")
     refusal = broadcast_from_main(refusal, world)
     if refusal is not None:
         raise RunLocked(refusal)
@@ -652,7 +685,7 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar
         )
 
     torch.manual_seed(FLAGS.seed + world.rank)  # dropout: each rank its own masks
-    with main_first(world):  # one download/extraction; the other ranks read what rank 0 put there
+    with main_first(world, "the CIFAR-10 download"):  # one download/extraction; the other ranks read what rank 0 put there
         images, labels = utils_cifar.load_cifar10(FLAGS.data_dir)
     # The streams are shared by all ranks, so a checkpoint of N processes resumes on M.
     stored = ckpt.get("streams", {}) if ckpt is not None else {}
@@ -675,13 +708,15 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar
     if world.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         logger = RunLogger(paths, spec, config, FLAGS.wandb_mode, start, provenance)
+    wait_for_main(world, "starting its logger (wandb)")
     scorer = prepare_fid(FLAGS, world)
     writer = CheckpointWriter(trainer, paths, unet_config, config, provenance, world, lock, last=checkpoint_path)
     progress = tqdm(range(start, FLAGS.total_steps), initial=start, total=FLAGS.total_steps,
                     disable=not world.is_main, dynamic_ncols=True)
     last = FLAGS.total_steps - 1
     tic = time.perf_counter()
-    with StopRequest(world) as stop_request:
+    # A rank that stops answering: every other rank exits, naming it, without writing (PeerLost).
+    with StopRequest(world) as stop_request, peers_watched(world, writer.resume_hint):
         for step in progress:
             is_log = step % FLAGS.log_step == 0 or step == last
             metrics = trainer.step(step, with_metrics=is_log)
@@ -696,10 +731,15 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar
                     progress.set_postfix(progress_fields(record))
             is_save = FLAGS.save_step > 0 and ((step % FLAGS.save_step == 0 and step > 0) or step == last)
             if is_save:
-                writer.save(step, grids=True)
+                writer.save(step)  # first: a stop request during the grids or the FID finds it written
+                skipped = writer.draw_grids(step, stop_request.requested) if world.is_main else []
+                wait_for_main(world, f"the checkpoint and sample grids of step {step}")
                 if scorer is not None:
-                    log_fid(scorer, trainer.ema, FLAGS, fid_num_gen(FLAGS, world), step, logger)
-                barrier(world)
+                    skipped += log_fid(scorer, trainer.ema, FLAGS, fid_num_gen(FLAGS, world), step, logger, world,
+                                       stop_request.requested)
+                if skipped and world.is_main:
+                    print(f"stop requested during the save of step {step}: skipped {' and '.join(skipped)} "
+                          f"(its checkpoint is written).", flush=True)
             if lock.lost:  # found by the heartbeat thread or a write's check (rank 0): every rank stops
                 stop_request.request(LOCK_LOST)
             stopped_by = stop_request.agreed()
@@ -708,7 +748,7 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: utils_cifar
                                "rank 0 lost the run's lock to another run: this run stops and writes nothing more.")
             if stopped_by:
                 if not is_save:  # only the checkpoint: the scheduler's kill is near
-                    writer.save(step, grids=False)
+                    writer.save(step)
                 if world.is_main:
                     progress.close()
                     print(f"stopped by {signal.Signals(stopped_by).name} after step {step}: checkpoint "
@@ -751,6 +791,9 @@ def build_trainer(FLAGS, unet_config: dict, world: World, matcher, batches, regu
         ddp_net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[world.device.index] if world.device.type == "cuda" else None
         )
+        # DDP gave every rank rank 0's initial weights (each rank drew its own: seed + rank); so
+        # does the EMA, which every rank samples for its share of the FID.
+        ema.load_state_dict(net.state_dict())
     return Trainer(net, ema, optimizer, scheduler, matcher, batches, FLAGS, world, regularizer, monitor, ddp_net)
 
 
@@ -807,9 +850,9 @@ class CheckpointWriter:
         self.unet_config, self.config, self.provenance = unet_config, config, provenance
         self.last = last  # the newest good checkpoint of this run ("" before the first)
 
-    def save(self, step: int, grids: bool) -> None:
-        """Sample grids (net and EMA; skipped when a scheduler's kill is near) and an atomic
-        checkpoint holding the state after update `step`."""
+    def save(self, step: int) -> None:
+        """An atomic checkpoint holding the state after update `step` (written by rank 0; every rank
+        calls it). Its grids come after it (`draw_grids`), so a stop request finds it written."""
         trainer, world = self.trainer, self.world
         if mean_over_ranks(trainer.finite.float(), world).item() < 1:  # a host sync: save steps only
             raise self.diverged()
@@ -819,10 +862,6 @@ class CheckpointWriter:
         if world.is_main and not self.lock.verify():  # taken over: the loop stops after this step
             return
         if world.is_main:
-            if grids:
-                for kind, model in (("normal", trainer.net), ("ema", trainer.ema)):
-                    save_sample_grid(model, self.paths.grid(kind, step), num=self.config["grid_size"],
-                                     steps=self.config["grid_steps"], seed=self.config["seed"])
             ckpt = {
                 "net_model": trainer.net.state_dict(),
                 "ema_model": trainer.ema.state_dict(),
@@ -838,6 +877,27 @@ class CheckpointWriter:
             }
             utils_cifar.atomic_save(ckpt, path)
         self.last = str(path)
+
+    def draw_grids(self, step: int, stop: Callable[[], bool]) -> list[str]:
+        """The sample grids of the net and its EMA at `step` (rank 0); returns what a stop request
+        (`stop()` true) skipped, e.g. ["the normal and ema sample grids"]."""
+        kinds = {"normal": self.trainer.net, "ema": self.trainer.ema}
+        if not self.lock.verify():  # taken over: nothing more is written
+            return []
+        for drawn, (kind, model) in enumerate(kinds.items()):
+            try:
+                save_sample_grid(model, self.paths.grid(kind, step), num=self.config["grid_size"],
+                                 steps=self.config["grid_steps"], seed=self.config["seed"], stop=stop)
+            except SamplingStopped:
+                return [f"the {' and '.join(list(kinds)[drawn:])} sample grid{'s' if drawn == 0 else ''}"]
+        return []
+
+    def resume_hint(self) -> str:
+        """Where a run that stops now continues from (ends a PeerLost sentence)."""
+        if not self.last:
+            return "this process exits without writing, and no checkpoint was written yet"
+        return (f"this process exits without writing, and the last good checkpoint is {self.last}: resume from it "
+                f"(--resume=auto) once every process runs")
 
     def diverged(self) -> Diverged:
         """The error that stops a diverged run: the first bad step, its values, the last good checkpoint."""
