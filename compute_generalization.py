@@ -152,7 +152,7 @@ def prepare() -> tuple[Path, dict, Path, Evaluation]:
     eval_checkpoint.check_flags()
     samples = read_samples(FLAGS.samples) if FLAGS.samples else None
     world = init_world(FLAGS.device)
-    with main_first(world):  # rank 0 downloads weights and CIFAR-10; the others find them
+    with main_first(world, "loading the checkpoint and CIFAR-10"):  # rank 0 downloads; the others find them
         path, ckpt, net = eval_checkpoint.load(world.device, progress=not FLAGS.quiet)
         matcher = eval_checkpoint.checkpoint_path_matcher(ckpt)
         results_path = eval_checkpoint.results_file(path, RESULTS_FILE)
