@@ -15,12 +15,12 @@ output paths and missing FID files are reported before any sampling starts (see 
 the FID files are looked up).
 
 The checkpoint flags (--checkpoint | --model/--input_dir/--step | --pretrained, --use_ema, --num_channel,
---data_dir, --device) are eval_checkpoint.py's, shared with compute_locality.py and compute_generalization.py.
+--data_dir, --device) are checkpoint_flags.py's, shared with compute_locality.py and compute_generalization.py.
 
 Under torchrun the samples are split across ranks by whole --batch_size_fid batches (batch k on rank
 k mod W; the noise is keyed by sample index), so the samples and the FID are those of one process
 with the same seed; rank 0 writes the results. The ranks wait for rank 0's downloads, and for each
-other's last batch, in a long-wait group of their own (see distributed.py).
+other's last batch, in a long-wait group of their own (see cfm/io/distributed.py).
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ import numpy as np
 import torch
 from absl import app, flags
 
-import eval_checkpoint
-import fid
-import utils_cifar
-from distributed import init_world, main_first
-from sampling import SOLVERS, SolverSetting, generate_samples, parse_sweep, straightness
+from cfm.evaluation import checkpoint_flags, fid
+from cfm.evaluation.sampling import generate_samples, straightness
+from cfm.evaluation.solvers import SOLVERS, SolverSetting, parse_sweep
+from cfm.io import atomic_files, errors, run_files
+from cfm.io.distributed import init_world, main_first
 
 FLAGS = flags.FLAGS
-flags.adopt_module_key_flags(eval_checkpoint)  # listed by --helpshort with this script's own
+flags.adopt_module_key_flags(checkpoint_flags)  # listed by --helpshort with this script's own
 
 flags.DEFINE_enum("integration_method", "dopri5", SOLVERS, "ODE solver.")
 flags.DEFINE_integer("integration_steps", 100, "Steps of the fixed-step solvers.", lower_bound=1)
@@ -77,16 +77,16 @@ def fail(message: str) -> None:
 def check_flags() -> list[SolverSetting]:
     """The solver settings to score; flag conflicts and unwritable output paths raise UserError
     (one sentence) here, before anything heavy is loaded or sampled."""
-    eval_checkpoint.check_flags()
+    checkpoint_flags.check_flags()
     for flag in ("save_samples", "grid"):
         if FLAGS[flag].value:
-            utils_cifar.ensure_writable(FLAGS[flag].value, f"--{flag}")
+            run_files.ensure_writable(FLAGS[flag].value, f"--{flag}")
     if FLAGS.sweep is None:
         return [SolverSetting(FLAGS.integration_method, FLAGS.integration_steps, FLAGS.tol)]
     if not FLAGS.fid:
-        raise utils_cifar.UserError("--sweep scores every setting with FID: drop --fid=False.")
+        raise errors.UserError("--sweep scores every setting with FID: drop --fid=False.")
     if FLAGS.save_samples or FLAGS.grid:
-        raise utils_cifar.UserError("--save_samples and --grid keep one setting's samples: drop them or --sweep.")
+        raise errors.UserError("--save_samples and --grid keep one setting's samples: drop them or --sweep.")
     return parse_sweep(FLAGS.sweep)
 
 
@@ -97,15 +97,15 @@ def save_outputs(samples: torch.Tensor) -> None:
         path = Path(FLAGS.save_samples)
         path = path if path.suffix == ".npz" else path.with_name(f"{path.name}.npz")  # as np.savez names it
         array = samples.permute(0, 2, 3, 1).contiguous().numpy()
-        with utils_cifar.writing(path):
-            utils_cifar.atomic_write(path, lambda f: np.savez(f, arr_0=array))
+        with errors.writing(path):
+            atomic_files.atomic_write(path, lambda f: np.savez(f, arr_0=array))
         print(f"samples: {path}")
     if FLAGS.grid:
         from torchvision.utils import save_image
 
         path = Path(FLAGS.grid)
-        with utils_cifar.writing(path):
-            utils_cifar.atomic_write(path, lambda f: save_image(samples[:64].float() / 255, f, nrow=8, format="png"))
+        with errors.writing(path):
+            atomic_files.atomic_write(path, lambda f: save_image(samples[:64].float() / 255, f, nrow=8, format="png"))
         print(f"grid: {path}")
 
 
@@ -116,13 +116,13 @@ def main(argv):
         settings = check_flags()
         world = init_world(FLAGS.device)
         with main_first(world, "loading the checkpoint and the FID files"):  # rank 0 downloads and caches; the others find them
-            path, ckpt, net = eval_checkpoint.load(world.device, progress=not FLAGS.quiet)
+            path, ckpt, net = checkpoint_flags.load(world.device, progress=not FLAGS.quiet)
             if FLAGS.fid:
-                results_path = eval_checkpoint.results_file(path, RESULTS_FILE)
+                results_path = checkpoint_flags.results_file(path, RESULTS_FILE)
                 scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
                                                device=world.device, batch_size=FLAGS.batch_size_fid,
                                                split=FLAGS.fid_split)
-    except utils_cifar.UserError as err:  # flags, output paths, checkpoint, weights, data, FID files, device
+    except errors.UserError as err:  # flags, output paths, checkpoint, weights, data, FID files, device
         fail(str(err))
     progress = not FLAGS.quiet
     extra = {"sweep": FLAGS.sweep} if FLAGS.sweep else {}  # the same in every record of this run
@@ -150,7 +150,7 @@ def main(argv):
             if keep:
                 save_outputs(samples)
             record = {
-                **eval_checkpoint.record_head(path, ckpt),
+                **checkpoint_flags.record_head(path, ckpt),
                 **setting.describe(),
                 "mean_nfe": mean_nfe,
                 "num_gen": FLAGS.num_gen,
@@ -165,12 +165,12 @@ def main(argv):
                 print(json.dumps(record))
                 continue
             record.update(fid_split=FLAGS.fid_split, fid_stats=str(scorer.stats_path),
-                          fid_stats_source=scorer.stats_source, provenance=utils_cifar.provenance(world.device))
-            utils_cifar.append_jsonl(results_path, record)
+                          fid_stats_source=scorer.stats_source, provenance=run_files.provenance(world.device))
+            run_files.append_jsonl(results_path, record)
             straight = f"straightness {extra['straightness']:.4g}, " if FLAGS.straightness else ""
             print(f"FID {score:.4f} ({FLAGS.num_gen} samples, {setting}, mean NFE {mean_nfe:.1f}, {straight}{seconds:.0f} s); "
                   f"appended to {results_path}")
-    except utils_cifar.UserError as err:
+    except errors.UserError as err:
         fail(str(err))
 
 

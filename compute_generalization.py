@@ -17,11 +17,11 @@ Sections of one record (each a dict under its name):
                        (train, test, gap = test - train), with standard errors over batches
 
 The record starts with the head of fid.jsonl and locality.jsonl (checkpoint, step, model, use_ema;
-eval_checkpoint.record_head) and is appended to `generalization.jsonl` beside the checkpoint. The same
+checkpoint_flags.record_head) and is appended to `generalization.jsonl` beside the checkpoint. The same
 --seed gives every checkpoint the same sample noise, training subset, loss noise and times, so
 records pair by seed. Under torchrun the samples, searches and loss batches are split across ranks by
 whole batches (batch k on rank k mod W) and gathered in order: the numbers are one process's; rank 0
-writes. The checkpoint flags are eval_checkpoint.py's, shared with compute_fid.py and compute_locality.py.
+writes. The checkpoint flags are checkpoint_flags.py's, shared with compute_fid.py and compute_locality.py.
 """
 
 from __future__ import annotations
@@ -36,18 +36,16 @@ import numpy as np
 import torch
 from absl import app, flags
 
-import eval_checkpoint
-import generalization
-import memorizing_field
-import results
-import utils_cifar
-from distributed import World, init_world, main_first
-from flow_matching import FlowMatcher
-from utils_cifar import to_uint8
-from sampling import SOLVERS, SolverSetting, gather_batches, generate_samples, noise
+from cfm.evaluation import checkpoint_flags, generalization, memorizing_field, results
+from cfm.evaluation.sampling import gather_batches, generate_samples, noise
+from cfm.evaluation.solvers import SOLVERS, SolverSetting
+from cfm.io import atomic_files, cifar10, errors, run_files
+from cfm.io.cifar10 import to_uint8
+from cfm.io.distributed import World, init_world, main_first
+from cfm.method.flow_matching import FlowMatcher
 
 FLAGS = flags.FLAGS
-flags.adopt_module_key_flags(eval_checkpoint)  # listed by --helpshort with this script's own
+flags.adopt_module_key_flags(checkpoint_flags)  # listed by --helpshort with this script's own
 
 flags.DEFINE_integer("num_gen", 10000, "Generated samples to search (ignored with --samples).", lower_bound=1)
 flags.DEFINE_integer("batch_size_fid", 1024, "Samples per ODE solve (as compute_fid.py), and queries per "
@@ -126,10 +124,10 @@ def read_samples(path: str) -> torch.Tensor:
         with np.load(path) as npz:
             images = npz["arr_0"]
     except (OSError, ValueError, KeyError) as err:
-        raise utils_cifar.UserError(f"cannot read --samples={path} ({type(err).__name__}: {err}): pass a .npz "
+        raise errors.UserError(f"cannot read --samples={path} ({type(err).__name__}: {err}): pass a .npz "
                                     f"written by compute_fid.py --save_samples.") from err
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(images) < 1:
-        raise utils_cifar.UserError(f"--samples={path} holds {images.dtype} {images.shape} under 'arr_0', not uint8 "
+        raise errors.UserError(f"--samples={path} holds {images.dtype} {images.shape} under 'arr_0', not uint8 "
                                     f"images [N, 32, 32, 3] as compute_fid.py --save_samples writes.")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
@@ -137,11 +135,11 @@ def read_samples(path: str) -> torch.Tensor:
 def check_sizes(train: torch.Tensor, test: torch.Tensor) -> None:
     """UserError for counts the splits cannot serve (before any sampling)."""
     if FLAGS.num_test > len(test):
-        raise utils_cifar.UserError(f"--num_test={FLAGS.num_test} but the test split holds {len(test)} images: "
+        raise errors.UserError(f"--num_test={FLAGS.num_test} but the test split holds {len(test)} images: "
                                     f"pass at most {len(test)}.")
     most = min(len(train), len(test))
     if not FLAGS.batch_size <= FLAGS.loss_images <= most:
-        raise utils_cifar.UserError(f"--loss_images={FLAGS.loss_images} must lie between --batch_size="
+        raise errors.UserError(f"--loss_images={FLAGS.loss_images} must lie between --batch_size="
                                     f"{FLAGS.batch_size} and the {most} images both splits hold.")
 
 
@@ -149,17 +147,17 @@ def prepare() -> tuple[Path, dict, Path, Evaluation]:
     """Flags, checkpoint, results folder, grid path, data and samples file, checked before any heavy
     work (each a UserError); returns (checkpoint path, checkpoint, results file, Evaluation)."""
     apply_quick()
-    eval_checkpoint.check_flags()
+    checkpoint_flags.check_flags()
     samples = read_samples(FLAGS.samples) if FLAGS.samples else None
     world = init_world(FLAGS.device)
     with main_first(world, "loading the checkpoint and CIFAR-10"):  # rank 0 downloads; the others find them
-        path, ckpt, net = eval_checkpoint.load(world.device, progress=not FLAGS.quiet)
-        matcher = eval_checkpoint.checkpoint_path_matcher(ckpt)
-        results_path = eval_checkpoint.results_file(path, RESULTS_FILE)
+        path, ckpt, net = checkpoint_flags.load(world.device, progress=not FLAGS.quiet)
+        matcher = checkpoint_flags.checkpoint_path_matcher(ckpt)
+        results_path = checkpoint_flags.results_file(path, RESULTS_FILE)
         grid = Path(FLAGS.grid) if FLAGS.grid else path.parent / f"{path.stem}_memorized.png"
-        utils_cifar.ensure_writable(grid, "--grid")
-        train, _ = utils_cifar.load_cifar10(FLAGS.data_dir, train=True)
-        test, _ = utils_cifar.load_cifar10(FLAGS.data_dir, train=False)
+        run_files.ensure_writable(grid, "--grid")
+        train, _ = cifar10.load_cifar10(FLAGS.data_dir, train=True)
+        test, _ = cifar10.load_cifar10(FLAGS.data_dir, train=False)
     check_sizes(train, test)
     search = generalization.FlipNeighbours(train, world.device, FLAGS.search_chunk)
     return path, ckpt, results_path, Evaluation(net, matcher, train, test, search, world, grid, samples)
@@ -249,8 +247,8 @@ def write_grid(path: Path, images: torch.Tensor, nrow: int) -> None:
     """uint8 images -> a PNG grid of `nrow` columns, written atomically."""
     from torchvision.utils import save_image
 
-    with utils_cifar.writing(path):
-        utils_cifar.atomic_write(path, lambda f: save_image(images.float() / 255, f, nrow=nrow, format="png"))
+    with errors.writing(path):
+        atomic_files.atomic_write(path, lambda f: save_image(images.float() / 255, f, nrow=nrow, format="png"))
 
 
 def summary(record: dict) -> str:
@@ -291,10 +289,10 @@ def evaluate() -> None:
             sections[name]["seconds"] = round(time.perf_counter() - begun, 2)
     if not ev.world.is_main:
         return
-    record = {**eval_checkpoint.record_head(path, ckpt, ev.matcher), "seed": FLAGS.seed, "world_size": ev.world.size,
+    record = {**checkpoint_flags.record_head(path, ckpt, ev.matcher), "seed": FLAGS.seed, "world_size": ev.world.size,
               **sections, "seconds": round(time.perf_counter() - start, 2),
-              "provenance": utils_cifar.provenance(ev.world.device)}
-    utils_cifar.append_jsonl(results_path, record)
+              "provenance": run_files.provenance(ev.world.device)}
+    run_files.append_jsonl(results_path, record)
     print(f"{summary(record)}; grid {ev.grid}; appended to {results_path}")
 
 
@@ -302,7 +300,7 @@ def main(argv):
     del argv
     try:
         evaluate()
-    except utils_cifar.UserError as err:  # flags, checkpoint, weights, results folder, data, samples file, device
+    except errors.UserError as err:  # flags, checkpoint, weights, results folder, data, samples file, device
         sys.exit(f"compute_generalization.py: {err}")
 
 

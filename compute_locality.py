@@ -11,7 +11,7 @@ batches with their noise and times from --seed, and reports for the EMA (or raw)
 --model and --sigma, else --model), each as mean and standard error over batches. The same seed,
 split and clustering give every checkpoint the same batches, noise and times, so runs compare on
 the same numbers. One record per evaluation is appended to `locality.jsonl` beside the checkpoint.
-The checkpoint flags are eval_checkpoint.py's, shared with compute_fid.py and compute_generalization.py.
+The checkpoint flags are checkpoint_flags.py's, shared with compute_fid.py and compute_generalization.py.
 """
 
 from __future__ import annotations
@@ -21,15 +21,18 @@ import time
 
 from absl import app, flags
 
-import eval_checkpoint
-import locality
-import results
-import utils_cifar
-from samplers import (CLUSTER_ALGORITHMS, PUBLISHED_CLUSTER_ALGORITHM, PUBLISHED_CLUSTER_SEED, PUBLISHED_NUM_SUBCLASSES,
-                      kmeans_cache_dir)
+from cfm.evaluation import checkpoint_flags, locality, results
+from cfm.io import cifar10, distributed, errors, run_files
+from cfm.method.clustering import (
+    CLUSTER_ALGORITHMS,
+    PUBLISHED_CLUSTER_ALGORITHM,
+    PUBLISHED_CLUSTER_SEED,
+    PUBLISHED_NUM_SUBCLASSES,
+    kmeans_cache_dir,
+)
 
 FLAGS = flags.FLAGS
-flags.adopt_module_key_flags(eval_checkpoint)  # listed by --helpshort with this script's own
+flags.adopt_module_key_flags(checkpoint_flags)  # listed by --helpshort with this script's own
 
 flags.DEFINE_enum("split", "test", ["test", "train"], "CIFAR-10 split to cluster and score on (test: held out).")
 flags.DEFINE_integer("num_batches", 100, "Single-cluster batches to average over.", lower_bound=1)
@@ -58,19 +61,19 @@ def summary(record: dict) -> str:
 def evaluate() -> None:
     """Score the checkpoint and append its record; user errors (flags, checkpoint, weights, results
     folder, data, device) raise UserError, all before the clustering and the batches."""
-    eval_checkpoint.check_flags()
-    device = utils_cifar.resolve_device(FLAGS.device)
-    path, ckpt, net = eval_checkpoint.load(device, progress=not FLAGS.quiet)
-    matcher = eval_checkpoint.checkpoint_path_matcher(ckpt)
-    results_path = eval_checkpoint.results_file(path, RESULTS_FILE)
-    images, labels = utils_cifar.load_cifar10(FLAGS.data_dir, train=FLAGS.split == "train")
+    checkpoint_flags.check_flags()
+    device = distributed.resolve_device(FLAGS.device)
+    path, ckpt, net = checkpoint_flags.load(device, progress=not FLAGS.quiet)
+    matcher = checkpoint_flags.checkpoint_path_matcher(ckpt)
+    results_path = checkpoint_flags.results_file(path, RESULTS_FILE)
+    images, labels = cifar10.load_cifar10(FLAGS.data_dir, train=FLAGS.split == "train")
     start = time.perf_counter()
     batches = locality.HeldOutBatches(images, labels, FLAGS.batch_size, FLAGS.num_subclasses, FLAGS.seed, matcher,
                                       cluster_seed=FLAGS.cluster_seed, algorithm=FLAGS.cluster_algorithm,
                                       cache_dir=kmeans_cache_dir(FLAGS.data_dir))
     values = locality.evaluate(net, batches, FLAGS.num_batches, device, progress=not FLAGS.quiet)
     record = {
-        **eval_checkpoint.record_head(path, ckpt, matcher),  # model, sigma: the path loss_fm was scored on
+        **checkpoint_flags.record_head(path, ckpt, matcher),  # model, sigma: the path loss_fm was scored on
         "split": FLAGS.split,
         "num_batches": FLAGS.num_batches,
         "batch_size": FLAGS.batch_size,
@@ -81,8 +84,8 @@ def evaluate() -> None:
     }
     for name in locality.TERMS:
         record[name], record[f"{name}_se"] = locality.mean_and_error(values[name])
-    record.update(seconds=round(time.perf_counter() - start, 2), provenance=utils_cifar.provenance(device))
-    utils_cifar.append_jsonl(results_path, record)
+    record.update(seconds=round(time.perf_counter() - start, 2), provenance=run_files.provenance(device))
+    run_files.append_jsonl(results_path, record)
     print(f"{summary(record)}; appended to {results_path}")
 
 
@@ -90,7 +93,7 @@ def main(argv):
     del argv
     try:
         evaluate()
-    except utils_cifar.UserError as err:
+    except errors.UserError as err:
         sys.exit(f"compute_locality.py: {err}")
 
 

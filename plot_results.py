@@ -24,8 +24,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-import results
-from utils_cifar import UserError
+from cfm.evaluation import results
+from cfm.io.errors import UserError
 
 FLAGS = flags.FLAGS
 

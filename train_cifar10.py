@@ -8,13 +8,13 @@ batch is computed under no_grad and logged as `local_loss` (monitoring only: it 
 --monitor_local=False skips it, and with it the K-means clustering it needs.
 Writes {output_dir}/{model}/{model}_cifar10_weights_step_{step}.pt, sample grids and
 {model}_cifar10_metrics.jsonl.
-Every other flag is shared with the other training scripts and defined in training.py.
+Every other flag is shared with the other training scripts and defined in cfm/training/training_flags.py.
 """
 
 from absl import app, flags
 
-import training
-from regularizers import LocalRegularizer
+from cfm.method.regularizers import LocalRegularizer
+from cfm.training import loop
 
 flags.DEFINE_bool("monitor_local", True, "log the local loss of a same-cluster batch on log steps (needs the "
                   "K-means clusters; False skips the clustering)")
@@ -25,14 +25,14 @@ def main(argv):
     del argv
 
     def monitor(data):
-        return training.cluster_sampler(FLAGS, data), LocalRegularizer(weight=0.0, sigma=FLAGS.sigma)
+        return loop.cluster_sampler(FLAGS, data), LocalRegularizer(weight=0.0, sigma=FLAGS.sigma)
 
-    spec = training.RunSpec(
+    spec = loop.RunSpec(
         run_dir=FLAGS.model,
         file_prefix=f"{FLAGS.model}_cifar10",
         make_monitor=monitor if FLAGS.monitor_local else None,
     )
-    training.run(FLAGS, spec)
+    loop.run(FLAGS, spec)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import sys
 
 from absl import app, flags
 
-import training
-from regularizers import ANCHOR_LOSS_TYPES, ANCHOR_PAIRINGS, STRAIGHT_LINE_MODELS, AnchorRegularizer
+from cfm.method.regularizers import ANCHOR_LOSS_TYPES, ANCHOR_PAIRINGS, STRAIGHT_LINE_MODELS, AnchorRegularizer
+from cfm.training import loop
 
 flags.DEFINE_float("lambda_anchor", 1.0, "weight of the anchor loss")
 flags.DEFINE_string("lambda_name", "1e0", "lambda as written in run and file names, e.g. 1e0, 1e-1")
@@ -34,10 +34,10 @@ def main(argv):
     if FLAGS.anchor_pairing == "main" and FLAGS.model not in STRAIGHT_LINE_MODELS:
         sys.exit(f"error: --anchor_pairing=main reuses the main term's straight-line x_t, which --model={FLAGS.model} "
                  f"does not train on: use --anchor_pairing=published or --model=icfm/otcfm.")
-    spec = training.RunSpec(
+    spec = loop.RunSpec(
         run_dir=f"{FLAGS.model}_anchor_{FLAGS.anchor_loss_type}",
         file_prefix=f"{FLAGS.model}_cifar10_anchor_{FLAGS.lambda_name}",
-        make_batches=lambda data: training.cluster_sampler(FLAGS, data),
+        make_batches=lambda data: loop.cluster_sampler(FLAGS, data),
         make_regularizer=lambda batches: AnchorRegularizer(
             weight=FLAGS.lambda_anchor, sigma=FLAGS.sigma, loss_type=FLAGS.anchor_loss_type,
             images=batches.images, assignment=batches.assignment, num_clusters=batches.num_clusters,
@@ -45,7 +45,7 @@ def main(argv):
             pairing=FLAGS.anchor_pairing, seed=FLAGS.seed,
         ),
     )
-    training.run(FLAGS, spec)
+    loop.run(FLAGS, spec)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Writes {output_dir}/{model}_local_{lambda_name}/{model}_cifar10_local_{lambda_na
 
 from absl import app, flags
 
-import training
-from regularizers import LocalRegularizer
+from cfm.method.regularizers import LocalRegularizer
+from cfm.training import loop
 
 flags.DEFINE_float("lambda_local", 1.0, "weight of the local loss")
 flags.DEFINE_string("lambda_name", "1e0", "lambda as written in run and file names, e.g. 1e0, 1e-1")
@@ -20,13 +20,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    spec = training.RunSpec(
+    spec = loop.RunSpec(
         run_dir=f"{FLAGS.model}_local_{FLAGS.lambda_name}",
         file_prefix=f"{FLAGS.model}_cifar10_local_{FLAGS.lambda_name}",
-        make_batches=lambda data: training.cluster_sampler(FLAGS, data),
+        make_batches=lambda data: loop.cluster_sampler(FLAGS, data),
         make_regularizer=lambda batches: LocalRegularizer(weight=FLAGS.lambda_local, sigma=FLAGS.sigma),
     )
-    training.run(FLAGS, spec)
+    loop.run(FLAGS, spec)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import generalization  # noqa: E402
-import utils_cifar  # noqa: E402
-from flow_matching import make_matcher  # noqa: E402
-from unet import PAPER_CONFIG, UNetModel  # noqa: E402
+from cfm.evaluation import generalization  # noqa: E402
+from cfm.io import distributed, run_files  # noqa: E402
+from cfm.method.flow_matching import make_matcher  # noqa: E402
+from cfm.method.unet import PAPER_CONFIG, UNetModel  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("device", "auto", "auto (cuda if available), cpu, cuda, ...")
@@ -62,11 +62,11 @@ def timed(device: torch.device, work):
 
 def main(argv):
     del argv
-    device = utils_cifar.resolve_device(FLAGS.device)
+    device = distributed.resolve_device(FLAGS.device)
     g = torch.Generator().manual_seed(0)
     train = torch.randint(0, 256, (FLAGS.num_train, 3, 32, 32), dtype=torch.uint8, generator=g)
     queries = torch.randint(0, 256, (FLAGS.num_queries, 3, 32, 32), dtype=torch.uint8, generator=g)
-    rows = [f"device: {utils_cifar.provenance(device)['device']} ({device}), torch {torch.__version__}", "",
+    rows = [f"device: {run_files.provenance(device)['device']} ({device}), torch {torch.__version__}", "",
             "| part | size | seconds | rate | note |", "|---|---|---:|---:|---|"]
 
     search, setup = timed(device, lambda: generalization.FlipNeighbours(train, device, FLAGS.search_chunk))

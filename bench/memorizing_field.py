@@ -22,10 +22,10 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import memorizing_field as mf  # noqa: E402
-import utils_cifar  # noqa: E402
-from flow_matching import make_matcher  # noqa: E402
-from sampling import noise  # noqa: E402
+from cfm.evaluation import memorizing_field  # noqa: E402
+from cfm.evaluation.sampling import noise  # noqa: E402
+from cfm.io import distributed, run_files  # noqa: E402
+from cfm.method.flow_matching import make_matcher  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_train", 100_000, "Synthetic training images (twice as many terms with the mirrors).",
@@ -48,17 +48,17 @@ def sync(device: torch.device) -> None:
 
 def main(argv):
     del argv
-    device = utils_cifar.resolve_device(FLAGS.device)
+    device = distributed.resolve_device(FLAGS.device)
     g = torch.Generator(device).manual_seed(0)
     train = torch.randint(0, 256, (FLAGS.num_train, 3, 32, 32), generator=g, device=device, dtype=torch.uint8)
     held_out = torch.randint(0, 256, (FLAGS.num_points, 3, 32, 32), generator=g, device=device, dtype=torch.uint8)
-    field = mf.MemorizingField(train, make_matcher("icfm"), device=device, chunk_size=FLAGS.chunk_size,
+    field = memorizing_field.MemorizingField(train, make_matcher("icfm"), device=device, chunk_size=FLAGS.chunk_size,
                                dtype=getattr(torch, FLAGS.dtype))
     flops_per_point = 4 * 2 * FLAGS.num_train * 3 * 32 * 32
     times = [0.05 + 0.9 * k / max(1, FLAGS.num_times - 1) for k in range(FLAGS.num_times)]
-    points = mf.path_points(field.matcher, held_out, times)
+    points = memorizing_field.path_points(field.matcher, held_out, times)
     field(0.5, points[0, :FLAGS.batch_size].to(device))  # warm-up: kernels, allocator
-    lines = [f"v* over {FLAGS.num_train} images + mirrors on {utils_cifar.provenance(device)['device']} ({device}), "
+    lines = [f"v* over {FLAGS.num_train} images + mirrors on {run_files.provenance(device)['device']} ({device}), "
              f"{FLAGS.dtype}, chunks of {FLAGS.chunk_size}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} CPU threads",
              "", "| row | size | seconds | v* evaluations/s | TFLOP/s |", "|---|---|---|---|---|"]
@@ -76,12 +76,12 @@ def main(argv):
     print("\n".join(lines))
     zero_net = lambda t, x: torch.zeros_like(x)  # noqa: E731
     row("distance", f"{FLAGS.num_points} points x {FLAGS.num_times} times", FLAGS.num_points * FLAGS.num_times,
-        lambda: mf.field_distance(zero_net, field, points, times, FLAGS.batch_size))
+        lambda: memorizing_field.field_distance(zero_net, field, points, times, FLAGS.batch_size))
     if FLAGS.sampler_samples:
         x0 = noise(FLAGS.sampler_samples, (3, 32, 32)).to(device)
         row("sampler", f"{FLAGS.sampler_samples} samples x {FLAGS.sampler_steps} Euler steps",
             FLAGS.sampler_samples * FLAGS.sampler_steps,
-            lambda: mf.memorizing_samples(field, x0, steps=FLAGS.sampler_steps))
+            lambda: memorizing_field.memorizing_samples(field, x0, steps=FLAGS.sampler_steps))
     if FLAGS.out:
         with open(FLAGS.out, "a") as f:
             f.write("\n".join(lines) + "\n")

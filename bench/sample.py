@@ -23,9 +23,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import utils_cifar  # noqa: E402
-from sampling import SOLVERS, sample_batches  # noqa: E402
-from unet import PAPER_CONFIG, UNetModel  # noqa: E402
+from cfm.evaluation.sampling import sample_batches  # noqa: E402
+from cfm.evaluation.solvers import SOLVERS  # noqa: E402
+from cfm.io import checkpoint_io, distributed, run_files  # noqa: E402
+from cfm.method import nets  # noqa: E402
+from cfm.method.unet import PAPER_CONFIG, UNetModel  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_channel", 128, "Base width of the paper UNet (ignored with --checkpoint).", lower_bound=1)
@@ -45,7 +47,7 @@ def sync(device: torch.device) -> None:
 
 def build_net(device: torch.device) -> torch.nn.Module:
     if FLAGS.checkpoint:
-        return utils_cifar.build_net_from_checkpoint(utils_cifar.load_checkpoint(FLAGS.checkpoint), device=device)
+        return nets.build_net_from_checkpoint(checkpoint_io.load_checkpoint(FLAGS.checkpoint), device=device)
     torch.manual_seed(FLAGS.seed)
     net = UNetModel(**dict(PAPER_CONFIG, num_channels=FLAGS.num_channel))
     torch.nn.init.normal_(net.out[-1].weight, std=0.02)
@@ -65,12 +67,12 @@ def main(argv):
     for method in FLAGS.methods:
         if method not in SOLVERS:
             raise app.UsageError(f"unknown solver {method!r}: choose among {', '.join(SOLVERS)}.")
-    device = utils_cifar.resolve_device(FLAGS.device)
+    device = distributed.resolve_device(FLAGS.device)
     net = build_net(device)
     flops = flops_per_image(net, device)
     params = sum(p.numel() for p in net.parameters())
     print(f"UNet {params / 1e6:.2f} M parameters, {flops / 1e9:.2f} GFLOP per image forward; batch "
-          f"{FLAGS.batch_size} on {utils_cifar.provenance(device)['device']} ({device}), "
+          f"{FLAGS.batch_size} on {run_files.provenance(device)['device']} ({device}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
 
     def solve(method: str) -> int:

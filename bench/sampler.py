@@ -18,7 +18,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from samplers import CLUSTER_ALGORITHMS, ClassConditionedSampler, cluster_assignments, data_digest  # noqa: E402
+from cfm.method.clustering import CLUSTER_ALGORITHMS, cluster_assignments, data_digest  # noqa: E402
+from cfm.method.samplers import ClassConditionedSampler  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 50000, "Synthetic images (10 classes of num_images / 10).")

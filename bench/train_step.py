@@ -43,13 +43,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import training  # noqa: E402  (defines the model, optimisation and fast-path flags used below)
-import utils_cifar  # noqa: E402
-from distributed import World  # noqa: E402
-from flow_matching import make_matcher  # noqa: E402
-from regularizers import AnchorRegularizer, LocalRegularizer  # noqa: E402
-from samplers import ClassConditionedSampler  # noqa: E402
-from unet import UNetModel  # noqa: E402
+from cfm.io import cifar10, run_files  # noqa: E402
+from cfm.io.distributed import World, resolve_device  # noqa: E402
+from cfm.method.flow_matching import make_matcher  # noqa: E402
+from cfm.method.regularizers import AnchorRegularizer, LocalRegularizer  # noqa: E402
+from cfm.method.samplers import ClassConditionedSampler  # noqa: E402
+from cfm.method.unet import UNetModel  # noqa: E402
+from cfm.training import training_flags  # noqa: E402  (defines the model, optimisation and fast-path flags used below)
+from cfm.training.trainer import Trainer, build_trainer  # noqa: E402
 
 REGULARIZERS = ("none", "local", "anchor", "anchor_main")
 flags.DEFINE_integer("steps", 10, "timed steps per row (and per phase)", lower_bound=1)
@@ -100,14 +101,14 @@ def parse_rows(device: torch.device) -> list[tuple[str, str, set]]:
     return rows
 
 
-def build(name: str, precision: str, options: set, images: torch.Tensor, world: World) -> training.Trainer:
+def build(name: str, precision: str, options: set, images: torch.Tensor, world: World) -> Trainer:
     """The row's Trainer, built as training builds it (the fast-path flags are set for this row)."""
     FLAGS.precision, FLAGS.compile, FLAGS.ot_pipeline = precision, "compile" in options, "inline" not in options
-    config = training.unet_config_from_flags(FLAGS)
+    config = training_flags.unet_config_from_flags(FLAGS)
     matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing)
     if name == "none":
-        batches = utils_cifar.ShuffledBatches(images, FLAGS.batch_size, FLAGS.seed)
-        return training.build_trainer(FLAGS, config, world, matcher, batches)
+        batches = cifar10.ShuffledBatches(images, FLAGS.batch_size, FLAGS.seed)
+        return build_trainer(FLAGS, config, world, matcher, batches)
     labels = torch.arange(len(images)) % 10
     batches = ClassConditionedSampler(images, labels, FLAGS.batch_size, num_subclasses=1, seed=FLAGS.seed)
     if name == "local":
@@ -115,10 +116,10 @@ def build(name: str, precision: str, options: set, images: torch.Tensor, world: 
     else:
         regularizer = AnchorRegularizer(1.0, FLAGS.sigma, "full", images, batches.assignment, batches.num_clusters,
                                         pairing="main" if name == "anchor_main" else "published")
-    return training.build_trainer(FLAGS, config, world, matcher, batches, regularizer)
+    return build_trainer(FLAGS, config, world, matcher, batches, regularizer)
 
 
-def step_flops(trainer: training.Trainer) -> float:
+def step_flops(trainer: Trainer) -> float:
     """FLOPs of the net's forward and backward over one step's rows (eager, counted once)."""
     inputs = trainer.draw(0)
     with FlopCounterMode(display=False) as counter:
@@ -127,7 +128,7 @@ def step_flops(trainer: training.Trainer) -> float:
     return counter.get_total_flops()
 
 
-def measure(trainer: training.Trainer, device: torch.device, steps) -> dict:
+def measure(trainer: Trainer, device: torch.device, steps) -> dict:
     """Step times (and host syncs per step with --sync_check), then the phase times."""
 
     def step():  # as the training loop runs it
@@ -169,7 +170,7 @@ def measure(trainer: training.Trainer, device: torch.device, steps) -> dict:
 
 def main(argv):
     del argv
-    device = utils_cifar.resolve_device(FLAGS.device)
+    device = resolve_device(FLAGS.device)
     rows = parse_rows(device)
     world = World(rank=0, size=1, device=device)
     torch.manual_seed(FLAGS.seed)
@@ -196,9 +197,9 @@ def main(argv):
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
         del trainer
-    params = sum(p.numel() for p in UNetModel(**training.unet_config_from_flags(FLAGS)).parameters())
+    params = sum(p.numel() for p in UNetModel(**training_flags.unet_config_from_flags(FLAGS)).parameters())
     header = [
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {utils_cifar.provenance(device)['device']} "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {run_files.provenance(device)['device']} "
         f"({device}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
         f"model={FLAGS.model} ot_pairing={FLAGS.ot_pairing} batch={FLAGS.batch_size} num_channel={FLAGS.num_channel} "
         f"params={params:,} compile_mode={FLAGS.compile_mode} steps={FLAGS.steps} warmup_steps={FLAGS.warmup_steps}",

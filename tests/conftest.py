@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from unet import UNetModel
-from utils_cifar import CIFAR10_DIR, TEST_BATCHES, TRAIN_BATCHES
+from cfm.io.cifar10 import CIFAR10_DIR, TEST_BATCHES, TRAIN_BATCHES
+from cfm.method.unet import UNetModel
 
 # Small enough for CPU tests, same family as the paper UNet.
 TINY_UNET_FLAGS = ["--num_channel=32", "--num_res_blocks=1", "--channel_mult=1,2", "--num_head_channels=16"]

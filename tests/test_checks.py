@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 from absl import flags
-
-import utils_cifar
 from conftest import TINY_UNET_CONFIG
 from test_training import run_plain, tiny_args
-from unet import UNetModel
+
+from cfm.io import cifar10
+from cfm.method.unet import UNetModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def no_data(monkeypatch):
     """Any attempt to load CIFAR-10 (which comes before clustering) fails the test."""
-    monkeypatch.setattr(utils_cifar, "load_cifar10", lambda *a, **k: pytest.fail("the data were loaded"))
+    monkeypatch.setattr(cifar10, "load_cifar10", lambda *a, **k: pytest.fail("the data were loaded"))
 
 
 def one_sentence(args) -> str:
@@ -118,6 +118,6 @@ def test_incomplete_or_mismatched_checkpoint_is_one_sentence_before_the_data(fak
 
 def test_a_complete_checkpoint_passes_the_checks():
     """The checks accept what they must (training itself resumes such files: test_training)."""
-    import checks
+    from cfm.training import checks
 
     checks.check_resumable(resumable(), "ckpt.pt", UNetModel(**TINY_UNET_CONFIG).config)

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import fid
-from sampling import generate_samples, straightness
-from unet import PAPER_CONFIG
-from utils_cifar import build_net_from_checkpoint, read_jsonl
-
 from conftest import TINY_UNET_CONFIG as TINY_CONFIG
 from conftest import random_unet, save_tiny_checkpoint, stand_in_extractor
+
+from cfm.evaluation import fid
+from cfm.evaluation.sampling import generate_samples, straightness
+from cfm.io.run_files import read_jsonl
+from cfm.method.nets import build_net_from_checkpoint
+from cfm.method.unet import PAPER_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = ["--fid=False", "--num_gen=8", "--batch_size_fid=5", "--integration_method=euler", "--integration_steps=2"]
@@ -29,7 +29,7 @@ SAMPLING = ["--fid=False", "--num_gen=8", "--batch_size_fid=5", "--integration_m
 OFFLINE = """
 import urllib.error, urllib.request
 from pathlib import Path
-import fid
+from cfm.evaluation import fid
 
 def refuse(url, *args, **kwargs):
     raise urllib.error.URLError("offline (test)")
@@ -43,7 +43,7 @@ fid.cleanfid_cache_path = lambda filename: Path("no-cache") / filename
 def stand_in(num_features=16):
     """Runner code that replaces Inception with conftest.stand_in_extractor(num_features)."""
     return f"""
-import fid
+from cfm.evaluation import fid
 from conftest import stand_in_extractor
 fid.load_inception = lambda path, device="cpu": stand_in_extractor({num_features})
 """
@@ -208,7 +208,7 @@ def test_sweep_of_the_published_weights_by_name_with_straightness(tmp_path, file
     state = random_unet(TINY_CONFIG, 3).state_dict()
     torch.save({"net_model": {f"module.{k}": v for k, v in state.items()}, "ema_model": state, "step": 400000},
                folder / "otcfm_cifar10_weights_step_400000.pt")
-    patch = f"import pretrained\npretrained.PAPER_CONFIG = {TINY_CONFIG!r}\n" + stand_in(4)
+    patch = f"from cfm.evaluation import pretrained\npretrained.PAPER_CONFIG = {TINY_CONFIG!r}\n" + stand_in(4)
     flags, scorer = fid_files(tmp_path, 4)
     sweep = "euler:1,3;midpoint:1;dopri5:0.1"
     proc = run_cli(tmp_path, ["--pretrained=otcfm", f"--data_dir={tmp_path / 'data'}", f"--sweep={sweep}", "--num_gen=8",
@@ -237,7 +237,7 @@ def test_sweep_of_the_published_weights_by_name_with_straightness(tmp_path, file
 
 
 SAMPLING_STARTS = """
-import sampling
+from cfm.evaluation import sampling
 def refuse(*args, **kwargs):
     raise RuntimeError("sampling started")
 sampling.integrate = refuse

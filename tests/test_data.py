@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets.utils as tv_utils
-
-import utils_cifar
 from conftest import write_fake_cifar10
+
+from cfm.io import cifar10
 
 
 def test_reads_pickle_batches_in_cifar_format(fake_cifar):
     root, images, labels = fake_cifar
-    x, y = utils_cifar.load_cifar10(root)
+    x, y = cifar10.load_cifar10(root)
     assert x.dtype == torch.uint8 and x.shape == (100, 3, 32, 32)
     assert y.dtype == torch.int64 and y.shape == (100,)
     assert np.array_equal(x.numpy(), images) and np.array_equal(y.numpy(), labels)
-    x_test, y_test = utils_cifar.load_cifar10(root, train=False)
+    x_test, y_test = cifar10.load_cifar10(root, train=False)
     assert x_test.shape == (20, 3, 32, 32) and y_test.max() <= 9
 
 
@@ -33,7 +33,7 @@ def test_pixel_layout_is_channel_major_like_cifar():
     with tempfile.TemporaryDirectory() as d:
         with open(Path(d) / "b", "wb") as f:
             pickle.dump({"data": row, "labels": [3]}, f, protocol=2)
-        x, y = utils_cifar.read_cifar_batches(d, names=("b",))
+        x, y = cifar10.read_cifar_batches(d, names=("b",))
     assert x[0, 1, 5, 7] == 200 and int(x.sum()) == 200 and y.tolist() == [3]
 
 
@@ -42,20 +42,20 @@ def test_extracts_a_local_archive(tmp_path, monkeypatch):
     write_fake_cifar10(src, per_batch=10)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    archive = data_dir / utils_cifar.CIFAR10_ARCHIVE
+    archive = data_dir / cifar10.CIFAR10_ARCHIVE
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(src / utils_cifar.CIFAR10_DIR, arcname=utils_cifar.CIFAR10_DIR)
+        tar.add(src / cifar10.CIFAR10_DIR, arcname=cifar10.CIFAR10_DIR)
     # The fake archive is not the real one: accept its checksum, and make sure nothing downloads.
-    monkeypatch.setattr(utils_cifar, "CIFAR10_MD5", tv_utils.calculate_md5(str(archive)))
+    monkeypatch.setattr(cifar10, "CIFAR10_MD5", tv_utils.calculate_md5(str(archive)))
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", lambda *a, **k: pytest.fail("downloaded"))
-    x, y = utils_cifar.load_cifar10(data_dir)
+    x, y = cifar10.load_cifar10(data_dir)
     assert x.shape == (50, 3, 32, 32)
 
 
 def test_corrupt_archive_is_a_clear_error(tmp_path):
-    (tmp_path / utils_cifar.CIFAR10_ARCHIVE).write_bytes(b"not a tarball")
-    with pytest.raises(utils_cifar.DataError, match="corrupt"):
-        utils_cifar.load_cifar10(tmp_path)
+    (tmp_path / cifar10.CIFAR10_ARCHIVE).write_bytes(b"not a tarball")
+    with pytest.raises(cifar10.DataError, match="corrupt"):
+        cifar10.load_cifar10(tmp_path)
 
 
 def test_offline_without_data_names_the_file(tmp_path, monkeypatch):
@@ -63,8 +63,8 @@ def test_offline_without_data_names_the_file(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
-    with pytest.raises(utils_cifar.DataError) as err:
-        utils_cifar.load_cifar10(tmp_path / "nowhere")
+    with pytest.raises(cifar10.DataError) as err:
+        cifar10.load_cifar10(tmp_path / "nowhere")
     message = str(err.value)
     assert "cifar-10-python.tar.gz" in message and str(tmp_path / "nowhere") in message
     assert "\n" not in message
@@ -74,24 +74,24 @@ def test_malformed_batch_is_rejected(tmp_path):
     import pickle
 
     write_fake_cifar10(tmp_path, per_batch=10)
-    with open(tmp_path / utils_cifar.CIFAR10_DIR / "data_batch_3", "wb") as f:
+    with open(tmp_path / cifar10.CIFAR10_DIR / "data_batch_3", "wb") as f:
         pickle.dump({"data": np.zeros((10, 100), np.uint8), "labels": [0] * 10}, f)
-    with pytest.raises(utils_cifar.DataError, match="data_batch_3"):
-        utils_cifar.load_cifar10(tmp_path)
+    with pytest.raises(cifar10.DataError, match="data_batch_3"):
+        cifar10.load_cifar10(tmp_path)
 
 
 def test_model_range_and_uint8_roundtrip():
     u8 = torch.arange(256, dtype=torch.uint8)
-    x = utils_cifar.to_model_range(u8)
+    x = cifar10.to_model_range(u8)
     assert x.min() == -1 and x.max() == 1
     assert torch.allclose(x, u8.float() / 127.5 - 1)
     # (x * 127.5 + 128) truncates to u + 0.5 -> u: the published mapping is an exact inverse.
-    assert torch.equal(utils_cifar.to_uint8(x), u8)
+    assert torch.equal(cifar10.to_uint8(x), u8)
 
 
 def test_random_hflip_flips_about_half_exactly():
     x = torch.randn(2000, 3, 4, 5)
-    y = utils_cifar.random_hflip(x, torch.Generator().manual_seed(0))
+    y = cifar10.random_hflip(x, torch.Generator().manual_seed(0))
     same = (y == x).flatten(1).all(1)
     flipped = (y == x.flip(-1)).flatten(1).all(1)
     assert bool((same | flipped).all())
@@ -101,7 +101,7 @@ def test_random_hflip_flips_about_half_exactly():
 def test_shuffled_batches_cover_each_epoch_and_resume_exactly(fake_cifar):
     root, images, _ = fake_cifar
     data = torch.from_numpy(images)
-    source = utils_cifar.ShuffledBatches(data, batch_size=7, seed=3)
+    source = cifar10.ShuffledBatches(data, batch_size=7, seed=3)
     # Which data image is each batch row? Match its pixels against every image and its mirror.
     index_of = {bytes(img.numpy()): i for i, img in enumerate(data)}
     index_of.update({bytes(img.flip(-1).numpy()): i for i, img in enumerate(data)})
@@ -110,16 +110,16 @@ def test_shuffled_batches_cover_each_epoch_and_resume_exactly(fake_cifar):
         x, cluster = source.next_batch()
         assert x.shape == (7, 3, 32, 32) and cluster is None
         assert x.min() >= -1 and x.max() <= 1
-        seen += [index_of[bytes(img.numpy())] for img in utils_cifar.to_uint8(x)]
+        seen += [index_of[bytes(img.numpy())] for img in cifar10.to_uint8(x)]
     assert len(set(seen)) == 98  # without replacement within an epoch
     state = torch.load(_roundtrip(source.state_dict()), weights_only=True)
     expected = [source.next_batch()[0] for _ in range(5)]  # crosses the epoch boundary
-    resumed = utils_cifar.ShuffledBatches(data, batch_size=7, seed=99)
+    resumed = cifar10.ShuffledBatches(data, batch_size=7, seed=99)
     resumed.load_state_dict(state)
     for want in expected:
         assert torch.equal(resumed.next_batch()[0], want)
-    other_seed = utils_cifar.ShuffledBatches(data, batch_size=7, seed=4)
-    assert not torch.equal(other_seed.order, utils_cifar.ShuffledBatches(data, 7, seed=3).order)
+    other_seed = cifar10.ShuffledBatches(data, batch_size=7, seed=4)
+    assert not torch.equal(other_seed.order, cifar10.ShuffledBatches(data, 7, seed=3).order)
 
 
 def _roundtrip(obj):
@@ -166,7 +166,7 @@ def test_reads_the_python2_numpy1_pickles_of_the_real_files(tmp_path):
     data = np.random.default_rng(0).integers(0, 256, size=(3, 3072), dtype=np.uint8)
     data[0, :4] = [10, 13, 0, 255]  # bytes that text decoding would mangle: CR, LF-like, NUL, 0xff
     (tmp_path / "data_batch_1").write_bytes(python2_batch(data, [7, 0, 9]))
-    x, y = utils_cifar.read_cifar_batches(tmp_path, names=("data_batch_1",))
+    x, y = cifar10.read_cifar_batches(tmp_path, names=("data_batch_1",))
     assert np.array_equal(x.numpy(), data.reshape(3, 3, 32, 32)) and y.tolist() == [7, 0, 9]
 
 
@@ -187,10 +187,10 @@ def test_a_batch_that_would_run_code_is_refused_before_it_runs(tmp_path):
 
     marker = tmp_path / "pwned"
     write_fake_cifar10(tmp_path, per_batch=10)
-    batch = tmp_path / utils_cifar.CIFAR10_DIR / "data_batch_2"
+    batch = tmp_path / cifar10.CIFAR10_DIR / "data_batch_2"
     batch.write_bytes(pickle.dumps({"data": _RunsCode(f"touch {marker}"), "labels": [0]}, protocol=2))
-    with pytest.raises(utils_cifar.DataError) as err:
-        utils_cifar.load_cifar10(tmp_path)
+    with pytest.raises(cifar10.DataError) as err:
+        cifar10.load_cifar10(tmp_path)
     message = str(err.value)
     assert str(batch) in message and "system" in message and "\n" not in message
     assert not marker.exists()
@@ -203,9 +203,9 @@ def test_a_batch_that_would_run_code_is_refused_before_it_runs(tmp_path):
 ])
 def test_truncated_or_foreign_batch_is_one_sentence_naming_the_file(tmp_path, content, expected):
     write_fake_cifar10(tmp_path, per_batch=10)
-    batch = tmp_path / utils_cifar.CIFAR10_DIR / "data_batch_4"
+    batch = tmp_path / cifar10.CIFAR10_DIR / "data_batch_4"
     batch.write_bytes(content(batch.read_bytes()))
-    with pytest.raises(utils_cifar.DataError) as err:
-        utils_cifar.load_cifar10(tmp_path)
+    with pytest.raises(cifar10.DataError) as err:
+        cifar10.load_cifar10(tmp_path)
     message = str(err.value)
     assert expected in message and str(batch) in message and "\n" not in message

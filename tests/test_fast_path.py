@@ -12,18 +12,20 @@ import numpy as np
 import pytest
 import torch
 from absl import flags
+from conftest import TINY_UNET_CONFIG, TINY_UNET_FLAGS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_cifar10  # noqa: F401  (defines the training flags)
-import training
-import utils_cifar
-from conftest import TINY_UNET_CONFIG, TINY_UNET_FLAGS
-from distributed import World
-from fast_path import FastForward, resolve_precision
-from flow_matching import make_matcher
-from regularizers import AnchorRegularizer, LocalRegularizer
-from samplers import ClassConditionedSampler
-from unet import UNetModel
+from cfm.io import cifar10
+from cfm.io.distributed import World
+from cfm.method import nets
+from cfm.method.flow_matching import make_matcher
+from cfm.method.regularizers import AnchorRegularizer, LocalRegularizer
+from cfm.method.samplers import ClassConditionedSampler
+from cfm.method.unet import UNetModel
+from cfm.training import training_flags
+from cfm.training.fast_path import FastForward, resolve_precision
+from cfm.training.trainer import build_trainer
 
 FLAGS = flags.FLAGS
 REPO = Path(__file__).resolve().parents[1]
@@ -39,14 +41,14 @@ def build(*args, model="otcfm", regularizer=None, monitor=False):
     FLAGS(["train_cifar10.py", *TINY_UNET_FLAGS, "--batch_size=4", "--dropout=0", "--warmup=0", "--device=cpu",
            f"--model={model}", *args])
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    batches = utils_cifar.ShuffledBatches(images, FLAGS.batch_size, FLAGS.seed)
+    batches = cifar10.ShuffledBatches(images, FLAGS.batch_size, FLAGS.seed)
     reg = LocalRegularizer(1.0) if regularizer == "local" else None
     if regularizer == "anchor":
         batches = ClassConditionedSampler(images, torch.arange(64) % 10, FLAGS.batch_size, num_subclasses=1)
         reg = AnchorRegularizer(1.0, 0.0, "full", images, batches.assignment, batches.num_clusters)
-    monitored = (utils_cifar.ShuffledBatches(images, FLAGS.batch_size, 1), LocalRegularizer(1.0)) if monitor else None
+    monitored = (cifar10.ShuffledBatches(images, FLAGS.batch_size, 1), LocalRegularizer(1.0)) if monitor else None
     torch.manual_seed(0)
-    trainer = training.build_trainer(FLAGS, training.unet_config_from_flags(FLAGS), CPU,
+    trainer = build_trainer(FLAGS, training_flags.unet_config_from_flags(FLAGS), CPU,
                                      make_matcher(model, 0.0, FLAGS.ot_pairing), batches, reg, monitored)
     with torch.no_grad():
         for p in trainer.params:
@@ -103,7 +105,7 @@ def test_channels_last_trains_what_contiguous_trains(one_thread):
     assert trainer.net.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(metrics["--channels_last"], metrics["--nochannels_last"], rtol=1e-5, atol=0)
     plain = UNetModel(**TINY_UNET_CONFIG)
-    utils_cifar.load_weights(plain, trainer.net.state_dict())  # a channels-last checkpoint loads anywhere
+    nets.load_weights(plain, trainer.net.state_dict())  # a channels-last checkpoint loads anywhere
 
 
 def test_fast_forward_returns_the_inputs_dtype(one_thread):
@@ -181,15 +183,15 @@ ALLOWED_HOST_READS = {
     # it for the bias corrections is no device sync; CUDA runs use fused Adam, which never reads it.
     ("torch/optim/optimizer.py", "_get_value", "scalar"),
     # The cluster sampler draws each batch's cluster on its own CPU generator, from CPU tensors.
-    ("samplers.py", "_draw_cluster", "scalar"),
+    ("cfm/method/samplers.py", "_draw_cluster", "scalar"),
     # Exact OT runs on the CPU: the pipeline copies the cost matrix to the host on purpose (on a
     # GPU from a side stream into pinned memory, without blocking, ahead of the step) ...
-    ("ot_pipeline.py", "fetch", "copy to the host"),
+    ("cfm/training/ot_pipeline.py", "fetch", "copy to the host"),
     # ... and POT reads that host copy as a numpy array (on the worker thread when pipelined).
-    ("ot_pipeline.py", "solve", "numpy"),
+    ("cfm/training/ot_pipeline.py", "solve", "numpy"),
     # A centroid refresh (the first step, then every --centroid_update_freq) splits the members by
     # the cluster sizes of the assignment, which lives on the CPU.
-    ("regularizers.py", "compute_centroids", "list"),
+    ("cfm/method/regularizers.py", "compute_centroids", "list"),
 }
 
 aten = torch.ops.aten

@@ -9,12 +9,12 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from conftest import write_fake_cifar10
 from PIL import Image
 from scipy import linalg
 
-import fid
-from conftest import write_fake_cifar10
-from sampling import generate_samples
+from cfm.evaluation import fid
+from cfm.evaluation.sampling import generate_samples
 
 
 def random_gaussian(rng, dim):
@@ -116,7 +116,7 @@ def test_pipeline_with_stats_computed_from_local_cifar_matches_clean_fid(offline
 
 
 def test_test_split_statistics_fall_back_to_the_local_test_set_and_are_cached(offline, tmp_path):
-    from utils_cifar import load_cifar10
+    from cfm.io.cifar10 import load_cifar10
 
     data_dir = tmp_path / "data"
     write_fake_cifar10(data_dir, per_batch=80)  # 80 test images, more than the 64 features

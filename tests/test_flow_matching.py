@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher, ot_pairing_indices
+from cfm.method.flow_matching import MATCHERS, OT_PAIRINGS, FlowSample, make_matcher, ot_pairing_indices
 
 SHAPES = [(16, 2), (8, 3, 4, 4)]  # 2-D points and tiny images
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_UNET_CONFIG, random_unet, save_tiny_checkpoint
 from PIL import Image
 
-import generalization
-from flow_matching import make_matcher
-from sampling import generate_samples, noise
-from utils_cifar import load_cifar10, read_jsonl, to_model_range, to_uint8
-
-from conftest import TINY_UNET_CONFIG, random_unet, save_tiny_checkpoint
+from cfm.evaluation import generalization
+from cfm.evaluation.sampling import generate_samples, noise
+from cfm.io.cifar10 import load_cifar10, to_model_range, to_uint8
+from cfm.io.run_files import read_jsonl
+from cfm.method.flow_matching import make_matcher
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2")
@@ -226,7 +226,7 @@ def test_the_script_reports_the_library_distance_to_vstar_and_the_vstar_sampler(
     """The memorizing_field section: the distance of the EMA net to v* (icfm, sigma 0.1: the
     checkpoint's path) on 3 test-image paths and 3 of its own trajectories at the loss gap's times,
     and the memorization numbers of 3 samples of the v*-driven sampler, as the library computes them."""
-    import memorizing_field
+    from cfm.evaluation import memorizing_field
 
     _, ema, record, proc = evaluated
     train = torch.from_numpy(fake_cifar[1])

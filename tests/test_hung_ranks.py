@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import distributed
-import fid
-import utils_cifar
 from conftest import stand_in_extractor
 from test_reliability import PREFIX, start_script, tiny_args, wait_for_step, worker_pids
+
+from cfm.evaluation import fid
+from cfm.io import distributed, run_files
+from cfm.method import nets
 
 REPO = Path(__file__).resolve().parents[1]
 # Short, yet well above a tiny step on a busy 2-core machine (a false alarm would fail the tests).
@@ -97,7 +97,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it_and_nothing_is
     assert launcher.returncode != 0
     # The collective's timeout, the roll call, and a margin for a busy machine: not 30 minutes or 2 hours.
     assert took < TIMEOUT_S + ROLL_CALL_S + 15, took
-    last = utils_cifar.RunPaths(run_dir, PREFIX).checkpoints_by_step()[-1]
+    last = run_files.RunPaths(run_dir, PREFIX).checkpoints_by_step()[-1]
     (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert line.startswith("error: rank 1 stopped answering"), line
     assert f"--collective_timeout={TIMEOUT_S:g} s" in line
@@ -109,7 +109,7 @@ ROLL_CALL = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import torch
-import distributed
+from cfm.io import distributed
 
 world = distributed.init_world("cpu", collective_timeout=2)
 distributed.mean_over_ranks(torch.ones(1), world)  # every rank is connected
@@ -154,7 +154,8 @@ SHARES = """
 import os, sys
 sys.path.insert(0, {repo!r})
 import torch
-import distributed, sampling
+from cfm.evaluation import sampling
+from cfm.io import distributed
 
 class Drift(torch.nn.Module):  # v(t, x) = a: a net with one parameter, on 3x2x2 images
     config = {{"dim": (3, 2, 2)}}
@@ -204,9 +205,9 @@ def test_a_share_that_fails_or_is_stopped_on_one_rank_ends_the_split_job_on_ever
 RUNNER = """
 import os, sys, time
 sys.path[:0] = [{repo!r}, {tests!r}]
-import distributed
-import fid
-import utils_cifar
+from cfm.io import distributed
+from cfm.evaluation import fid
+from cfm.io import checkpoint_io
 from conftest import stand_in_extractor
 
 
@@ -219,7 +220,7 @@ def load_inception(path, device="cpu"):  # the stand-in, counting what each rank
     return counted
 
 
-real_save = utils_cifar.atomic_save
+real_save = checkpoint_io.atomic_save
 
 
 def slow_save(obj, path):  # a checkpoint write on a slow file system: longer than --collective_timeout
@@ -228,7 +229,7 @@ def slow_save(obj, path):  # a checkpoint write on a slow file system: longer th
 
 
 fid.load_inception = load_inception
-utils_cifar.atomic_save = slow_save
+checkpoint_io.atomic_save = slow_save
 from absl import app
 import train_cifar10
 app.run(train_cifar10.main)
@@ -265,7 +266,7 @@ def test_every_rank_shares_the_training_fid_which_equals_one_process_and_a_slow_
     assert record["step"] == 2 and record["fid_num_gen"] == 10 and record["fid_nfe"] == 2
     ckpt = torch.load(tmp_path / f"otcfm/{PREFIX}_weights_step_2.pt", weights_only=True)
     one_process = fid.FIDScorer(stand_in_extractor(8), mu, sigma).evaluate_net(
-        utils_cifar.build_net_from_checkpoint(ckpt), 10, 4, "euler", 2, seed=0, progress=False)
+        nets.build_net_from_checkpoint(ckpt), 10, 4, "euler", 2, seed=0, progress=False)
     assert record["fid"] == pytest.approx(one_process.fid, rel=1e-9)
 
 

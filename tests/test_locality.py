@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import locality
-from flow_matching import make_matcher, pad_t_like_x
-from samplers import ClassConditionedSampler
-from utils_cifar import read_jsonl
-
 from conftest import save_tiny_checkpoint
+
+from cfm.evaluation import locality
+from cfm.io.run_files import read_jsonl
+from cfm.method.flow_matching import make_matcher, pad_t_like_x
+from cfm.method.samplers import ClassConditionedSampler
 
 REPO = Path(__file__).resolve().parents[1]
 # Two K-means clusters per class of the fake train split (10 images per class), batches of 4.

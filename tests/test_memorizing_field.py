@@ -12,9 +12,9 @@ import pytest
 import torch
 from scipy.special import softmax
 
-import memorizing_field as mf
-from flow_matching import make_matcher
-from sampling import noise
+from cfm.evaluation import memorizing_field
+from cfm.evaluation.sampling import noise
+from cfm.method.flow_matching import make_matcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,15 +51,15 @@ def test_coefficient_table_reproduces_each_matchers_path_and_the_closed_forms(na
     g = torch.Generator().manual_seed(0)
     t = torch.rand(64, dtype=torch.float64, generator=g)
     x0, x1, eps = (torch.randn(64, 3, 4, 4, dtype=torch.float64, generator=g) for _ in range(3))
-    coef = mf.path_coefficients(matcher, t)
+    coef = memorizing_field.path_coefficients(matcher, t)
     path = matcher.path(t, x0, x1, eps)
     col = lambda c: c[:, None, None, None]  # noqa: E731
     torch.testing.assert_close(path.xt, col(coef.a) * x1 + col(coef.b) * x0 + col(coef.sigma) * eps, rtol=0, atol=1e-14)
     torch.testing.assert_close(path.ut, col(coef.da) * x1 + col(coef.db) * x0, rtol=0, atol=1e-14)
     for value, expected in zip((coef.a, coef.b, coef.da, coef.db, coef.sigma), CLOSED_FORMS[name](t, sigma)):
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-14)
-    assert mf.independent_coupling(matcher) == (name != "otcfm")
-    assert mf.MemorizingField(x1, matcher).describe()["vstar_is_minimizer"] == (name != "otcfm")
+    assert memorizing_field.independent_coupling(matcher) == (name != "otcfm")
+    assert memorizing_field.MemorizingField(x1, matcher).describe()["vstar_is_minimizer"] == (name != "otcfm")
 
 
 # Two training images of 1 x 1 x 2 pixels; a flip swaps the two pixels, so 4 terms in all.
@@ -91,7 +91,7 @@ def test_vstar_equals_the_hand_computed_two_point_field(name, sigma, t):
     a = math.sin(math.pi * t / 2) if name == "si" else t
     x = np.concatenate([rng.normal(size=(6, 2)), a * np.array([[1.0, -1.0], [0.2, 0.5]]) + 0.01,
                         [[0.0, 0.0], [0.3, 0.3], [-0.4, -0.4]]])
-    field = mf.MemorizingField(TWO_POINTS, make_matcher(name, sigma), chunk_size=1)
+    field = memorizing_field.MemorizingField(TWO_POINTS, make_matcher(name, sigma), chunk_size=1)
     v = field(t, torch.from_numpy(x).reshape(-1, 1, 1, 2)).reshape(-1, 2).numpy()
     np.testing.assert_allclose(v, hand_vstar(name, sigma, t, x), rtol=1e-9, atol=1e-12)
 
@@ -103,7 +103,7 @@ def test_vstar_is_the_monte_carlo_conditional_mean_of_ut_on_a_1d_toy(name):
     errors of 0 (E[ut | xt] = v*(xt), so E[(ut - v*(xt)) 1{xt in bin}] = 0 exactly: no bin-width bias)."""
     matcher = make_matcher(name, 0.5)
     data = torch.tensor([-1.0, 0.3, 1.5], dtype=torch.float64).reshape(3, 1, 1, 1)
-    field = mf.MemorizingField(data, matcher)
+    field = memorizing_field.MemorizingField(data, matcher)
     g = torch.Generator().manual_seed(1)
     n = 200_000
     for t in (0.3, 0.8):
@@ -128,23 +128,23 @@ def test_chunked_equals_unchunked_and_stays_finite_near_t_1():
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(23, 3, 8, 8, generator=g) * 255).to(torch.uint8)
     matcher = make_matcher("icfm")
-    chunked, whole = (mf.MemorizingField(images, matcher, chunk_size=size) for size in (4, 23))
+    chunked, whole = (memorizing_field.MemorizingField(images, matcher, chunk_size=size) for size in (4, 23))
     x = torch.cat([torch.randn(5, 3, 8, 8, generator=g), (images[:3].double() / 127.5 - 1) * 0.9])
     for t in (0.05, 0.5, 0.95, 1 - 1e-6):
         v = chunked(t, x)
         assert torch.isfinite(v).all()
         torch.testing.assert_close(v, whole(t, x), rtol=1e-12, atol=1e-12)
-    single = mf.MemorizingField(images, matcher, chunk_size=4, dtype=torch.float32)
+    single = memorizing_field.MemorizingField(images, matcher, chunk_size=4, dtype=torch.float32)
     torch.testing.assert_close(single(0.5, x).double(), whole(0.5, x), rtol=1e-4, atol=1e-4)
 
 
 def test_vstar_is_undefined_only_at_t_1_without_sigma():
     images = torch.zeros(2, 1, 1, 2)
     with pytest.raises(ValueError, match="undefined at t = 1"):
-        mf.MemorizingField(images, make_matcher("icfm"))(1.0, torch.ones(1, 1, 1, 2))
-    assert torch.isfinite(mf.MemorizingField(images, make_matcher("icfm", 0.1))(1.0, torch.ones(1, 1, 1, 2))).all()
+        memorizing_field.MemorizingField(images, make_matcher("icfm"))(1.0, torch.ones(1, 1, 1, 2))
+    assert torch.isfinite(memorizing_field.MemorizingField(images, make_matcher("icfm", 0.1))(1.0, torch.ones(1, 1, 1, 2))).all()
     with pytest.raises(ValueError, match="increase strictly"):
-        mf.path_points(make_matcher("icfm"), images, (0.5, 0.2))
+        memorizing_field.path_points(make_matcher("icfm"), images, (0.5, 0.2))
 
 
 def nearest_two(samples, images):
@@ -166,12 +166,12 @@ def test_vstar_sampler_lands_on_training_images_or_their_mirrors(name, sigma):
     path around an image there), some on mirrors and some on the images themselves."""
     images = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     matcher = make_matcher(name, sigma)
-    field = mf.MemorizingField(images, matcher, chunk_size=3)
-    samples = mf.memorizing_samples(field, noise(24, (3, 8, 8), seed=0), delta=1e-3, steps=50)
+    field = memorizing_field.MemorizingField(images, matcher, chunk_size=3)
+    samples = memorizing_field.memorizing_samples(field, noise(24, (3, 8, 8), seed=0), delta=1e-3, steps=50)
     nearest, is_mirror = nearest_two(samples, images)
     d1, d2 = nearest.T
     assert (d1 < d2 / 3).all(), (d1 / d2).max()
-    width = mf.path_coefficients(matcher, 1 - 1e-3).s2.sqrt().item() * math.sqrt(3 * 8 * 8)
+    width = memorizing_field.path_coefficients(matcher, 1 - 1e-3).s2.sqrt().item() * math.sqrt(3 * 8 * 8)
     assert (d1 < 3 * width).all() and width < 0.1 * d2.min(), (d1.max(), width)
     assert 0 < is_mirror.sum() < len(samples)
 
@@ -183,7 +183,7 @@ def test_trajectory_points_are_the_solvers_states_at_the_times():
         return torch.cos(3 * t) * x + t
 
     x0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    points = mf.trajectory_points(field, x0, (0.1, 0.5, 0.8), steps=10)
+    points = memorizing_field.trajectory_points(field, x0, (0.1, 0.5, 0.8), steps=10)
     x, states = x0, []
     for i in range(8):
         x = x + 0.1 * field(torch.tensor(i / 10, dtype=torch.float64), x)
@@ -193,8 +193,8 @@ def test_trajectory_points_are_the_solvers_states_at_the_times():
 
 def test_model_trajectory_points_follow_the_net_from_the_fid_noise():
     net = TinyNet().eval()
-    points = mf.model_trajectory_points(net, 5, (0.2, 0.7), batch_size=2, steps=10, seed=3)
-    expected = mf.trajectory_points(net, noise(5, (3, 8, 8), seed=3), (0.2, 0.7), steps=10)
+    points = memorizing_field.model_trajectory_points(net, 5, (0.2, 0.7), batch_size=2, steps=10, seed=3)
+    expected = memorizing_field.trajectory_points(net, noise(5, (3, 8, 8), seed=3), (0.2, 0.7), steps=10)
     torch.testing.assert_close(points, expected.detach(), rtol=1e-6, atol=1e-6)
 
 
@@ -203,7 +203,7 @@ def test_path_points_carry_the_held_out_images_with_one_noise_for_all_times():
     points are the images, and (xt - t x1) / (1 - t) is the same x0 ~ N(0, I) at every time."""
     images = (torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     times = (0.1, 0.5, 1 - 1e-7)
-    points = mf.path_points(make_matcher("icfm"), images, times, seed=4).double()
+    points = memorizing_field.path_points(make_matcher("icfm"), images, times, seed=4).double()
     x1 = images.double() / 127.5 - 1
     torch.testing.assert_close(points[-1], x1, rtol=0, atol=1e-5)
     x0 = [(p - t * x1) / (1 - t) for p, t in zip(points[:2], times)]
@@ -216,13 +216,13 @@ def test_a_net_equal_to_vstar_scores_zero_and_a_zero_net_scores_one():
     g = torch.Generator().manual_seed(0)
     train = (torch.rand(9, 3, 8, 8, generator=g) * 255).to(torch.uint8)
     held_out = (torch.rand(4, 3, 8, 8, generator=g) * 255).to(torch.uint8)
-    field = mf.MemorizingField(train, make_matcher("si", 0.1), chunk_size=4)
+    field = memorizing_field.MemorizingField(train, make_matcher("si", 0.1), chunk_size=4)
     times = (0.1, 0.5, 0.9)
-    point_sets = {"test path": mf.path_points(field.matcher, held_out, times, seed=0),
-                  "own trajectories": mf.trajectory_points(field, noise(4, (3, 8, 8)), times, steps=10).float()}
+    point_sets = {"test path": memorizing_field.path_points(field.matcher, held_out, times, seed=0),
+                  "own trajectories": memorizing_field.trajectory_points(field, noise(4, (3, 8, 8)), times, steps=10).float()}
     for name, points in point_sets.items():
-        same = mf.field_distance(field, field, points, times, batch_size=3)
-        zero = mf.field_distance(lambda t, x: torch.zeros_like(x), field, points, times, batch_size=3)
+        same = memorizing_field.field_distance(field, field, points, times, batch_size=3)
+        zero = memorizing_field.field_distance(lambda t, x: torch.zeros_like(x), field, points, times, batch_size=3)
         assert same.overall < 1e-12 and max(same.per_time) < 1e-12, name
         assert zero.overall == pytest.approx(1, rel=1e-12) and zero.per_time == pytest.approx([1] * 3, rel=1e-12)
         assert same.squared_error.shape == (3, 4)
@@ -233,10 +233,10 @@ WORLD_SCRIPT = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     sys.path[:0] = [{repo!r}, {tests!r}]
-    import memorizing_field as mf
-    from distributed import init_world
-    from flow_matching import make_matcher
-    from sampling import noise
+    from cfm.evaluation import memorizing_field
+    from cfm.evaluation.sampling import noise
+    from cfm.io.distributed import init_world
+    from cfm.method.flow_matching import make_matcher
     from test_memorizing_field import TinyNet
 
     world = init_world("cpu")
@@ -244,12 +244,12 @@ WORLD_SCRIPT = textwrap.dedent("""
     train = (torch.rand(11, 3, 8, 8, generator=g) * 255).to(torch.uint8)  # slices of 5 and 6 images
     held_out = (torch.rand(5, 3, 8, 8, generator=g) * 255).to(torch.uint8)
     net = TinyNet().eval()
-    field = mf.MemorizingField(train, make_matcher("si", 0.1), world=world, chunk_size=4)
+    field = memorizing_field.MemorizingField(train, make_matcher("si", 0.1), world=world, chunk_size=4)
     times = (0.2, 0.6, 0.9)
-    on_test = mf.field_distance(net, field, mf.path_points(field.matcher, held_out, times, seed=1), times, 3)
-    trajectories = mf.model_trajectory_points(net, 5, times, batch_size=2, steps=10, seed=0, world=world)
-    on_model = mf.field_distance(net, field, trajectories, times, batch_size=4)
-    samples = mf.memorizing_samples(field, noise(4, (3, 8, 8)), steps=20)
+    on_test = memorizing_field.field_distance(net, field, memorizing_field.path_points(field.matcher, held_out, times, seed=1), times, 3)
+    trajectories = memorizing_field.model_trajectory_points(net, 5, times, batch_size=2, steps=10, seed=0, world=world)
+    on_model = memorizing_field.field_distance(net, field, trajectories, times, batch_size=4)
+    samples = memorizing_field.memorizing_samples(field, noise(4, (3, 8, 8)), steps=20)
     torch.save({{"test": on_test.squared_error, "test_norm": on_test.squared_norm, "model": on_model.squared_error,
                 "trajectories": trajectories, "samples": samples, "held": len(field.images)}},
                sys.argv[1] + f".{{world.rank}}")

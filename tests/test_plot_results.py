@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import results
-from utils_cifar import UserError
+from cfm.evaluation import results
+from cfm.io.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = sorted((REPO / "tests" / "data" / "runs").iterdir())

@@ -3,11 +3,11 @@ and what the verification refuses: a file whose weight sets, keys, shapes or dty
 
 import pytest
 import torch
-
-import pretrained
 from conftest import TINY_UNET_CONFIG
-from unet import UNetModel
-from utils_cifar import build_net_from_checkpoint
+
+from cfm.evaluation import pretrained
+from cfm.method.nets import build_net_from_checkpoint
+from cfm.method.unet import UNetModel
 
 NAME, FILE = "otcfm", "otcfm_cifar10_weights_step_400000.pt"
 
@@ -192,7 +192,7 @@ def test_a_killed_downloads_temp_file_is_removed_once_its_pid_is_gone(file_serve
     import subprocess
     import sys
 
-    import atomic_files
+    from cfm.io import atomic_files
 
     folder, url, _ = file_server
     tiny_checkpoint(folder / FILE)

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import training
-from distributed import World
-from flow_matching import FM, ICFM, SI, make_matcher, pad_t_like_x
-from regularizers import AnchorRegularizer, LocalRegularizer
-from unet import UNetModel
-from utils_cifar import to_model_range
+from cfm.io.cifar10 import to_model_range
+from cfm.io.distributed import World
+from cfm.method.flow_matching import FM, ICFM, SI, make_matcher, pad_t_like_x
+from cfm.method.regularizers import AnchorRegularizer, LocalRegularizer
+from cfm.method.unet import UNetModel
+from cfm.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 # float64 results with float64 centroids: equal to a few hundred ulps (float32 centroids would be off by ~1e-8).
@@ -408,7 +408,7 @@ def test_otcfm_step_computes_the_published_formulas_on_the_batch_as_drawn(kind, 
                                 "channels_last": False, "compile": False, "compile_mode": "default",
                                 "ot_pipeline": False})
     world = World(rank=0, size=1, device=torch.device("cpu"))
-    trainer = training.Trainer(net, ema, optimizer, scheduler, matcher, FixedBatch(x1, cluster), flags_, world, reg)
+    trainer = Trainer(net, ema, optimizer, scheduler, matcher, FixedBatch(x1, cluster), flags_, world, reg)
 
     seen = []
     extra_inputs = reg.extra_inputs

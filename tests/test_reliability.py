@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import run_lock
-import training
-import utils_cifar
 from test_training import run_plain
 from test_training import tiny_args as training_tiny_args
+
+from cfm.io import atomic_files, checkpoint_io, run_files
+from cfm.method import nets
+from cfm.training import run_lock, run_outputs
+from cfm.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "otcfm_cifar10"
@@ -48,7 +50,7 @@ def wait_for_step(metrics: Path, step: int, process, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1][-3000:]
-        if metrics.is_file() and any(r.get("step", -1) >= step and "loss" in r for r in utils_cifar.read_jsonl(metrics)):
+        if metrics.is_file() and any(r.get("step", -1) >= step and "loss" in r for r in run_files.read_jsonl(metrics)):
             return
         time.sleep(0.05)
     pytest.fail(f"the run never logged step {step}")
@@ -119,7 +121,7 @@ def test_resume_auto_refuses_a_run_whose_checkpoints_all_fail_to_load(fake_cifar
 
 def test_a_non_finite_loss_stops_the_run_and_nothing_non_finite_is_written(fake_cifar, tmp_path, monkeypatch):
     data_dir, _, _ = fake_cifar
-    step = training.Trainer.step
+    step = Trainer.step
 
     def poisoned(self, index, with_metrics=False):  # the weights turn NaN during step 3
         if index == 3:
@@ -127,7 +129,7 @@ def test_a_non_finite_loss_stops_the_run_and_nothing_non_finite_is_written(fake_
                 self.params[0].fill_(float("nan"))
         return step(self, index, with_metrics)
 
-    monkeypatch.setattr(training.Trainer, "step", poisoned)
+    monkeypatch.setattr(Trainer, "step", poisoned)
     with pytest.raises(SystemExit) as exit_info:
         run_plain(tiny_args(data_dir, tmp_path, "--total_steps=9", "--save_step=2", "--log_step=4"))
     message = str(exit_info.value.code)
@@ -143,16 +145,16 @@ def test_a_non_finite_loss_stops_the_run_and_nothing_non_finite_is_written(fake_
 
 
 def test_non_finite_weights_are_refused_with_one_sentence():
-    from unet import UNetModel
-
     from conftest import TINY_UNET_CONFIG
+
+    from cfm.method.unet import UNetModel
 
     net = UNetModel(**TINY_UNET_CONFIG)
     state = net.state_dict()
     state["out.2.bias"] = torch.full_like(state["out.2.bias"], float("nan"))
-    with pytest.raises(utils_cifar.CheckpointError, match=r"^run.pt \(ema_model\) holds NaN or infinite weights "
+    with pytest.raises(checkpoint_io.CheckpointError, match=r"^run.pt \(ema_model\) holds NaN or infinite weights "
                                                           r"\(1 tensors, e.g. out.2.bias\)"):
-        utils_cifar.load_weights(net, state, "run.pt (ema_model)")
+        nets.load_weights(net, state, "run.pt (ema_model)")
 
 
 # ------------------------------------------------------------------------------------ locks
@@ -183,7 +185,7 @@ def test_a_second_run_of_the_same_name_is_refused_even_with_overwrite(fake_cifar
 
 
 def logged_steps(metrics: Path) -> list[int]:
-    return [r["step"] for r in utils_cifar.read_jsonl(metrics) if "loss" in r]
+    return [r["step"] for r in run_files.read_jsonl(metrics) if "loss" in r]
 
 
 def test_a_run_whose_lock_is_taken_over_writes_nothing_more(fake_cifar, tmp_path):
@@ -196,7 +198,7 @@ def test_a_run_whose_lock_is_taken_over_writes_nothing_more(fake_cifar, tmp_path
     wait_for_step(metrics, 4, process)
     lock = tmp_path / f"otcfm/{PREFIX}.lock"
     taken = {"pid": 1, "host": "elsewhere", "token": "the new owner", "heartbeat": time.time()}
-    utils_cifar.atomic_write(lock, lambda f: f.write(json.dumps(taken).encode()))
+    atomic_files.atomic_write(lock, lambda f: f.write(json.dumps(taken).encode()))
     last = max(logged_steps(metrics))
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 1, stderr[-3000:]
@@ -211,7 +213,7 @@ def test_the_heartbeat_keeps_the_lock_fresh_through_a_slow_save_step(fake_cifar,
     """A save step whose grids take 2.5 s, with a 1-s stale limit: another host never sees the lock stale."""
     data_dir, _, _ = fake_cifar
     monkeypatch.setenv(run_lock.STALE_ENV, "1")
-    real_grid, slept = training.save_sample_grid, []
+    real_grid, slept = run_outputs.save_sample_grid, []
 
     def slow_grid(*args, **kwargs):
         if not slept:
@@ -219,7 +221,7 @@ def test_the_heartbeat_keeps_the_lock_fresh_through_a_slow_save_step(fake_cifar,
             slept.append(True)
         return real_grid(*args, **kwargs)
 
-    monkeypatch.setattr(training, "save_sample_grid", slow_grid)
+    monkeypatch.setattr(run_outputs, "save_sample_grid", slow_grid)
     watcher = run_lock.RunLock(tmp_path / "otcfm", PREFIX, stale_after=1.0)
     watcher.record["host"] = "elsewhere"  # judges by the heartbeat, as another node would
     seen_stale, checks, done = [], [], threading.Event()
@@ -262,10 +264,10 @@ def test_resume_auto_waits_out_a_fresh_lock_from_another_host_then_resumes(fake_
     assert logged_steps(tmp_path / f"otcfm/{PREFIX}_metrics.jsonl") == [0, 1, 2, 3]  # resumed after step 1
 
 
-@pytest.mark.parametrize("where", ["utils_cifar.load_cifar10", "training.ClassConditionedSampler"])
+@pytest.mark.parametrize("where", ["cfm.io.cifar10.load_cifar10", "cfm.training.loop.ClassConditionedSampler"])
 def test_ctrl_c_before_the_training_loop_is_one_line_and_exit_130(fake_cifar, tmp_path, monkeypatch, capsys, where):
     data_dir, _, _ = fake_cifar
-    module, name = where.split(".")
+    module, _, name = where.rpartition(".")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

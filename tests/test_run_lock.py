@@ -11,75 +11,91 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-import atomic_files
-import run_lock
+from cfm.io import atomic_files, run_files
+from cfm.method import clustering
+from cfm.training import run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "otcfm_cifar10"
 
-# One launch: say it is ready, wait for the go, try the lock, print WON or REFUSED; a winner holds
-# its lock until every racer has decided (the "end" file), then says whether it still holds it.
-# `pause` (seconds) stops this process at one point of the protocol: "link" between writing its
-# record and linking it, "take" between judging a lock stale and taking it.
+# One launch: say it is ready, wait for its go, try the lock, print WON or REFUSED; a winner holds its
+# lock until every racer has decided (the "end" file), then says whether it still holds it. A racer
+# launched with `where` "link" stops between writing its record and linking it, one with "take"
+# between judging a lock stale and taking it: it says so ("paused.N") and waits for "resume".
 RACER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {repo!r})
-    import run_lock
-    run_dir, gate, pause, where = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    from cfm.training import run_lock
+    run_dir, gate, number, where = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     lock = run_lock.RunLock(run_dir, {name!r}, stale_after=30)
+
+    def wait_for(name):
+        while not os.path.exists(os.path.join(gate, name)):
+            time.sleep(0.001)
+
+    def paused(function):
+        def wrapper(*args):
+            open(os.path.join(gate, f"paused.{{number}}"), "w").close()
+            wait_for("resume")
+            return function(*args)
+        return wrapper
+
     if where == "link":
-        real = run_lock.os.link
-        def slow_link(src, dst):
-            time.sleep(pause)
-            return real(src, dst)
-        run_lock.os.link = slow_link
+        run_lock.os.link = paused(run_lock.os.link)
     if where == "take":
-        real_remove = lock._remove_stale
-        def slow_remove(judged):
-            time.sleep(pause)
-            return real_remove(judged)
-        lock._remove_stale = slow_remove
-    open(os.path.join(gate, f"ready.{{os.getpid()}}"), "w").close()
-    while not os.path.exists(os.path.join(gate, "go")):
-        time.sleep(0.0005)
+        lock._remove_stale = paused(lock._remove_stale)
+    open(os.path.join(gate, f"ready.{{number}}"), "w").close()
+    wait_for(f"go.{{number}}")
     try:
         lock.acquire()
     except run_lock.RunLocked:
         print("REFUSED", flush=True)
         sys.exit(0)
     print("WON", flush=True)
-    while not os.path.exists(os.path.join(gate, "end")):
-        time.sleep(0.001)
+    wait_for("end")
     print("HELD" if lock.verify() else "LOST", flush=True)
     lock.release()
 """).format(repo=str(REPO), name=NAME)
 
 
 def race(run_dir, launches):
-    """Start one process per (pause, where) in `launches`, let them go together once all are up,
-    end the round once all have decided; return their outputs in order."""
+    """One racer per `where` in `launches` ("none", "link" or "take"). Once all are up, the paused ones
+    go first and stop at their point; then the others go together and decide; then the paused ones
+    resume and decide; then the round ends. Returns every racer's output, in order."""
     gate = Path(tempfile.mkdtemp(prefix="gate", dir=run_dir.parent))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    processes = [subprocess.Popen([sys.executable, "-c", RACER, str(run_dir), str(gate), str(pause), where],
+    processes = [subprocess.Popen([sys.executable, "-c", RACER, str(run_dir), str(gate), str(i), where],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for pause, where in launches]
-    deadline = time.monotonic() + 60
-    while len(list(gate.glob("ready.*"))) < len(processes) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    (gate / "go").touch()
-    decisions = [process.stdout.readline().split() for process in processes]
+                 for i, where in enumerate(launches)]
+
+    def wait_for(names):
+        deadline = time.monotonic() + 60
+        while not all((gate / name).exists() for name in names):
+            assert time.monotonic() < deadline, f"racers never wrote {names}"
+            time.sleep(0.005)
+
+    wait_for([f"ready.{i}" for i in range(len(launches))])
+    paused = [i for i, where in enumerate(launches) if where != "none"]
+    others = [i for i, where in enumerate(launches) if where == "none"]
+    for i in paused:
+        (gate / f"go.{i}").touch()
+    wait_for([f"paused.{i}" for i in paused])
+    for i in others:
+        (gate / f"go.{i}").touch()
+    decisions = {i: processes[i].stdout.readline().split() for i in others}
+    (gate / "resume").touch()
+    decisions.update({i: processes[i].stdout.readline().split() for i in paused})
     (gate / "end").touch()
     outputs = []
-    for process, decision in zip(processes, decisions):
+    for i, process in enumerate(processes):
         stdout, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stderr
-        outputs.append(decision + stdout.split())
+        outputs.append(decisions[i] + stdout.split())
     return outputs
 
 
@@ -107,9 +123,9 @@ def test_racing_launches_have_exactly_one_winner(tmp_path):
     linking it, in round 1 the folder starts with a stale lock (a dead pid)."""
     for round_ in range(20):
         run_dir = tmp_path / f"round{round_}"
-        launches = [(0.0, "none")] * 3
+        launches = ["none"] * 3
         if round_ == 0:
-            launches = [(0.3, "link"), (0.0, "none"), (0.0, "none")]
+            launches = ["link", "none", "none"]
         if round_ == 1:
             write_record(run_dir / f"{NAME}.lock", pid=dead_pid(), host=socket.gethostname())
         outputs = race(run_dir, launches)
@@ -126,7 +142,7 @@ def test_of_two_takers_of_a_stale_lock_exactly_one_wins(tmp_path):
     for round_ in range(3):
         run_dir = tmp_path / f"round{round_}"
         write_record(run_dir / f"{NAME}.lock", pid=dead_pid(), host=socket.gethostname())
-        outputs = race(run_dir, [(0.5, "take"), (0.0, "none"), (0.0, "none")])
+        outputs = race(run_dir, ["take", "none", "none"])
         won = winners(outputs)
         assert won != [0] and len(won) == 1, outputs  # the paused taker came too late
         assert outputs[won[0]] == ["WON", "HELD"], outputs
@@ -138,11 +154,11 @@ def test_a_young_empty_lock_is_live_and_an_old_one_is_stale(tmp_path):
     lock_path = tmp_path / "run" / f"{NAME}.lock"
     lock_path.parent.mkdir()
     lock_path.write_bytes(b"")
-    outputs = race(tmp_path / "run", [(0.0, "none")] * 3)
+    outputs = race(tmp_path / "run", ["none"] * 3)
     assert winners(outputs) == [], outputs
     old = time.time() - 31  # older than the grace period (30 s: the racers' stale limit)
     os.utime(lock_path, (old, old))
-    outputs = race(tmp_path / "run", [(0.0, "none")] * 3)
+    outputs = race(tmp_path / "run", ["none"] * 3)
     assert len(winners(outputs)) == 1, outputs
 
 
@@ -244,7 +260,7 @@ def test_the_stale_limit_setting(monkeypatch):
 
 
 def test_run_lock_imports_no_torch():
-    code = "import sys, run_lock; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys; from cfm.training import run_lock; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -269,14 +285,13 @@ def test_temp_files_name_their_writer_and_dead_writers_files_go(tmp_path):
 
 def test_a_lock_racer_temp_file_survives_the_holders_clean_up(tmp_path):
     """The holder removes its run's stale temp files, but not a live racer's lock temp file."""
-    import utils_cifar
 
     racer = tmp_path / f".{NAME}.lock.{atomic_files.HOST}.{os.getppid()}.abc.tmp"
     killed = tmp_path / f".{NAME}.lock.{atomic_files.HOST}.{dead_pid()}.abc.tmp"
     checkpoint = tmp_path / f".{NAME}_weights_step_20.pt.otherhost.12.abc.tmp"
     for path in (racer, killed, checkpoint):
         path.write_bytes(b"x")
-    assert sorted(utils_cifar.RunPaths(tmp_path, NAME).remove_stale_temp_files()) == sorted([checkpoint, killed])
+    assert sorted(run_files.RunPaths(tmp_path, NAME).remove_stale_temp_files()) == sorted([checkpoint, killed])
     assert racer.exists()
 
 
@@ -286,13 +301,12 @@ def test_shared_caches_remove_a_dead_writers_temp_file_and_keep_another_hosts(tm
     import numpy as np
     import torch
 
-    import fid
-    import samplers
+    from cfm.evaluation import fid
 
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(40) % 10
-    digest = samplers.data_digest(images, labels)
-    kmeans = samplers.cache_path(tmp_path, digest, 2, 0, "lloyd")
+    digest = clustering.data_digest(images, labels)
+    kmeans = clustering.cache_path(tmp_path, digest, 2, 0, "lloyd")
     stats = tmp_path / "stats.npz"
     pid = dead_pid()
     for target in (kmeans, stats):
@@ -300,7 +314,7 @@ def test_shared_caches_remove_a_dead_writers_temp_file_and_keep_another_hosts(tm
         elsewhere = target.with_name(f".{target.name}.otherhost.{pid}.abc.tmp")
         killed.write_bytes(b"x")
         elsewhere.write_bytes(b"x")
-    samplers.cluster_assignments(images, labels, 2, seed=0, cache_dir=tmp_path, algorithm="lloyd")
+    clustering.cluster_assignments(images, labels, 2, seed=0, cache_dir=tmp_path, algorithm="lloyd")
     fid.save_statistics(stats, np.zeros(2), np.eye(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [kmeans.name, stats.name, f".{kmeans.name}.otherhost.{pid}.abc.tmp", f".{stats.name}.otherhost.{pid}.abc.tmp"])

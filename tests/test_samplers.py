@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
-from samplers import CIFAR10_CLASSES, ClassConditionedSampler, cluster_assignments, save_cluster_grids
-from utils_cifar import to_model_range
+from cfm.io.cifar10 import to_model_range
+from cfm.method.clustering import CIFAR10_CLASSES, cluster_assignments
+from cfm.method.samplers import ClassConditionedSampler, save_cluster_grids
 
 PER_CLASS = 40
 
@@ -351,7 +352,7 @@ def test_a_cache_write_that_fails_is_a_warning(data, fitted, tmp_path, monkeypat
 def test_cache_folder_falls_back_when_the_data_folder_is_read_only(tmp_path, monkeypatch):
     import os
 
-    from samplers import kmeans_cache_dir
+    from cfm.method.clustering import kmeans_cache_dir
 
     data_dir, cache_home = tmp_path / "data", tmp_path / "xdg"
     data_dir.mkdir()

@@ -5,14 +5,22 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_UNET_CONFIG as TINY_CONFIG
 from PIL import Image
 
-from sampling import (SOLVERS, SolverSetting, batch_ranges, generate_samples, integrate, interleave, noise, parse_sweep,
-                      sample_batches, save_sample_grid, straightness)
-from unet import UNetModel
-from utils_cifar import UserError, to_uint8
-
-from conftest import TINY_UNET_CONFIG as TINY_CONFIG
+from cfm.evaluation.sampling import (
+    batch_ranges,
+    generate_samples,
+    interleave,
+    noise,
+    sample_batches,
+    save_sample_grid,
+    straightness,
+)
+from cfm.evaluation.solvers import SOLVERS, SolverSetting, integrate, parse_sweep
+from cfm.io.cifar10 import to_uint8
+from cfm.io.errors import UserError
+from cfm.method.unet import UNetModel
 
 # Many small solves: one intra-op thread is faster on a busy 2-core machine (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from absl import flags
+from conftest import TINY_UNET_FLAGS
 from PIL import Image
 
 import train_cifar10  # defines the training flags
-import training
-import utils_cifar
-from conftest import TINY_UNET_FLAGS
-from unet import UNetModel
+from cfm.io import checkpoint_io, errors, run_files
+from cfm.method import nets, samplers
+from cfm.method.unet import UNetModel
+from cfm.training.trainer import ema_update, warmup_schedule
 
 FLAGS = flags.FLAGS
 REPO = Path(__file__).resolve().parents[1]
@@ -39,30 +40,30 @@ def test_ema_update_is_the_closed_form_average():
     torch.manual_seed(0)
     net, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     before = [p.detach().clone() for p in ema.parameters()]
-    utils_cifar.ema_update(list(ema.parameters()), list(net.parameters()), 0.9)
+    ema_update(list(ema.parameters()), list(net.parameters()), 0.9)
     for e, b, p in zip(ema.parameters(), before, net.parameters()):
         assert torch.allclose(e, 0.9 * b + 0.1 * p)
-    utils_cifar.ema_update(list(ema.parameters()), list(net.parameters()), 0.0)  # decay 0 copies the net
+    ema_update(list(ema.parameters()), list(net.parameters()), 0.0)  # decay 0 copies the net
     assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), net.parameters()))
 
 
 def test_warmup_is_linear_then_constant():
-    f = training.warmup_schedule(5000)
+    f = warmup_schedule(5000)
     assert [f(0), f(2500), f(5000), f(9000)] == [0.0, 0.5, 1.0, 1.0]
-    assert training.warmup_schedule(0)(0) == 1.0
+    assert warmup_schedule(0)(0) == 1.0
 
 
 def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    utils_cifar.atomic_save({"step": 1}, path)
+    checkpoint_io.atomic_save({"step": 1}, path)
 
     def crash(obj, f):
         f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(utils_cifar.SaveError, match=f"cannot write {path} \\(disk full\\)"):
-        utils_cifar.atomic_save({"step": 2}, path)
+    with pytest.raises(errors.SaveError, match=f"cannot write {path} \\(disk full\\)"):
+        checkpoint_io.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
@@ -74,14 +75,14 @@ def test_weights_with_wrapper_prefixes_load(prefix):
     net = UNetModel(**TINY_CONFIG)
     state = {prefix + k: v.clone() + 1 for k, v in net.state_dict().items()}
     other = UNetModel(**TINY_CONFIG)
-    utils_cifar.load_weights(other, state)
+    nets.load_weights(other, state)
     assert all(torch.equal(other.state_dict()[k], state[prefix + k]) for k in net.state_dict())
 
 
 def test_weights_that_do_not_fit_name_the_difference():
     small = UNetModel(**TINY_CONFIG).state_dict()
-    with pytest.raises(utils_cifar.CheckpointError, match="shape mismatches .*input_blocks.0.0"):
-        utils_cifar.load_weights(UNetModel(**{**TINY_CONFIG, "num_channels": 64}), small)
+    with pytest.raises(checkpoint_io.CheckpointError, match="shape mismatches .*input_blocks.0.0"):
+        nets.load_weights(UNetModel(**{**TINY_CONFIG, "num_channels": 64}), small)
 
 
 def test_script_runs_the_published_command_end_to_end(fake_cifar, tmp_path):
@@ -165,8 +166,8 @@ def test_overwrite_flag_allows_a_fresh_run(fake_cifar, tmp_path):
 def test_fid_at_save_steps_is_logged_and_missing_files_never_crash(fake_cifar, tmp_path, monkeypatch):
     import numpy as np
 
-    import fid
-    from sampling import generate_samples
+    from cfm.evaluation import fid
+    from cfm.evaluation.sampling import generate_samples
 
     data_dir, _, _ = fake_cifar
     # Offline with no FID files: the run trains on, and says why there is no FID.
@@ -192,25 +193,25 @@ def test_fid_at_save_steps_is_logged_and_missing_files_never_crash(fake_cifar, t
     assert fids[0]["fid_nfe"] == 2 and fids[0]["fid_num_gen"] == 16 and np.isfinite(fids[0]["fid"])
     # ... and it is the FID of the EMA weights' samples saved in the checkpoint of that step.
     ckpt = torch.load(tmp_path / "b/otcfm/otcfm_cifar10_weights_step_2.pt", weights_only=True)
-    images, _ = generate_samples(utils_cifar.build_net_from_checkpoint(ckpt), 16, method="euler", steps=2, seed=0)
+    images, _ = generate_samples(nets.build_net_from_checkpoint(ckpt), 16, method="euler", steps=2, seed=0)
     mu, sigma = fid.feature_statistics((images.flatten(1).float() @ projection).double().numpy())
     assert fids[0]["fid"] == pytest.approx(fid.frechet_distance(mu, sigma, np.zeros(8), np.eye(8)), rel=1e-6)
 
 
 def test_metrics_lines_are_valid_json_and_a_torn_line_is_survived(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    utils_cifar.append_jsonl(path, {"step": 0, "loss": float("nan"), "terms": [1.0, float("inf")]})
-    utils_cifar.append_jsonl(path, {"step": 1, "loss": 0.5})
+    run_files.append_jsonl(path, {"step": 0, "loss": float("nan"), "terms": [1.0, float("inf")]})
+    run_files.append_jsonl(path, {"step": 1, "loss": 0.5})
     for line in path.read_text().splitlines():  # strict JSON: no bare NaN / Infinity
         json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard constant {name}"))
     with open(path, "a") as f:
         f.write('{"step": ')  # a write torn by a full disk or a kill
     with pytest.warns(UserWarning, match="metrics.jsonl:3"):
-        records = utils_cifar.read_jsonl(path)
+        records = run_files.read_jsonl(path)
     assert records == [{"step": 0, "loss": None, "terms": [1.0, None]}, {"step": 1, "loss": 0.5}]
     with pytest.warns(UserWarning):
-        utils_cifar.truncate_jsonl(path, keep=lambda r: r["step"] < 1)
-    assert utils_cifar.read_jsonl(path) == records[:1]
+        run_files.truncate_jsonl(path, keep=lambda r: r["step"] < 1)
+    assert run_files.read_jsonl(path) == records[:1]
 
 
 @pytest.mark.parametrize("failure", ["ENOSPC", "EROFS"])
@@ -251,14 +252,14 @@ def test_checkpoints_get_ordinary_permissions(tmp_path):
     """0666 less the umask, as any new file (mkstemp alone would leave 0600: unreadable to the group)."""
     old = os.umask(0o022)
     try:
-        path = utils_cifar.atomic_save({"step": 1}, tmp_path / "ckpt.pt")
+        path = checkpoint_io.atomic_save({"step": 1}, tmp_path / "ckpt.pt")
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_stale_temp_files_of_the_run_are_removed(tmp_path):
-    paths = utils_cifar.RunPaths(tmp_path, "otcfm_cifar10")
+    paths = run_files.RunPaths(tmp_path, "otcfm_cifar10")
     stale = [tmp_path / ".otcfm_cifar10_weights_step_20000.pt.a1b2c3d4.tmp", tmp_path / ".otcfm_cifar10_metrics.jsonl.x_9yzabc.tmp"]
     kept = [tmp_path / ".icfm_cifar10_weights_step_20000.pt.a1b2c3d4.tmp",  # another run's
             tmp_path / "otcfm_cifar10_weights_step_20000.pt", tmp_path / "notes.tmp"]
@@ -288,7 +289,6 @@ def test_read_only_data_dir_trains_with_the_cache_elsewhere(fake_cifar, tmp_path
 
 
 def test_monitor_local_false_skips_clustering(fake_cifar, tmp_path, monkeypatch):
-    import samplers
 
     data_dir, _, _ = fake_cifar
     monkeypatch.setattr(samplers, "cluster_assignments", lambda *a, **k: pytest.fail("clustered"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from unet import PAPER_CONFIG, UNetModel, check_config, strip_state_dict_prefixes
+from cfm.method.unet import PAPER_CONFIG, UNetModel, check_config, strip_state_dict_prefixes
 
 DATA = Path(__file__).parent / "data"
 TINY = dict(dim=(3, 16, 16), num_channels=32, num_res_blocks=1, channel_mult=(1, 2),

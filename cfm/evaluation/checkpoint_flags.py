@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from absl import flags, logging
 
-import pretrained
-import utils_cifar
+from cfm.evaluation import pretrained
+from cfm.io import checkpoint_io, errors, run_files
+from cfm.method import nets, unet
 
 FLAGS = flags.FLAGS
 
@@ -38,7 +39,7 @@ flags.DEFINE_string("device", "auto", "auto (cuda if available), cpu, cuda, cuda
 def check_flags() -> None:
     """UserError (one sentence) for contradicting choices of weights, before anything is loaded."""
     if FLAGS.pretrained and FLAGS.checkpoint:
-        raise utils_cifar.UserError("--pretrained and --checkpoint both name the weights: pass one of them.")
+        raise errors.UserError("--pretrained and --checkpoint both name the weights: pass one of them.")
 
 
 def default_checkpoint() -> Path:
@@ -57,9 +58,9 @@ def load(device: torch.device, progress: bool = True) -> tuple[Path, dict, torch
         path, ckpt = pretrained.published_checkpoint(FLAGS.pretrained, FLAGS.data_dir, progress=progress)
     else:
         path = Path(FLAGS.checkpoint) if FLAGS.checkpoint else default_checkpoint()
-        ckpt = utils_cifar.load_checkpoint(path)
-    fallback = dict(utils_cifar.PAPER_CONFIG, num_channels=FLAGS.num_channel)
-    net = utils_cifar.build_net_from_checkpoint(ckpt, FLAGS.use_ema, fallback, device, source=str(path))
+        ckpt = checkpoint_io.load_checkpoint(path)
+    fallback = dict(unet.PAPER_CONFIG, num_channels=FLAGS.num_channel)
+    net = nets.build_net_from_checkpoint(ckpt, FLAGS.use_ema, fallback, device, source=str(path))
     return path, ckpt, net
 
 
@@ -73,7 +74,7 @@ def checkpoint_path_matcher(ckpt: dict):
     """The checkpoint's path for loss_fm: its stored --model, --sigma, --ot_pairing (TorchCFM's
     published checkpoints store none: --pretrained or --model, sigma 0)."""
     # Imported here: POT comes with flow_matching, and compute_fid.py needs no path.
-    from flow_matching import make_matcher
+    from cfm.method.flow_matching import make_matcher
 
     stored = ckpt.get("flags") or {}
     model = checkpoint_model(ckpt)
@@ -83,7 +84,7 @@ def checkpoint_path_matcher(ckpt: dict):
     try:
         return make_matcher(model, stored.get("sigma", 0.0), stored.get("ot_pairing", "replacement"))
     except ValueError as err:  # an unknown --model for a checkpoint that stores none
-        raise utils_cifar.UserError(str(err)) from err
+        raise errors.UserError(str(err)) from err
 
 
 def record_head(path: Path, ckpt: dict, matcher=None) -> dict:
@@ -101,8 +102,8 @@ def results_file(checkpoint: Path, name: str) -> Path:
     """`{checkpoint's folder}/{name}`, where an evaluation appends its records; a UserError now if
     that folder cannot be written, rather than after the evaluation's minutes or hours."""
     path = checkpoint.parent / name
-    reason = utils_cifar.unwritable_reason(checkpoint.parent)
+    reason = run_files.unwritable_reason(checkpoint.parent)
     if reason is not None:
-        raise utils_cifar.UserError(f"cannot append to {path} ({reason}): copy the checkpoint to a writable "
+        raise errors.UserError(f"cannot append to {path} ({reason}): copy the checkpoint to a writable "
                                     f"folder and pass it with --checkpoint.")
     return path

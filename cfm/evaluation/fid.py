@@ -38,10 +38,11 @@ import torch
 from scipy import linalg
 from torch import Tensor
 
-from atomic_files import DownloadFailed, download, remove_stale_temp_files
-from distributed import World
-from sampling import gather_batches, generate_samples
-from utils_cifar import DataError, UserError, atomic_write, ensure_cifar10, load_cifar10
+from cfm.evaluation.sampling import gather_batches, generate_samples
+from cfm.io.atomic_files import DownloadFailed, atomic_write, download, remove_stale_temp_files
+from cfm.io.cifar10 import DataError, ensure_cifar10, load_cifar10
+from cfm.io.distributed import World
+from cfm.io.errors import UserError
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 # The URLs clean-fid 0.1.35 downloads from (cleanfid/downloads_helper.py, cleanfid/features.py).

@@ -51,11 +51,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from distributed import World, process_rank
-from flow_matching import FlowMatcher
-from locality import mean_and_error
-from sampling import batch_ranges, gather_batches, noise
-from utils_cifar import to_model_range
+from cfm.evaluation.locality import mean_and_error
+from cfm.evaluation.sampling import batch_ranges, gather_batches, noise
+from cfm.io.cifar10 import to_model_range
+from cfm.io.distributed import World, process_rank
+from cfm.method.flow_matching import FlowMatcher
 
 # d_(1) < d_(2) / 3: memorized (Yoon et al. 2023; Gu et al. 2023).
 MEMORIZATION_RATIO = 1 / 3

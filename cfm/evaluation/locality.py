@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from flow_matching import FlowMatcher
-from regularizers import ANCHOR_LOSS_TYPES, AnchorRegularizer, LocalRegularizer
-from samplers import ClassConditionedSampler
+from cfm.method.flow_matching import FlowMatcher
+from cfm.method.regularizers import ANCHOR_LOSS_TYPES, AnchorRegularizer, LocalRegularizer
+from cfm.method.samplers import ClassConditionedSampler
 
 # The path's stream (OT draw, eps of loss_fm) is seeded apart from the shared one, so that a path
 # that draws more (otcfm) or less (icfm) never shifts the draws of the locality terms.

@@ -49,10 +49,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distributed import World, broadcast_from_main
-from flow_matching import FlowMatcher
-from sampling import Field, gather_batches, integrate, solve_batches
-from utils_cifar import to_model_range
+from cfm.evaluation.sampling import gather_batches, solve_batches
+from cfm.evaluation.solvers import Field, integrate
+from cfm.io.cifar10 import to_model_range
+from cfm.io.distributed import World, broadcast_from_main
+from cfm.method.flow_matching import FlowMatcher
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ def trajectory_points(field: Field, x0: Tensor, times: Sequence[float], method: 
     """The states ``[T, B, ...]`` of dx/dt = field(t, x) from x(0) = x0 ``[B, ...]`` at `times`.
 
     Solved interval by interval, ``[t_{k-1}, t_k]`` with ``max(1, round(steps (t_k - t_{k-1})))``
-    steps of `method` (a fixed-step solver of sampling.py), so the points lie on the solver's
+    steps of `method` (a fixed-step solver of solvers.py), so the points lie on the solver's
     path of about `steps` steps over [0, 1] (on its grid ``linspace(0, 1, steps + 1)`` when the
     times are multiples of 1 / steps).
     """

@@ -1,13 +1,14 @@
 """The published TorchCFM 1.0.4 CIFAR-10 checkpoints by name: fetched once, verified, cached.
 
     path, ckpt = published_checkpoint("otcfm", data_dir="./data")
-    net = utils_cifar.build_net_from_checkpoint(ckpt)      # the paper UNet, EMA weights
+    net = nets.build_net_from_checkpoint(ckpt)             # the paper UNet, EMA weights
 
 A file is downloaded to a temp file in ``{data_dir}/weights/`` (``atomic_files.download``: a broken
 transfer never leaves a partial file), checked to fit the paper UNet strictly (every key and shape),
-and only then renamed to its release name; a file that does not fit is deleted. So the release name in the cache only ever holds a file
-that passed the check, and a cached file is checked again on every use (a cheap comparison against
-a UNet built on the meta device) in case it was put there by hand. The release publishes no
+and only then renamed to its release name; a file that does not fit is deleted. So the release name
+in the cache only ever holds a file that passed the check, and a cached file is checked again on
+every use (a cheap comparison against a UNet built on the meta device) in case it was put there by
+hand. The release publishes no
 checksums: `verify` judges a file by what it holds (both weight sets; every key, shape and dtype).
 
 Offline, put the release file in ``{data_dir}/weights/`` yourself; the error says which URL to fetch.
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from atomic_files import DownloadFailed, download, remove_stale_temp_files
-from unet import PAPER_CONFIG, UNetModel
-from utils_cifar import CheckpointError, UserError, check_weights, load_checkpoint
+from cfm.io.atomic_files import DownloadFailed, download, remove_stale_temp_files
+from cfm.io.checkpoint_io import CheckpointError, load_checkpoint
+from cfm.io.errors import UserError
+from cfm.method.nets import check_weights
+from cfm.method.unet import PAPER_CONFIG, UNetModel
 
 RELEASE_URL = "https://github.com/atong01/conditional-flow-matching/releases/download/1.0.4"
 URL_ENV = "CFM_WEIGHTS_URL"

@@ -13,7 +13,7 @@ A run folder holds what training and compute_fid.py write there:
                      `memorization` (generated samples), `memorization_test` (test images) and
                      `loss_gap` (loss_fm on train and test images against t)
 
-Every file goes through ``utils_cifar.read_jsonl`` (a torn line is skipped with a warning). The
+Every file goes through ``run_files.read_jsonl`` (a torn line is skipped with a warning). The
 plotting itself lives in plot_results.py; this module only reads and arranges, so it is tested
 without drawing.
 """
@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils_cifar import UserError, read_jsonl
+from cfm.io.errors import UserError
+from cfm.io.run_files import read_jsonl
 
 # fid.jsonl fields that tell evaluations of one run folder apart (other checkpoints, the raw net,
 # the other reference, another sample count): a field that varies within a folder enters the label.

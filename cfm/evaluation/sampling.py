@@ -2,19 +2,7 @@
 
 One code path serves training (sample grids), compute_fid.py, the benchmark and the tests.
 
-Solvers (``SOLVERS``):
-    dopri5    adaptive Dormand-Prince 5(4) from torchdiffeq, atol = rtol = ``tol``, the whole batch
-              integrated as ONE system (one step size for all samples), as the published numbers were.
-    euler     x <- x + h v(t, x)                                            (order 1, 1 NFE / step)
-    midpoint  x <- x + h v(t + h/2, x + h/2 v(t, x))                        (order 2, 2 NFE / step)
-    heun      k1 = v(t, x), k2 = v(t + h, x + h k1), x <- x + h/2 (k1 + k2) (order 2, 2 NFE / step)
-    rk4       the classical Runge-Kutta scheme (1/6, 1/3, 1/3, 1/6)       (order 4, 4 NFE / step)
-
-The fixed-step schemes are written here rather than taken from torchdiffeq because (a) torchdiffeq
-builds its grid from a step size with ``ceil((t1 - t0) / h + 1)`` points, which float rounding can
-turn into one extra step (so ``steps`` and NFE would not be exact), (b) its ``rk4`` is the 3/8-rule
-variant, not the classical scheme users expect, and (c) each scheme is three lines. The time grid is
-``torch.linspace(0, 1, steps + 1)``, the grid of the published Euler runs (torchdyn's t_span).
+The solvers (dopri5, euler, midpoint, heun, rk4) and their settings are in solvers.py.
 
 Noise is keyed by sample index: sample i comes from its own generator seeded with (seed, i), so it
 is the same whatever the batch size, the number of processes and the device, and torch's global RNG
@@ -43,10 +31,8 @@ compute_fid.py transposes to NHWC only when it writes the ``.npz`` evaluator fil
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +40,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from distributed import World, gather_everywhere, gather_to_main, process_rank, wait_for_all
-from utils_cifar import UserError, to_uint8, writing
-
-SOLVERS = ("dopri5", "euler", "midpoint", "heun", "rk4")
-
-Field = Callable[[Tensor, Tensor], Tensor]
+from cfm.evaluation.solvers import Field, check_solver, integrate
+from cfm.io.cifar10 import to_uint8
+from cfm.io.distributed import World, gather_everywhere, gather_to_main, process_rank, wait_for_all
+from cfm.io.errors import writing
 
 
 class SamplingStopped(Exception):
@@ -69,131 +53,6 @@ class SamplingStopped(Exception):
 class ShareFailed(RuntimeError):
     """Under torchrun, a rank's share of a split sampling job raised: every rank raises this, naming
     that rank and its error, so none waits for a share that never comes."""
-
-
-def check_solver(method: str) -> None:
-    """Raise ValueError naming the choices if `method` is not a known solver."""
-    if method not in SOLVERS:
-        raise ValueError(f"unknown ODE solver {method!r}: choose one of {', '.join(SOLVERS)}.")
-
-
-class _CountingField:
-    """Wraps v(t, x) and counts its calls: the NFE of each sample path, since the batch is one system."""
-
-    def __init__(self, field: Field):
-        self.field = field
-        self.calls = 0
-
-    def __call__(self, t: Tensor, x: Tensor) -> Tensor:
-        self.calls += 1
-        return self.field(t, x)
-
-
-def _euler_step(f: Field, t: Tensor, h: Tensor, x: Tensor) -> Tensor:
-    return x + h * f(t, x)
-
-
-def _midpoint_step(f: Field, t: Tensor, h: Tensor, x: Tensor) -> Tensor:
-    k1 = f(t, x)
-    return x + h * f(t + h / 2, x + (h / 2) * k1)
-
-
-def _heun_step(f: Field, t: Tensor, h: Tensor, x: Tensor) -> Tensor:
-    k1 = f(t, x)
-    k2 = f(t + h, x + h * k1)
-    return x + (h / 2) * (k1 + k2)
-
-
-def _rk4_step(f: Field, t: Tensor, h: Tensor, x: Tensor) -> Tensor:
-    k1 = f(t, x)
-    k2 = f(t + h / 2, x + (h / 2) * k1)
-    k3 = f(t + h / 2, x + (h / 2) * k2)
-    k4 = f(t + h, x + h * k3)
-    return x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-
-
-_FIXED_STEPS = {"euler": _euler_step, "midpoint": _midpoint_step, "heun": _heun_step, "rk4": _rk4_step}
-
-
-def integrate(
-    field: Field, x0: Tensor, method: str = "dopri5", steps: int = 100, tol: float = 1e-5
-) -> tuple[Tensor, int]:
-    """Solve dx/dt = field(t, x) from x(0) = x0 to t = 1.
-
-    Args:
-        field: v(t, x) -> dx/dt with the shape of x; t is a 0-dim tensor (one time for the batch).
-        x0: [B, ...] initial state.
-        method: one of ``SOLVERS``.
-        steps: number of equal steps for the fixed-step solvers (ignored by dopri5).
-        tol: atol = rtol for dopri5 (ignored by the fixed-step solvers).
-
-    Returns:
-        x1: [B, ...] the state at t = 1.
-        nfe: number of field evaluations (per sample path: the batch is integrated as one system).
-            euler: steps; midpoint, heun: 2 * steps; rk4: 4 * steps; dopri5: what the solver took.
-
-    Runs in the caller's autograd mode: wrap in ``torch.no_grad()`` for sampling.
-    """
-    check_solver(method)
-    counter = _CountingField(field)
-    if method == "dopri5":
-        # Imported here: only the adaptive solver needs torchdiffeq.
-        from torchdiffeq import odeint
-
-        t_span = torch.tensor([0.0, 1.0], dtype=x0.dtype, device=x0.device)
-        x1 = odeint(counter, x0, t_span, method="dopri5", atol=tol, rtol=tol)[-1]
-        return x1, counter.calls
-    if steps < 1:
-        raise ValueError(f"steps must be a positive number of solver steps, got {steps}.")
-    step = _FIXED_STEPS[method]
-    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=x0.dtype, device=x0.device)
-    x = x0
-    for i in range(steps):
-        x = step(counter, grid[i], grid[i + 1] - grid[i], x)
-    return x, counter.calls
-
-
-@dataclass(frozen=True)
-class SolverSetting:
-    """One solver configuration: `steps` is read by the fixed-step solvers, `tol` by dopri5.
-
-    ``dataclasses.asdict(setting)`` gives the method / steps / tol arguments of the sampling functions.
-    """
-
-    method: str
-    steps: int = 100
-    tol: float = 1e-5
-
-    def __str__(self) -> str:
-        return f"dopri5 tol {self.tol:g}" if self.method == "dopri5" else f"{self.method} {self.steps} steps"
-
-    def describe(self) -> dict:
-        """The fields that identify this setting in a results record (fid.jsonl)."""
-        value = {"tol": self.tol} if self.method == "dopri5" else {"integration_steps": self.steps}
-        return {"integration_method": self.method, **value}
-
-
-def parse_sweep(spec: str) -> list[SolverSetting]:
-    """'euler:1,2,5;midpoint:5,10;dopri5:1e-3,1e-4' -> the settings, in the order written.
-
-    A fixed-step solver lists step counts (positive integers), dopri5 tolerances (positive numbers).
-    Raises UserError (one sentence) on anything else.
-    """
-    usage = (f"write SOLVER:V1,V2 entries joined by ';', SOLVER one of {', '.join(SOLVERS)}, with step counts for "
-             "the fixed-step solvers and tolerances for dopri5 (for example euler:1,10,100;dopri5:1e-4)")
-    settings = []
-    for part in filter(None, (p.strip() for p in spec.split(";"))):
-        method, _, values = (x.strip() for x in part.partition(":"))
-        try:
-            numbers = [float(v) if method == "dopri5" else int(v) for v in values.split(",")]
-        except ValueError:
-            numbers = []
-        if method not in SOLVERS or not numbers or not all(0 < v < math.inf for v in numbers):
-            raise UserError(f"cannot read --sweep entry {part!r}: {usage}.")
-        settings += [SolverSetting(method, tol=v) if method == "dopri5" else SolverSetting(method, steps=v) for v in numbers]
-    if not settings:
-        raise UserError(f"--sweep={spec!r} names no setting: {usage}.")
-    return settings
 
 
 def noise(indices: int | Sequence[int], shape: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> Tensor:
@@ -387,7 +246,7 @@ def generate_samples(
     """Sample `num` images: uint8 NCHW [num, C, H, W] on the CPU (None if not `keep`), and the mean
     NFE per sample.
 
-    Mapped to uint8 as published: (x * 127.5 + 128).clip(0, 255) (``utils_cifar.to_uint8``), on the
+    Mapped to uint8 as published: (x * 127.5 + 128).clip(0, 255) (``cifar10.to_uint8``), on the
     device before the copy to the host. Runs where the net's parameters are. `on_batch` gets each
     uint8 batch on the device as it is made (e.g. to featurise it for FID while sampling goes on).
     `progress` draws a bar on rank 0.
@@ -479,7 +338,7 @@ def save_sample_grid(
     Samples are clipped to [-1, 1] and mapped to [0, 1] (x / 2 + 0.5), then written by
     ``torchvision.utils.save_image(..., nrow=8)``. Neither torch's global RNG nor the net's
     train/eval mode is changed, so a training run continues exactly as if no grid had been drawn.
-    A failed write is a `utils_cifar.SaveError`. `stop` cuts sampling short (SamplingStopped),
+    A failed write is a `errors.SaveError`. `stop` cuts sampling short (SamplingStopped),
     before anything is written.
     """
     from torchvision.utils import save_image

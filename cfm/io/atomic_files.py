@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from errors import UserError
+from cfm.io.errors import UserError
 
 DOWNLOAD_TIMEOUT_S = 60
 # The host as it may appear in a file name: no dots (they separate the name's fields), no slashes.

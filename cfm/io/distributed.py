@@ -23,10 +23,10 @@ stop line. gloo groups live on the CPU, so no GPU stream is synchronised for any
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-import utils_cifar
+from cfm.io.errors import UserError
 
 # The training collectives' default: a step takes well under a second on a GPU, so a rank silent
 # for minutes is lost. `--collective_timeout` sets it; the evaluation scripts keep this default.
@@ -110,7 +110,7 @@ def init_world(device_flag: str, collective_timeout: float = DEFAULT_COLLECTIVE_
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     timeout = datetime.timedelta(seconds=collective_timeout)
-    device = utils_cifar.resolve_device(device_flag)
+    device = resolve_device(device_flag)
     if device.type == "cuda":
         if size > 1:  # one GPU per process, as torchrun lays them out
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -120,6 +120,11 @@ def init_world(device_flag: str, collective_timeout: float = DEFAULT_COLLECTIVE_
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=main_group_timeout(backend, timeout))
+            if backend == "gloo":
+                # A process that exits with gloo groups alive can abort in their C++ destructors
+                # ("terminate called without an active exception"), turning a clean exit into a
+                # crash that torchrun reports; tearing them down first is local (no collective).
+                atexit.register(dist.destroy_process_group)
         # new_group is collective: every rank makes the same groups in the same order.
         world.side = SideGroups(
             signals=dist.new_group(backend="gloo", timeout=timeout),
@@ -130,7 +135,7 @@ def init_world(device_flag: str, collective_timeout: float = DEFAULT_COLLECTIVE_
     return world
 
 
-class PeerLost(utils_cifar.UserError):
+class PeerLost(UserError):
     """A collective failed because another rank stopped answering (it died, hung or was stopped),
     or, when every rank still answers, because one was slower than the collective timeout. Every
     rank that still answers raises it with the same sentence, and exits without writing."""
@@ -311,62 +316,21 @@ def own_rows(x: Tensor, global_batch: int, world: World) -> Tensor:
     return x.unflatten(0, (-1, world.size, global_batch // world.size))[:, world.rank].flatten(0, 1)
 
 
-# A stop code above every signal number: rank 0 lost the run's lock (run_lock.LockLost).
-LOCK_LOST = 1000
-
-
-class StopRequest:
-    """Pre-emption: SIGTERM, SIGUSR1 and SIGINT set a flag; the loop asks `agreed()` after each step.
-
-    Schedulers send SIGTERM (SLURM, Kubernetes) or a chosen signal such as SIGUSR1 some time before
-    they kill a job, and torchrun forwards INT/TERM to its workers. Acting between steps, never
-    inside one, lets the loop write a consistent checkpoint. Under torchrun every rank must stop
-    after the same step (a checkpoint needs every rank's state, and DDP's collectives would hang),
-    but the signal may reach the ranks at different moments: `agreed()` takes the maximum of the
-    ranks' flags with an all-reduce of one CPU integer on the gloo signals group, so the GPU stream
-    is never synchronised for it. Work that may be cut short (sample grids, FID) polls this
-    process's own flag, `requested()`. A second SIGINT (an impatient Ctrl-C) exits at once,
-    writing nothing.
-    """
-
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
-
-    def __init__(self, world: World):
-        self.world = world
-        self.signum = 0
-        self._previous = {}
-        self._flag = torch.zeros(1, dtype=torch.int32)
-
-    def __enter__(self) -> StopRequest:
-        for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise SystemExit(130)
-        self.signum = max(self.signum, signum)
-
-    def request(self, code: int) -> None:
-        """Ask every rank to stop after this step for a reason of the loop's own (e.g. LOCK_LOST)."""
-        self.signum = max(self.signum, code)
-
-    def requested(self) -> bool:
-        """Whether this process received a stop signal (no communication: any rank may ask any time)."""
-        return self.signum != 0
-
-    def agreed(self) -> int:
-        """The signal every rank acts on after this step: 0 to go on, else the largest signal number
-        any rank received. Raises PeerLost when another rank stopped answering. Every rank calls it
-        every step."""
-        if self.world.size == 1:
-            return self.signum
-        self._flag.fill_(self.signum)
-        with peers_watched(self.world):
-            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.world.side.signals)
-        return int(self._flag.item())  # a CPU tensor: no device sync
+def resolve_device(flag: str | None) -> torch.device:
+    """`--device` ("", "auto", "cpu", "cuda", "cuda:1", ...) -> a device; empty/auto = cuda if available."""
+    if not flag or flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:  # torch's message lists every backend it knows, few of which train here
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={flag} is not a device this code runs on: pass cpu, cuda, cuda:N, mps or auto.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={flag} but no CUDA device is visible: pass --device=cpu or run on a GPU.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device={flag} but only {torch.cuda.device_count()} CUDA devices are visible: "
+                        f"pick cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={flag} but no Apple GPU is available: pass --device=cpu.")
+    return device

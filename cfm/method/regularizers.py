@@ -1,8 +1,8 @@
 """Training regularizers for flow matching: the locality loss and the anchor (centroid) loss.
 
-Both plug into the shared loop of `training.py` (the `Regularizer` protocol): `extra_inputs` says
-where the network must also be evaluated; the loop appends those rows to the main batch, makes one
-forward call, splits the output and hands the extra rows back to `loss`.
+Both plug into the one training loop (the `Regularizer` protocol of cfm/training/trainer.py):
+`extra_inputs` says where the network must also be evaluated; the loop appends those rows to the
+main batch, makes one forward call, splits the output and hands the extra rows back to `loss`.
 
 Both are computed as the published scripts compute them: on the batch **as drawn** -- the
 single-cluster images ``x1`` and the noise ``x0`` before any OT re-pairing (otcfm re-pairs, and
@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flow_matching import FlowSample, pad_t_like_x
+from cfm.method.flow_matching import FlowSample, pad_t_like_x
 
 ANCHOR_LOSS_TYPES = ("full", "simple")
 # published: the anchor term's own x_t from the batch as drawn (two extra rows per sample);

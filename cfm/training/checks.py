@@ -14,7 +14,7 @@ user can make into one `UserError` sentence naming the fix:
                        weights and optimizer state shaped for the UNet being built
 
 Single-flag formats are checked earlier, by absl at parsing (bounds, and `positive_ints` for list
-flags); the device by `utils_cifar.resolve_device`.
+flags); the device by `distributed.resolve_device`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-import utils_cifar
-from unet import UNetModel, check_config
+from cfm.io import checkpoint_io, errors, run_files
+from cfm.method import nets
+from cfm.method.unet import UNetModel, check_config
 
 # What `training.resume` reads. The published TorchCFM checkpoints hold exactly these.
 RESUME_KEYS = ("net_model", "ema_model", "optim", "sched", "step")
@@ -44,18 +45,18 @@ def check_batch_and_clip(FLAGS, world_size: int) -> None:
     """Raise a `UserError` unless --batch_size splits into `world_size` equal blocks and --grad_clip is
     positive (checked first: neither needs anything but the flags and the world)."""
     if FLAGS.batch_size <= 0 or FLAGS.batch_size % world_size:
-        raise utils_cifar.UserError(
+        raise errors.UserError(
             f"--batch_size={FLAGS.batch_size} must be a positive multiple of the {world_size} processes."
         )
     if FLAGS.grad_clip <= 0:
-        raise utils_cifar.UserError("--grad_clip must be positive.")
+        raise errors.UserError("--grad_clip must be positive.")
 
 
-def check_output_dir(FLAGS, paths: utils_cifar.RunPaths) -> None:
+def check_output_dir(FLAGS, paths: run_files.RunPaths) -> None:
     """Raise a `UserError` unless the run folder can be created and written."""
-    reason = utils_cifar.unwritable_reason(paths.run_dir)
+    reason = run_files.unwritable_reason(paths.run_dir)
     if reason is not None:
-        raise utils_cifar.UserError(
+        raise errors.UserError(
             f"--output_dir={FLAGS.output_dir} cannot hold the run folder ({reason}): pass a writable --output_dir."
         )
 
@@ -69,11 +70,11 @@ def check_training_inputs(FLAGS, ckpt: dict | None, checkpoint_path: str, unet_c
     `arch_flags` maps each architecture flag to its UNet argument, so messages name the flag.
     """
     if not math.isfinite(FLAGS.lr) or FLAGS.lr < 0:
-        raise utils_cifar.UserError(f"--lr={FLAGS.lr} is not a learning rate: pass a finite number >= 0, e.g. 2e-4.")
+        raise errors.UserError(f"--lr={FLAGS.lr} is not a learning rate: pass a finite number >= 0, e.g. 2e-4.")
     try:
         check_config(unet_config, names={arg: f"--{flag}" for flag, arg in arch_flags.items()})
     except ValueError as err:
-        raise utils_cifar.UserError(str(err)) from err
+        raise errors.UserError(str(err)) from err
     if ckpt is not None:
         check_resumable(ckpt, checkpoint_path, unet_config)
 
@@ -87,27 +88,27 @@ def check_resumable(ckpt: dict, path: str | Path, unet_config: dict) -> None:
     """
     missing = [key for key in RESUME_KEYS if key not in ckpt]
     if missing:
-        raise utils_cifar.CheckpointError(
+        raise checkpoint_io.CheckpointError(
             f"checkpoint {path} lacks {', '.join(missing)}, which resuming needs: pass a checkpoint written by a "
             f"training script (it holds {', '.join(RESUME_KEYS)})."
         )
     with torch.device("meta"):
         net = UNetModel(**unet_config)
     for key in ("net_model", "ema_model"):
-        utils_cifar.check_weights(net, ckpt[key], f"{path} ({key})")
+        nets.check_weights(net, ckpt[key], f"{path} ({key})")
     try:
         int(ckpt["step"])
         usable = isinstance(ckpt["sched"], dict) and "last_epoch" in ckpt["sched"]
     except (TypeError, ValueError, RuntimeError):
         usable = False
     if not usable:
-        raise utils_cifar.CheckpointError(
+        raise checkpoint_io.CheckpointError(
             f"checkpoint {path} holds no usable 'step' number or 'sched' state: pass a checkpoint written by a "
             f"training script."
         )
     problem = optimizer_state_problem(ckpt["optim"], list(net.parameters()))
     if problem is not None:
-        raise utils_cifar.CheckpointError(
+        raise checkpoint_io.CheckpointError(
             f"checkpoint {path}: its optimizer state does not fit this UNet ({problem}): resume with the "
             f"architecture it was trained with."
         )

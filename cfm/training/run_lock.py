@@ -37,8 +37,8 @@ import time
 import uuid
 from pathlib import Path
 
-from atomic_files import HOST, atomic_write, pid_alive, temp_file
-from errors import SaveError, UserError, writing
+from cfm.io.atomic_files import HOST, atomic_write, pid_alive, temp_file
+from cfm.io.errors import SaveError, UserError, writing
 
 STALE_ENV = "CFM_LOCK_STALE_AFTER"
 DEFAULT_STALE_AFTER = 300.0  # seconds without a heartbeat before another host's lock counts as abandoned

@@ -1,0 +1,1 @@
+"""Evaluation: sampling, FID, held-out locality, generalization, memorizing field, results, published weights."""

@@ -1,0 +1,55 @@
+"""Checkpoint files: atomic saves, reading with `weights_only=True`, and the RNG states a checkpoint keeps.
+
+A checkpoint is a dict of plain tensors, numbers, strings and dicts (no class of this project is
+pickled), so checkpoints written before a code change load after it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from cfm.io.atomic_files import atomic_write
+from cfm.io.errors import UserError, writing
+
+
+class CheckpointError(UserError):
+    """A checkpoint a user pointed at that cannot be used; the message names the fix."""
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save, atomically (see `atomic_write`); a failed write is a `SaveError`."""
+    with writing(path):
+        return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", source: str | None = None) -> dict:
+    """Read a checkpoint (ours or a published TorchCFM one) with `weights_only=True`; errors call the
+    file `source` (default: its path)."""
+    path = Path(path)
+    source = source or str(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {source} does not exist: check --checkpoint_path / --checkpoint.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {source} cannot be read ({type(err).__name__}: {err}).") from err
+    if not isinstance(ckpt, dict) or "net_model" not in ckpt and "ema_model" not in ckpt:
+        raise CheckpointError(f"checkpoint {source} holds no 'net_model'/'ema_model' weights.")
+    return ckpt
+
+
+def rng_state(device: torch.device) -> dict:
+    """Torch RNG states (CPU, and this device's CUDA generator) as tensors, for exact resume."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,1 @@
+"""Training: the one loop every training script runs, and what keeps a run safe (lock, signals, checks)."""

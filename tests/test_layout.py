@@ -1,0 +1,118 @@
+"""The package layout: imports point one way, modules stay small and say what they own, and
+checkpoints written before the library moved into cfm/ load and resume after it."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cfm.io import checkpoint_io
+
+REPO = Path(__file__).resolve().parents[1]
+# The layers from the bottom up: a module may import its own layer and the ones below.
+LAYERS = ("io", "method", "evaluation", "training")
+MAX_LINES = 400
+
+
+def library_modules():
+    return sorted(p for p in (REPO / "cfm").rglob("*.py"))
+
+
+def layer_of(dotted: str) -> int | None:
+    parts = dotted.split(".")
+    return LAYERS.index(parts[1]) if parts[0] == "cfm" and len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module) of every import in `path`, function-level ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found += [(node.lineno, f"{node.module}.{alias.name}" if node.module in ("cfm", *(f"cfm.{layer}" for layer in LAYERS))
+                       else node.module) for alias in node.names]
+    return found
+
+
+def upward_imports(modules: dict[str, Path]) -> list[str]:
+    """What imports a layer above its own, for {repo-relative name: file}."""
+    bad = []
+    for name, path in modules.items():
+        own = layer_of(".".join(Path(name).with_suffix("").parts))
+        for line, module in imported_modules(path):
+            target = layer_of(module)
+            if own is not None and target is not None and target > own:
+                bad.append(f"{name}:{line} imports {module} ({LAYERS[own]} -> {LAYERS[target]})")
+    return bad
+
+
+def test_imports_point_down_the_layers():
+    """io <- method <- evaluation <- training: no module imports a layer above its own."""
+    assert upward_imports({p.relative_to(REPO).as_posix(): p for p in library_modules()}) == []
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    """The check itself: a method module that imports training (even inside a function) is reported."""
+    copy = tmp_path / "regularizers.py"
+    source = (REPO / "cfm" / "method" / "regularizers.py").read_text()
+    copy.write_text(source + "\n\ndef helper():\n    from cfm.training import trainer\n")
+    line = len(copy.read_text().splitlines())
+    assert upward_imports({"cfm/method/regularizers.py": copy}) == [
+        f"cfm/method/regularizers.py:{line} imports cfm.training.trainer (method -> training)"]
+
+
+def test_every_module_opens_with_a_docstring_and_stays_small():
+    for path in library_modules():
+        tree = ast.parse(path.read_text())
+        assert ast.get_docstring(tree), f"{path.relative_to(REPO)} has no opening docstring"
+        lines = len(path.read_text().splitlines())
+        assert lines <= MAX_LINES, f"{path.relative_to(REPO)} has {lines} lines"
+
+
+def test_the_root_holds_only_entry_scripts():
+    scripts = sorted(p.name for p in REPO.glob("*.py"))
+    assert scripts == ["compute_fid.py", "compute_generalization.py", "compute_locality.py", "plot_results.py",
+                       "train_cifar10.py", "train_cifar10_anchor.py", "train_cifar10_ddp.py",
+                       "train_cifar10_locality.py"]
+
+
+PRE_LAYOUT = REPO / "tests" / "data" / "pre_layout"
+
+
+def test_a_checkpoint_written_before_the_move_loads_and_resumes_as_it_did(fake_cifar, tmp_path):
+    """tests/data/pre_layout/: an anchor run's step-1 checkpoint written by the code before the move
+    (commit 0c4fcdb, tiny UNet, fake CIFAR-10), and what that code's resume from it wrote at step 2.
+    Today's code reads it with weights_only=True and, resumed for one step, logs the same losses and
+    ends with the same weights and centroids."""
+    source = PRE_LAYOUT / "otcfm_cifar10_anchor_1e0_weights_step_1.pt"
+    expected = json.loads((PRE_LAYOUT / "resumed_step_2.json").read_text())
+    ckpt = checkpoint_io.load_checkpoint(source)
+    assert ckpt["step"] == 1 and sorted(ckpt) == expected["checkpoint_keys"]
+    data_dir, _, _ = fake_cifar
+    out = tmp_path / "out"
+    args = ["--num_channel=32", "--num_res_blocks=1", "--channel_mult=1", "--attention_resolutions=32",
+            "--num_head_channels=32", "--batch_size=4", "--total_steps=3", "--save_step=1", "--log_step=1",
+            "--warmup=1", "--num_subclasses=1", "--grid_size=4", "--grid_steps=2", f"--data_dir={data_dir}",
+            f"--output_dir={out}", f"--group_dir={out}/group", "--wandb_mode=disabled", "--device=cpu",
+            "--centroid_update_freq=1", "--visualize=False", f"--checkpoint_path={source}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "train_cifar10_anchor.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = out / "otcfm_anchor_full"
+    resumed = torch.load(run / "otcfm_cifar10_anchor_1e0_weights_step_2.pt", weights_only=True)
+    record = [json.loads(line) for line in (run / "otcfm_cifar10_anchor_1e0_metrics.jsonl").read_text().splitlines()
+              if "loss" in line][-1]
+    assert record["step"] == 2 and record["cluster"] == expected["metrics"]["cluster"]
+    for name in ("loss", "loss_fm", "anchor_loss", "grad_norm"):
+        assert record[name] == pytest.approx(expected["metrics"][name], rel=1e-5), name
+    for key in ("net_model", "ema_model"):
+        total = float(sum(v.double().sum() for v in resumed[key].values()))
+        assert total == pytest.approx(expected["weight_sums"][key], rel=1e-7), key
+    assert float(resumed["regularizer"]["centroids"].double().sum()) == pytest.approx(expected["centroid_sum"], rel=1e-9)
