@@ -304,6 +304,7 @@ def test_memorizing_field_figure_draws_each_runs_distance_to_vstar_as_recorded(d
     assert len(set(colours.values())) == 2
 
 
+@pytest.mark.filterwarnings("ignore:.*torn write")
 def test_field_distance_columns_of_the_generalization_table():
     rows = {row.split(" | ")[0].lstrip("| "): row for row in results.generalization_table(RUNS).splitlines()[2:]}
     section = latest_generalization(REPO / "tests/data/runs/otcfm")["memorizing_field"]
