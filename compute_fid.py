@@ -36,7 +36,7 @@ import torch
 from absl import app, flags
 
 from cfm.evaluation import checkpoint_flags, fid
-from cfm.evaluation.sampling import generate_samples, straightness
+from cfm.evaluation.sampling import generate_samples, straightness, write_image_grid
 from cfm.evaluation.solvers import SOLVERS, SolverSetting, parse_sweep
 from cfm.io import atomic_files, errors, run_files
 from cfm.io.distributed import init_world, main_first
@@ -101,12 +101,7 @@ def save_outputs(samples: torch.Tensor) -> None:
             atomic_files.atomic_write(path, lambda f: np.savez(f, arr_0=array))
         print(f"samples: {path}")
     if FLAGS.grid:
-        from torchvision.utils import save_image
-
-        path = Path(FLAGS.grid)
-        with errors.writing(path):
-            atomic_files.atomic_write(path, lambda f: save_image(samples[:64].float() / 255, f, nrow=8, format="png"))
-        print(f"grid: {path}")
+        print(f"grid: {write_image_grid(FLAGS.grid, samples[:64].float() / 255, nrow=8)}")
 
 
 def main(argv):

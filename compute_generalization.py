@@ -37,9 +37,9 @@ import torch
 from absl import app, flags
 
 from cfm.evaluation import checkpoint_flags, generalization, memorizing_field, results
-from cfm.evaluation.sampling import gather_batches, generate_samples, noise
+from cfm.evaluation.sampling import gather_batches, generate_samples, noise, write_image_grid
 from cfm.evaluation.solvers import SOLVERS, SolverSetting
-from cfm.io import atomic_files, cifar10, errors, run_files
+from cfm.io import cifar10, errors, run_files
 from cfm.io.cifar10 import to_uint8
 from cfm.io.distributed import World, init_world, main_first
 from cfm.method.flow_matching import FlowMatcher
@@ -185,7 +185,7 @@ def memorization(ev: Evaluation) -> dict | None:
     if not ev.world.is_main:
         return None
     grid = generalization.most_memorized_grid(samples, found, ev.train, min(FLAGS.grid_size, len(samples)))
-    write_grid(ev.grid, grid, nrow=len(grid) // 3)
+    write_image_grid(ev.grid, grid.float() / 255, nrow=len(grid) // 3)
     return {**source, **generalization.memorization_summary(found), "grid": str(ev.grid)}
 
 
@@ -241,14 +241,6 @@ SECTIONS: dict[str, Callable[[Evaluation], dict | None]] = {
     "loss_gap": loss_gap,
     "memorizing_field": memorizing_field_section,
 }
-
-
-def write_grid(path: Path, images: torch.Tensor, nrow: int) -> None:
-    """uint8 images -> a PNG grid of `nrow` columns, written atomically."""
-    from torchvision.utils import save_image
-
-    with errors.writing(path):
-        atomic_files.atomic_write(path, lambda f: save_image(images.float() / 255, f, nrow=nrow, format="png"))
 
 
 def summary(record: dict) -> str:

@@ -39,7 +39,7 @@ from scipy import linalg
 from torch import Tensor
 
 from cfm.evaluation.sampling import gather_batches, generate_samples
-from cfm.io.atomic_files import DownloadFailed, atomic_write, download, remove_stale_temp_files
+from cfm.io.atomic_files import DownloadFailed, atomic_write, download
 from cfm.io.cifar10 import DataError, ensure_cifar10, load_cifar10
 from cfm.io.distributed import World
 from cfm.io.errors import UserError
@@ -128,9 +128,6 @@ def cleanfid_cache_path(filename: str) -> Path:
 
 def _download(url: str, dest: Path) -> str | None:
     """Fetch url to dest atomically (a partial file never stays); None on success, else the reason."""
-    # A download or statistics write killed on this host left its temp file: removed once its pid is gone
-    # (the folder is a cache that runs on other hosts may be writing to).
-    remove_stale_temp_files(dest.parent, [dest.name])
     try:
         download(url, dest)
         return None
@@ -266,7 +263,6 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
     """np.savez_compressed(mu=, sigma=), atomically (no half-written cache; the temp file of a writer
     killed on this host is removed first)."""
-    remove_stale_temp_files(path.parent, [path.name])
     atomic_write(path, lambda f: np.savez_compressed(f, mu=mu, sigma=sigma))
 
 

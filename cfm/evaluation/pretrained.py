@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cfm.io.atomic_files import DownloadFailed, download, remove_stale_temp_files
+from cfm.io.atomic_files import DownloadFailed, download
 from cfm.io.checkpoint_io import CheckpointError, load_checkpoint
 from cfm.io.errors import UserError
 from cfm.method.nets import check_weights
@@ -101,9 +101,6 @@ def published_checkpoint(name: str, data_dir: str | os.PathLike = "./data", conf
             return path, verify(path, config, str(path))
         except CheckpointError as err:
             raise WeightsUnavailable(f"{_clause(err)}; delete it to download {url} again.") from err
-    # A download killed on this host (kill -9, a node failure) left its temp file: remove it once its pid is gone.
-    remove_stale_temp_files(path.parent, [path.name])
-
     ckpt = None
 
     def check(staging: Path) -> None:  # the file only gets its release name once it fits

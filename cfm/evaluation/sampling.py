@@ -41,6 +41,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cfm.evaluation.solvers import Field, check_solver, integrate
+from cfm.io.atomic_files import atomic_write
 from cfm.io.cifar10 import to_uint8
 from cfm.io.distributed import World, gather_everywhere, gather_to_main, process_rank, wait_for_all
 from cfm.io.errors import writing
@@ -341,11 +342,17 @@ def save_sample_grid(
     A failed write is a `errors.SaveError`. `stop` cuts sampling short (SamplingStopped),
     before anything is written.
     """
+    x1 = torch.cat([x for x, _ in sample_batches(net, num, num, method, steps, tol, seed, stop=stop)])
+    return write_image_grid(path, x1.clip(-1, 1).cpu() / 2 + 0.5, nrow)
+
+
+def write_image_grid(path: str | os.PathLike, images: Tensor, nrow: int) -> Path:
+    """`images` [N, 3, H, W] float in [0, 1] -> a PNG grid of `nrow` columns
+    (``torchvision.utils.save_image``), written atomically: a failed write (a full disk, a read-only
+    folder) is one sentence (`errors.SaveError`) and never leaves half a file."""
     from torchvision.utils import save_image
 
-    x1 = torch.cat([x for x, _ in sample_batches(net, num, num, method, steps, tol, seed, stop=stop)])
     path = Path(path)
-    with writing(path):  # a full disk or read-only folder: one sentence (SaveError)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(x1.clip(-1, 1).cpu() / 2 + 0.5, path, nrow=nrow)
+    with writing(path):
+        atomic_write(path, lambda f: save_image(images, f, nrow=nrow, format="png"))
     return path

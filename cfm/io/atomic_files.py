@@ -6,11 +6,12 @@ half of one. Only a killed process (kill -9, a node failure) leaves its temp fil
 and pid in the name say whose it was, so `remove_stale_temp_files` can tell a dead writer's file
 from a live writer's one:
 
-    run files (checkpoints, metrics)    removed by the run that holds the run's lock (no other run
-                                        writes them), and any whose pid is gone on this host
-    shared caches in --data_dir         (K-means clusters, FID statistics, Inception weights,
-                                        published weights) removed only when their own pid is gone
-                                        on this host: another run on another host may be writing one
+    any file                            removed by the next `atomic_write` of the same file once its
+                                        pid is gone on this host (shared caches in --data_dir, say:
+                                        K-means clusters, FID statistics, Inception and published
+                                        weights, which a run on another host may be writing)
+    run files (checkpoints, metrics)    also removed by the run that holds the run's lock (no other
+                                        run writes them), whoever wrote them
 
 Torch-free (see errors.py).
 """
@@ -18,6 +19,7 @@ Torch-free (see errors.py).
 from __future__ import annotations
 
 import contextlib
+import glob
 import http.client
 import os
 import re
@@ -82,9 +84,11 @@ def atomic_write(path: str | os.PathLike, write: Callable, check: Callable[[Path
     given (it raises to refuse the file), then rename the temp file onto `path`.
 
     A crash, error or refusal midway leaves the previous file (if any) intact and no temp file behind
-    (only a killed process leaves one: see `remove_stale_temp_files`).
+    (only a killed process leaves one). The temp files of `path` that writers killed on this host
+    left are removed first (see `remove_stale_temp_files`; a live writer's, or another host's, stay).
     """
     path = Path(path)
+    remove_stale_temp_files(path.parent, [glob.escape(path.name)])
     fd, tmp = temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:

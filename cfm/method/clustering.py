@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cfm.io.atomic_files import remove_stale_temp_files
 from cfm.io.checkpoint_io import atomic_save
 from cfm.io.cifar10 import to_model_range
 from cfm.io.errors import SaveError
@@ -131,9 +130,6 @@ def cluster_assignments(
             log.info("cluster assignment read from %s", path)
             return assignment
     assignment = _kmeans_assignments(images, labels, num_subclasses, seed, algorithm)
-    # A run killed on this host while writing this cache left its temp file: removed once its pid is
-    # gone (never because of a run lock: runs on other hosts share the cache).
-    remove_stale_temp_files(path.parent, [path.name])
     try:
         atomic_save(assignment, path)
     except SaveError as err:  # a cache is an optimisation: a full or read-only disk must not stop the run
