@@ -15,7 +15,7 @@ output paths and missing FID files are reported before any sampling starts (see 
 the FID files are looked up).
 
 The checkpoint flags (--checkpoint | --model/--input_dir/--step | --pretrained, --use_ema, --num_channel,
---data_dir, --device) are checkpoint_flags.py's, shared with compute_locality.py and compute_generalization.py.
+--data_dir, --device) are cfm/cli/checkpoint_flags.py's, shared with compute_locality.py and compute_generalization.py.
 
 Under torchrun the samples are split across ranks by whole --batch_size_fid batches (batch k on rank
 k mod W; the noise is keyed by sample index), so the samples and the FID are those of one process
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from absl import app, flags
 
-from cfm.evaluation import checkpoint_flags, fid
+from cfm.cli import checkpoint_flags
+from cfm.evaluation import checkpoints, fid
 from cfm.evaluation.sampling import generate_samples, straightness, write_image_grid
 from cfm.evaluation.solvers import SOLVERS, SolverSetting, parse_sweep
 from cfm.io import atomic_files, errors, run_files
@@ -77,7 +78,7 @@ def fail(message: str) -> None:
 def check_flags() -> list[SolverSetting]:
     """The solver settings to score; flag conflicts and unwritable output paths raise UserError
     (one sentence) here, before anything heavy is loaded or sampled."""
-    checkpoint_flags.check_flags()
+    checkpoints.check_spec(checkpoint_flags.checkpoint_spec())
     for flag in ("save_samples", "grid"):
         if FLAGS[flag].value:
             run_files.ensure_writable(FLAGS[flag].value, f"--{flag}")
@@ -111,9 +112,9 @@ def main(argv):
         settings = check_flags()
         world = init_world(FLAGS.device)
         with main_first(world, "loading the checkpoint and the FID files"):  # rank 0 downloads and caches; the others find them
-            path, ckpt, net = checkpoint_flags.load(world.device, progress=not FLAGS.quiet)
+            path, ckpt, net = checkpoints.load(checkpoint_flags.checkpoint_spec(), world.device, progress=not FLAGS.quiet)
             if FLAGS.fid:
-                results_path = checkpoint_flags.results_file(path, RESULTS_FILE)
+                results_path = checkpoints.results_file(path, RESULTS_FILE)
                 scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
                                                device=world.device, batch_size=FLAGS.batch_size_fid,
                                                split=FLAGS.fid_split)
@@ -145,7 +146,7 @@ def main(argv):
             if keep:
                 save_outputs(samples)
             record = {
-                **checkpoint_flags.record_head(path, ckpt),
+                **checkpoints.record_head(checkpoint_flags.checkpoint_spec(), path, ckpt),
                 **setting.describe(),
                 "mean_nfe": mean_nfe,
                 "num_gen": FLAGS.num_gen,

@@ -17,11 +17,11 @@ Sections of one record (each a dict under its name):
                        (train, test, gap = test - train), with standard errors over batches
 
 The record starts with the head of fid.jsonl and locality.jsonl (checkpoint, step, model, use_ema;
-checkpoint_flags.record_head) and is appended to `generalization.jsonl` beside the checkpoint. The same
+checkpoints.record_head) and is appended to `generalization.jsonl` beside the checkpoint. The same
 --seed gives every checkpoint the same sample noise, training subset, loss noise and times, so
 records pair by seed. Under torchrun the samples, searches and loss batches are split across ranks by
 whole batches (batch k on rank k mod W) and gathered in order: the numbers are one process's; rank 0
-writes. The checkpoint flags are checkpoint_flags.py's, shared with compute_fid.py and compute_locality.py.
+writes. The checkpoint flags are cfm/cli/checkpoint_flags.py's, shared with compute_fid.py and compute_locality.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from absl import app, flags
 
-from cfm.evaluation import checkpoint_flags, generalization, memorizing_field, results
+from cfm.cli import checkpoint_flags
+from cfm.evaluation import checkpoints, generalization, memorizing_field, results
 from cfm.evaluation.sampling import gather_batches, generate_samples, noise, write_image_grid
 from cfm.evaluation.solvers import SOLVERS, SolverSetting
 from cfm.io import cifar10, errors, run_files
@@ -147,13 +148,13 @@ def prepare() -> tuple[Path, dict, Path, Evaluation]:
     """Flags, checkpoint, results folder, grid path, data and samples file, checked before any heavy
     work (each a UserError); returns (checkpoint path, checkpoint, results file, Evaluation)."""
     apply_quick()
-    checkpoint_flags.check_flags()
+    checkpoints.check_spec(checkpoint_flags.checkpoint_spec())
     samples = read_samples(FLAGS.samples) if FLAGS.samples else None
     world = init_world(FLAGS.device)
     with main_first(world, "loading the checkpoint and CIFAR-10"):  # rank 0 downloads; the others find them
-        path, ckpt, net = checkpoint_flags.load(world.device, progress=not FLAGS.quiet)
-        matcher = checkpoint_flags.checkpoint_path_matcher(ckpt)
-        results_path = checkpoint_flags.results_file(path, RESULTS_FILE)
+        path, ckpt, net = checkpoints.load(checkpoint_flags.checkpoint_spec(), world.device, progress=not FLAGS.quiet)
+        matcher = checkpoints.checkpoint_path_matcher(checkpoint_flags.checkpoint_spec(), ckpt)
+        results_path = checkpoints.results_file(path, RESULTS_FILE)
         grid = Path(FLAGS.grid) if FLAGS.grid else path.parent / f"{path.stem}_memorized.png"
         run_files.ensure_writable(grid, "--grid")
         train, _ = cifar10.load_cifar10(FLAGS.data_dir, train=True)
@@ -281,7 +282,7 @@ def evaluate() -> None:
             sections[name]["seconds"] = round(time.perf_counter() - begun, 2)
     if not ev.world.is_main:
         return
-    record = {**checkpoint_flags.record_head(path, ckpt, ev.matcher), "seed": FLAGS.seed, "world_size": ev.world.size,
+    record = {**checkpoints.record_head(checkpoint_flags.checkpoint_spec(), path, ckpt, ev.matcher), "seed": FLAGS.seed, "world_size": ev.world.size,
               **sections, "seconds": round(time.perf_counter() - start, 2),
               "provenance": run_files.provenance(ev.world.device)}
     run_files.append_jsonl(results_path, record)

@@ -11,7 +11,7 @@ batches with their noise and times from --seed, and reports for the EMA (or raw)
 --model and --sigma, else --model), each as mean and standard error over batches. The same seed,
 split and clustering give every checkpoint the same batches, noise and times, so runs compare on
 the same numbers. One record per evaluation is appended to `locality.jsonl` beside the checkpoint.
-The checkpoint flags are checkpoint_flags.py's, shared with compute_fid.py and compute_generalization.py.
+The checkpoint flags are cfm/cli/checkpoint_flags.py's, shared with compute_fid.py and compute_generalization.py.
 """
 
 from __future__ import annotations
@@ -21,15 +21,12 @@ import time
 
 from absl import app, flags
 
-from cfm.evaluation import checkpoint_flags, locality, results
+from cfm.cli import checkpoint_flags
+from cfm.cli.flag_defs import define
+from cfm.config import ClusterConfig
+from cfm.evaluation import checkpoints, locality, results
 from cfm.io import cifar10, distributed, errors, run_files
-from cfm.method.clustering import (
-    CLUSTER_ALGORITHMS,
-    PUBLISHED_CLUSTER_ALGORITHM,
-    PUBLISHED_CLUSTER_SEED,
-    PUBLISHED_NUM_SUBCLASSES,
-    kmeans_cache_dir,
-)
+from cfm.method.clustering import kmeans_cache_dir
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(checkpoint_flags)  # listed by --helpshort with this script's own
@@ -38,11 +35,10 @@ flags.DEFINE_enum("split", "test", ["test", "train"], "CIFAR-10 split to cluster
 flags.DEFINE_integer("num_batches", 100, "Single-cluster batches to average over.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Images per batch (a smaller cluster repeats images, as in training).",
                      lower_bound=1)
-flags.DEFINE_integer("num_subclasses", PUBLISHED_NUM_SUBCLASSES, "K-means sub-clusters per class, as training's.",
-                     lower_bound=1)
-flags.DEFINE_enum("cluster_algorithm", PUBLISHED_CLUSTER_ALGORITHM, list(CLUSTER_ALGORITHMS),
-                  "Per-class clustering, as training's.")
-flags.DEFINE_integer("cluster_seed", PUBLISHED_CLUSTER_SEED, "K-means random_state, as training's.")
+# The clustering of training (ClusterConfig's defaults, bounds and choices), with help of its own.
+define(ClusterConfig, "num_subclasses", "K-means sub-clusters per class, as training's.")
+define(ClusterConfig, "cluster_algorithm", "Per-class clustering, as training's.")
+define(ClusterConfig, "cluster_seed", "K-means random_state, as training's.")
 flags.DEFINE_integer("seed", 0, "Seed of the batches, noise and times: the same seed gives every checkpoint the same "
                      "numbers to be scored on.", lower_bound=0)
 flags.DEFINE_bool("quiet", False, "No progress bar.")
@@ -61,11 +57,11 @@ def summary(record: dict) -> str:
 def evaluate() -> None:
     """Score the checkpoint and append its record; user errors (flags, checkpoint, weights, results
     folder, data, device) raise UserError, all before the clustering and the batches."""
-    checkpoint_flags.check_flags()
+    checkpoints.check_spec(checkpoint_flags.checkpoint_spec())
     device = distributed.resolve_device(FLAGS.device)
-    path, ckpt, net = checkpoint_flags.load(device, progress=not FLAGS.quiet)
-    matcher = checkpoint_flags.checkpoint_path_matcher(ckpt)
-    results_path = checkpoint_flags.results_file(path, RESULTS_FILE)
+    path, ckpt, net = checkpoints.load(checkpoint_flags.checkpoint_spec(), device, progress=not FLAGS.quiet)
+    matcher = checkpoints.checkpoint_path_matcher(checkpoint_flags.checkpoint_spec(), ckpt)
+    results_path = checkpoints.results_file(path, RESULTS_FILE)
     images, labels = cifar10.load_cifar10(FLAGS.data_dir, train=FLAGS.split == "train")
     start = time.perf_counter()
     batches = locality.HeldOutBatches(images, labels, FLAGS.batch_size, FLAGS.num_subclasses, FLAGS.seed, matcher,
@@ -73,7 +69,7 @@ def evaluate() -> None:
                                       cache_dir=kmeans_cache_dir(FLAGS.data_dir))
     values = locality.evaluate(net, batches, FLAGS.num_batches, device, progress=not FLAGS.quiet)
     record = {
-        **checkpoint_flags.record_head(path, ckpt, matcher),  # model, sigma: the path loss_fm was scored on
+        **checkpoints.record_head(checkpoint_flags.checkpoint_spec(), path, ckpt, matcher),  # model, sigma: the path loss_fm was scored on
         "split": FLAGS.split,
         "num_batches": FLAGS.num_batches,
         "batch_size": FLAGS.batch_size,

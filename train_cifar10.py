@@ -8,31 +8,25 @@ batch is computed under no_grad and logged as `local_loss` (monitoring only: it 
 --monitor_local=False skips it, and with it the K-means clustering it needs.
 Writes {output_dir}/{model}/{model}_cifar10_weights_step_{step}.pt, sample grids and
 {model}_cifar10_metrics.jsonl.
-Every other flag is shared with the other training scripts and defined in cfm/training/training_flags.py.
+Every other flag is shared with the other training scripts and defined in cfm/cli/training_flags.py;
+the flags become a TrainConfig (cfm/config/), which the library trains (cfm/training/recipes.py).
 """
 
 from absl import app, flags
 
-from cfm.method.regularizers import LocalRegularizer
-from cfm.training import loop
+from cfm.cli import training_flags
+from cfm.cli.flag_defs import define
+from cfm.config import MonitorConfig
+from cfm.training import recipes
 
-flags.DEFINE_bool("monitor_local", True, "log the local loss of a same-cluster batch on log steps (needs the "
-                  "K-means clusters; False skips the clustering)")
+define(MonitorConfig, "monitor_local", "log the local loss of a same-cluster batch on log steps (needs the "
+       "K-means clusters; False skips the clustering)")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-
-    def monitor(data):
-        return loop.cluster_sampler(FLAGS, data), LocalRegularizer(weight=0.0, sigma=FLAGS.sigma)
-
-    spec = loop.RunSpec(
-        run_dir=FLAGS.model,
-        file_prefix=f"{FLAGS.model}_cifar10",
-        make_monitor=monitor if FLAGS.monitor_local else None,
-    )
-    loop.run(FLAGS, spec)
+    recipes.run(training_flags.train_config(MonitorConfig))
 
 
 if __name__ == "__main__":

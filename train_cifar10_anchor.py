@@ -10,42 +10,26 @@ loss = loss_fm + lambda_anchor * anchor loss, e = the centroid of the batch's cl
 {output_dir}/{model}_anchor_{anchor_loss_type}/{model}_cifar10_anchor_{lambda_name}_weights_step_{step}.pt.
 """
 
-import sys
+from absl import app
 
-from absl import app, flags
+from cfm.cli import training_flags
+from cfm.cli.flag_defs import LAMBDA_NAME_HELP, define
+from cfm.config import AnchorConfig
+from cfm.training import recipes
 
-from cfm.method.regularizers import ANCHOR_LOSS_TYPES, ANCHOR_PAIRINGS, STRAIGHT_LINE_MODELS, AnchorRegularizer
-from cfm.training import loop
-
-flags.DEFINE_float("lambda_anchor", 1.0, "weight of the anchor loss")
-flags.DEFINE_string("lambda_name", "1e0", "lambda as written in run and file names, e.g. 1e0, 1e-1")
-flags.DEFINE_integer("centroid_update_freq", 1000, "recompute the cluster centroids every this many steps",
-                     lower_bound=1)
-flags.DEFINE_integer("centroid_samples", 500, "members averaged per centroid (0 = all)", lower_bound=0)
-flags.DEFINE_enum("anchor_loss_type", "full", list(ANCHOR_LOSS_TYPES), "anchor loss: full or simple")
-flags.DEFINE_enum("anchor_pairing", "published", list(ANCHOR_PAIRINGS),
-                  "published: x_t from the batch and noise as drawn (two extra rows per sample); main: the main "
-                  "term's re-paired x_t and prediction (one extra row; icfm/otcfm only)")
-FLAGS = flags.FLAGS
+define(AnchorConfig, "lambda_anchor", "weight of the anchor loss")
+define(AnchorConfig, "lambda_name", LAMBDA_NAME_HELP)
+define(AnchorConfig, "centroid_update_freq", "recompute the cluster centroids every this many steps")
+define(AnchorConfig, "centroid_samples", "members averaged per centroid (0 = all)")
+define(AnchorConfig, "anchor_loss_type", "anchor loss: full or simple")
+define(AnchorConfig, "anchor_pairing",
+       "published: x_t from the batch and noise as drawn (two extra rows per sample); main: the main "
+       "term's re-paired x_t and prediction (one extra row; icfm/otcfm only)")
 
 
 def main(argv):
     del argv
-    if FLAGS.anchor_pairing == "main" and FLAGS.model not in STRAIGHT_LINE_MODELS:
-        sys.exit(f"error: --anchor_pairing=main reuses the main term's straight-line x_t, which --model={FLAGS.model} "
-                 f"does not train on: use --anchor_pairing=published or --model=icfm/otcfm.")
-    spec = loop.RunSpec(
-        run_dir=f"{FLAGS.model}_anchor_{FLAGS.anchor_loss_type}",
-        file_prefix=f"{FLAGS.model}_cifar10_anchor_{FLAGS.lambda_name}",
-        make_batches=lambda data: loop.cluster_sampler(FLAGS, data),
-        make_regularizer=lambda batches: AnchorRegularizer(
-            weight=FLAGS.lambda_anchor, sigma=FLAGS.sigma, loss_type=FLAGS.anchor_loss_type,
-            images=batches.images, assignment=batches.assignment, num_clusters=batches.num_clusters,
-            update_freq=FLAGS.centroid_update_freq, centroid_samples=FLAGS.centroid_samples,
-            pairing=FLAGS.anchor_pairing, seed=FLAGS.seed,
-        ),
-    )
-    loop.run(FLAGS, spec)
+    recipes.run(training_flags.train_config(AnchorConfig))
 
 
 if __name__ == "__main__":

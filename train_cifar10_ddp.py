@@ -13,22 +13,27 @@ launcher did not set them.
 
 import os
 
-from absl import app, flags, logging
+from absl import app, logging
 
-import train_cifar10
+import train_cifar10  # noqa: F401 -- defines --monitor_local, as the plain script it trains like
+from cfm.cli import training_flags
+from cfm.cli.flag_defs import define
+from cfm.config import LaunchConfig, MonitorConfig
+from cfm.training import recipes
 
-flags.DEFINE_bool("parallel", True, "data-parallel training (the world comes from torchrun)")
-flags.DEFINE_string("master_addr", "localhost", "rendezvous address when torchrun sets none")
-flags.DEFINE_string("master_port", "12355", "rendezvous port when torchrun sets none")
-FLAGS = flags.FLAGS
+define(LaunchConfig, "parallel", "data-parallel training (the world comes from torchrun)")
+define(LaunchConfig, "master_addr", "rendezvous address when torchrun sets none")
+define(LaunchConfig, "master_port", "rendezvous port when torchrun sets none")
 
 
 def main(argv):
-    os.environ.setdefault("MASTER_ADDR", FLAGS.master_addr)
-    os.environ.setdefault("MASTER_PORT", FLAGS.master_port)
-    if FLAGS.parallel and "WORLD_SIZE" not in os.environ:
+    del argv
+    config = training_flags.train_config(MonitorConfig, launch=True)
+    os.environ.setdefault("MASTER_ADDR", config.launch.master_addr)
+    os.environ.setdefault("MASTER_PORT", config.launch.master_port)
+    if config.launch.parallel and "WORLD_SIZE" not in os.environ:
         logging.warning("not launched by torchrun: training in one process (see the command in this file).")
-    train_cifar10.main(argv)
+    recipes.run(config)
 
 
 if __name__ == "__main__":

@@ -8,25 +8,20 @@ K-means cluster) and s a permutation of it (see regularizers.LocalRegularizer).
 Writes {output_dir}/{model}_local_{lambda_name}/{model}_cifar10_local_{lambda_name}_weights_step_{step}.pt.
 """
 
-from absl import app, flags
+from absl import app
 
-from cfm.method.regularizers import LocalRegularizer
-from cfm.training import loop
+from cfm.cli import training_flags
+from cfm.cli.flag_defs import LAMBDA_NAME_HELP, define
+from cfm.config import LocalConfig
+from cfm.training import recipes
 
-flags.DEFINE_float("lambda_local", 1.0, "weight of the local loss")
-flags.DEFINE_string("lambda_name", "1e0", "lambda as written in run and file names, e.g. 1e0, 1e-1")
-FLAGS = flags.FLAGS
+define(LocalConfig, "lambda_local", "weight of the local loss")
+define(LocalConfig, "lambda_name", LAMBDA_NAME_HELP)
 
 
 def main(argv):
     del argv
-    spec = loop.RunSpec(
-        run_dir=f"{FLAGS.model}_local_{FLAGS.lambda_name}",
-        file_prefix=f"{FLAGS.model}_cifar10_local_{FLAGS.lambda_name}",
-        make_batches=lambda data: loop.cluster_sampler(FLAGS, data),
-        make_regularizer=lambda batches: LocalRegularizer(weight=FLAGS.lambda_local, sigma=FLAGS.sigma),
-    )
-    loop.run(FLAGS, spec)
+    recipes.run(training_flags.train_config(LocalConfig))
 
 
 if __name__ == "__main__":

@@ -43,13 +43,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dataclasses  # noqa: E402
+
+from cfm.cli import training_flags  # noqa: E402  (defines the model, optimisation and fast-path flags used below)
+from cfm.config import TrainConfig  # noqa: E402
 from cfm.io import cifar10, run_files  # noqa: E402
 from cfm.io.distributed import World, resolve_device  # noqa: E402
+from cfm.method import nets  # noqa: E402
 from cfm.method.flow_matching import make_matcher  # noqa: E402
 from cfm.method.regularizers import AnchorRegularizer, LocalRegularizer  # noqa: E402
 from cfm.method.samplers import ClassConditionedSampler  # noqa: E402
 from cfm.method.unet import UNetModel  # noqa: E402
-from cfm.training import training_flags  # noqa: E402  (defines the model, optimisation and fast-path flags used below)
 from cfm.training.trainer import Trainer, build_trainer  # noqa: E402
 
 REGULARIZERS = ("none", "local", "anchor", "anchor_main")
@@ -101,22 +105,24 @@ def parse_rows(device: torch.device) -> list[tuple[str, str, set]]:
     return rows
 
 
-def build(name: str, precision: str, options: set, images: torch.Tensor, world: World) -> Trainer:
-    """The row's Trainer, built as training builds it (the fast-path flags are set for this row)."""
-    FLAGS.precision, FLAGS.compile, FLAGS.ot_pipeline = precision, "compile" in options, "inline" not in options
-    config = training_flags.unet_config_from_flags(FLAGS)
-    matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing)
+def build(name: str, precision: str, options: set, images: torch.Tensor, world: World, base: TrainConfig) -> Trainer:
+    """The row's Trainer, built as training builds it from `base` with this row's fast-path settings."""
+    execution = dataclasses.replace(base.execution, precision=precision, compile="compile" in options,
+                                    ot_pipeline="inline" not in options)
+    optim, flow = base.optim, base.flow
+    unet_config = nets.unet_arguments(base.unet)
+    matcher = make_matcher(flow.model, flow.sigma, flow.ot_pairing)
     if name == "none":
-        batches = cifar10.ShuffledBatches(images, FLAGS.batch_size, FLAGS.seed)
-        return build_trainer(FLAGS, config, world, matcher, batches)
+        batches = cifar10.ShuffledBatches(images, optim.batch_size, optim.seed)
+        return build_trainer(optim, execution, unet_config, world, matcher, batches)
     labels = torch.arange(len(images)) % 10
-    batches = ClassConditionedSampler(images, labels, FLAGS.batch_size, num_subclasses=1, seed=FLAGS.seed)
+    batches = ClassConditionedSampler(images, labels, optim.batch_size, num_subclasses=1, seed=optim.seed)
     if name == "local":
-        regularizer = LocalRegularizer(1.0, FLAGS.sigma)
+        regularizer = LocalRegularizer(1.0, flow.sigma)
     else:
-        regularizer = AnchorRegularizer(1.0, FLAGS.sigma, "full", images, batches.assignment, batches.num_clusters,
+        regularizer = AnchorRegularizer(1.0, flow.sigma, "full", images, batches.assignment, batches.num_clusters,
                                         pairing="main" if name == "anchor_main" else "published")
-    return build_trainer(FLAGS, config, world, matcher, batches, regularizer)
+    return build_trainer(optim, execution, unet_config, world, matcher, batches, regularizer)
 
 
 def step_flops(trainer: Trainer) -> float:
@@ -170,6 +176,7 @@ def measure(trainer: Trainer, device: torch.device, steps) -> dict:
 
 def main(argv):
     del argv
+    base = training_flags.train_config()  # the flags of this command, as data
     device = resolve_device(FLAGS.device)
     rows = parse_rows(device)
     world = World(rank=0, size=1, device=device)
@@ -179,7 +186,7 @@ def main(argv):
     lines = []
     flops = {}
     for name, precision, options in rows:
-        trainer = build(name, precision, options, images, world)
+        trainer = build(name, precision, options, images, world, base)
         if name not in flops:
             flops[name] = step_flops(trainer)
         if device.type == "cuda":
@@ -197,7 +204,7 @@ def main(argv):
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
         del trainer
-    params = sum(p.numel() for p in UNetModel(**training_flags.unet_config_from_flags(FLAGS)).parameters())
+    params = sum(p.numel() for p in UNetModel(**nets.unet_arguments(base.unet)).parameters())
     header = [
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {run_files.provenance(device)['device']} "
         f"({device}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads",

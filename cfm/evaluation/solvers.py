@@ -24,10 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cfm.config.choices import SOLVERS
 from cfm.io.errors import UserError
-
-SOLVERS = ("dopri5", "euler", "midpoint", "heun", "rk4")
-
 
 Field = Callable[[Tensor, Tensor], Tensor]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cfm.config.choices import CLUSTER_ALGORITHMS
 from cfm.io.checkpoint_io import atomic_save
 from cfm.io.cifar10 import to_model_range
 from cfm.io.errors import SaveError
@@ -26,16 +27,6 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 NUM_CLASSES = len(CIFAR10_CLASSES)
-
-
-# minibatch: the published sampler's MiniBatchKMeans (batches of min(1024, n), n_init="auto");
-# lloyd: exact K-means (one k-means++ init), the recipe of earlier versions of this repo.
-CLUSTER_ALGORITHMS = ("minibatch", "lloyd")
-
-
-# The published clustering, the default of every script that clusters (training and evaluation
-# must agree on it, or held-out scores would come from other clusters than training's).
-PUBLISHED_NUM_SUBCLASSES, PUBLISHED_CLUSTER_ALGORITHM, PUBLISHED_CLUSTER_SEED = 25, "minibatch", 42
 
 
 # Iterations are capped as published: for MiniBatchKMeans these are passes over the class; for Lloyd

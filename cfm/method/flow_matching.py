@@ -33,9 +33,7 @@ import ot
 import torch
 from torch import Tensor
 
-MATCHERS = ("otcfm", "icfm", "fm", "si")
-OT_PAIRINGS = ("replacement", "permutation")
-
+from cfm.config.choices import MATCHERS, OT_PAIRINGS
 
 @dataclass
 class FlowSample:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from cfm.config.settings import value_or_default
+from cfm.config.training import ARCH_FLAGS, UNetConfig
+from cfm.io import errors
 from cfm.io.checkpoint_io import CheckpointError
-from cfm.method.unet import PAPER_CONFIG, UNetModel, check_config, strip_state_dict_prefixes
+from cfm.method.unet import PAPER_CONFIG, UNetModel, check_config, normalize_config, strip_state_dict_prefixes
 
 
 def _shape(value) -> tuple | str:
@@ -70,3 +73,26 @@ def build_net_from_checkpoint(
     net = UNetModel(**config)
     load_weights(net, ckpt[key], source=f"{source} ({key})")
     return net.to(device).eval().requires_grad_(False)
+
+
+def unet_arguments(unet: UNetConfig, ckpt: dict | None = None) -> dict:
+    """`UNetModel`'s construction arguments for a run: the checkpoint's when resuming one that
+    stores them (published resume commands give no --num_channel), else the paper config with the
+    architecture flags given. A flag given (not None) that contradicts the checkpoint is a
+    UserError rather than a silent rebuild."""
+    config = dict(PAPER_CONFIG)
+    for flag, arg in ARCH_FLAGS.items():
+        config[arg] = value_or_default(unet, flag)
+    from_flags = normalize_config(config)
+    if ckpt is None or "unet_config" not in ckpt:
+        return from_flags
+    stored = normalize_config(ckpt["unet_config"])
+    for flag, arg in ARCH_FLAGS.items():
+        given = getattr(unet, flag)
+        if given is not None and from_flags[arg] != stored[arg]:
+            shown = ",".join(map(str, given)) if isinstance(given, tuple) else given
+            raise errors.UserError(
+                f"--{flag}={shown} contradicts the checkpoint's {arg}={stored[arg]}: "
+                f"drop the flag to resume with the stored architecture."
+            )
+    return stored

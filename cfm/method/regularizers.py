@@ -40,14 +40,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# ANCHOR_PAIRINGS: published, the anchor term's own x_t from the batch as drawn (two extra rows per
+# sample); main, the main term's re-paired x_t and prediction (one extra row; STRAIGHT_LINE_MODELS only).
+from cfm.config.choices import ANCHOR_LOSS_TYPES, ANCHOR_PAIRINGS, STRAIGHT_LINE_MODELS
 from cfm.method.flow_matching import FlowSample, pad_t_like_x
-
-ANCHOR_LOSS_TYPES = ("full", "simple")
-# published: the anchor term's own x_t from the batch as drawn (two extra rows per sample);
-# main: the main term's re-paired x_t and prediction (one extra row; icfm/otcfm only).
-ANCHOR_PAIRINGS = ("published", "main")
-# Models whose main xt is the straight line the anchor loss needs, so `main` pairing is valid.
-STRAIGHT_LINE_MODELS = ("icfm", "otcfm")
 
 
 def straight_line(t: Tensor, z: Tensor, x0: Tensor, eps: Tensor, sigma: float) -> Tensor:

@@ -2,10 +2,11 @@
 
 Loading CIFAR-10 and clustering it take seconds to minutes; a mistake found after them (or at the
 first step, or never) costs that time and often a traceback. `check_training_inputs` runs once, in
-`training.train`, after the flags are parsed and the checkpoint is read (`check_batch_and_clip` and
+`loop.train`, after the config is checked (`cfm.config.check_config`) and the checkpoint is read (`check_batch_and_clip` and
 `check_output_dir` earlier, before the run's lock file is written there), and turns each mistake a
 user can make into one `UserError` sentence naming the fix:
 
+    recipe             the anchor term's main pairing needs a straight-line model (icfm, otcfm)
     --batch_size       a positive multiple of the number of processes; --grad_clip positive
     learning rate      finite and >= 0 (Adam takes NaN silently, a negative rate only later)
     UNet arguments     see `unet.check_config` (heads, attention resolutions, widths, levels)
@@ -13,8 +14,8 @@ user can make into one `UserError` sentence naming the fix:
     --checkpoint_path  holds what resuming needs (weights, EMA, optimizer, schedule, step), with
                        weights and optimizer state shaped for the UNet being built
 
-Single-flag formats are checked earlier, by absl at parsing (bounds, and `positive_ints` for list
-flags); the device by `distributed.resolve_device`.
+Single-setting formats (bounds, choices, lists of positive integers) are checked earlier, by absl at
+parsing and by `check_config` on any config; the device by `distributed.resolve_device`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from cfm.config import AnchorConfig, OptimConfig, TrainConfig
+from cfm.config.choices import STRAIGHT_LINE_MODELS
+from cfm.config.training import ARCH_FLAGS
 from cfm.io import checkpoint_io, errors, run_files
 from cfm.method import nets
 from cfm.method.unet import UNetModel, check_config
@@ -32,47 +36,46 @@ from cfm.method.unet import UNetModel, check_config
 RESUME_KEYS = ("net_model", "ema_model", "optim", "sched", "step")
 
 
-def positive_ints(values) -> bool:
-    """absl validator of a list flag: every entry is a positive integer (e.g. --channel_mult=1,2,2,2)."""
-    items = values.split(",") if isinstance(values, str) else values
-    try:
-        return all(int(item) > 0 for item in items if item.strip())
-    except ValueError:
-        return False
+def check_recipe(config: TrainConfig) -> None:
+    """Raise a `UserError` for settings of the recipe that contradict the flow: the anchor term's
+    main pairing reuses the main term's straight-line x_t, which only icfm and otcfm train on."""
+    recipe, model = config.recipe, config.flow.model
+    if isinstance(recipe, AnchorConfig) and recipe.anchor_pairing == "main" and model not in STRAIGHT_LINE_MODELS:
+        raise errors.UserError(f"--anchor_pairing=main reuses the main term's straight-line x_t, which --model={model} "
+                               f"does not train on: use --anchor_pairing=published or --model=icfm/otcfm.")
 
 
-def check_batch_and_clip(FLAGS, world_size: int) -> None:
+def check_batch_and_clip(optim: OptimConfig, world_size: int) -> None:
     """Raise a `UserError` unless --batch_size splits into `world_size` equal blocks and --grad_clip is
     positive (checked first: neither needs anything but the flags and the world)."""
-    if FLAGS.batch_size <= 0 or FLAGS.batch_size % world_size:
+    if optim.batch_size <= 0 or optim.batch_size % world_size:
         raise errors.UserError(
-            f"--batch_size={FLAGS.batch_size} must be a positive multiple of the {world_size} processes."
+            f"--batch_size={optim.batch_size} must be a positive multiple of the {world_size} processes."
         )
-    if FLAGS.grad_clip <= 0:
+    if optim.grad_clip <= 0:
         raise errors.UserError("--grad_clip must be positive.")
 
 
-def check_output_dir(FLAGS, paths: run_files.RunPaths) -> None:
-    """Raise a `UserError` unless the run folder can be created and written."""
+def check_output_dir(output_dir: str, paths: run_files.RunPaths) -> None:
+    """Raise a `UserError` unless the run folder (`paths.run_dir`, under `output_dir`) can be created and written."""
     reason = run_files.unwritable_reason(paths.run_dir)
     if reason is not None:
         raise errors.UserError(
-            f"--output_dir={FLAGS.output_dir} cannot hold the run folder ({reason}): pass a writable --output_dir."
+            f"--output_dir={output_dir} cannot hold the run folder ({reason}): pass a writable --output_dir."
         )
 
 
-def check_training_inputs(FLAGS, ckpt: dict | None, checkpoint_path: str, unet_config: dict,
-                          arch_flags: dict[str, str]) -> None:
+def check_training_inputs(optim: OptimConfig, ckpt: dict | None, checkpoint_path: str, unet_config: dict) -> None:
     """Raise a `UserError` for the first input that would fail (or silently go wrong) later.
 
     `ckpt` is the checkpoint being resumed (read from `checkpoint_path`), or None;
-    `unet_config` is the architecture this run builds (the checkpoint's or the flags');
-    `arch_flags` maps each architecture flag to its UNet argument, so messages name the flag.
+    `unet_config` is the architecture this run builds (the checkpoint's or the config's); messages
+    name the architecture flags (`ARCH_FLAGS`).
     """
-    if not math.isfinite(FLAGS.lr) or FLAGS.lr < 0:
-        raise errors.UserError(f"--lr={FLAGS.lr} is not a learning rate: pass a finite number >= 0, e.g. 2e-4.")
+    if not math.isfinite(optim.lr) or optim.lr < 0:
+        raise errors.UserError(f"--lr={optim.lr} is not a learning rate: pass a finite number >= 0, e.g. 2e-4.")
     try:
-        check_config(unet_config, names={arg: f"--{flag}" for flag, arg in arch_flags.items()})
+        check_config(unet_config, names={arg: f"--{flag}" for flag, arg in ARCH_FLAGS.items()})
     except ValueError as err:
         raise errors.UserError(str(err)) from err
     if ckpt is not None:

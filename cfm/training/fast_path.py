@@ -29,9 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-PRECISIONS = ("auto", "fp32", "bf16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
+from cfm.config.choices import COMPILE_MODES, PRECISIONS
 
 def resolve_precision(flag: str, device: torch.device) -> str:
     """--precision as trained: "auto" is bf16 on a CUDA device with native bf16 (Ampere or newer), else fp32.

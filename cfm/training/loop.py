@@ -1,6 +1,8 @@
 """The one training loop behind every training script.
 
-A script defines its own flags, picks a regularizer (or none) and calls `run(FLAGS, ...)`. One code
+A script turns its flags into a `TrainConfig` (cfm/cli/) and calls `recipes.run(config)`, which picks
+the regularizer (or none) as a `RunSpec` and calls `run(config, spec)` here; a notebook calls
+`recipes.train(config)`. The loop reads settings from the config, never flags. One code
 path serves a plain `python train_*.py` (a world of size 1) and `torchrun` (one process per GPU):
 every rank computes, only rank 0 writes files or logs.
 
@@ -37,6 +39,8 @@ from absl import logging
 from torch import Tensor
 from tqdm import tqdm
 
+from cfm.config import ClusterConfig, OptimConfig, RunConfig, TrainConfig, check_config, flag_record
+from cfm.config.settings import value_or_default
 from cfm.io import checkpoint_io, cifar10, errors, run_files
 from cfm.io.distributed import World, broadcast_from_main, init_world, main_first, peers_watched, wait_for_main
 from cfm.method import nets
@@ -45,7 +49,7 @@ from cfm.method.flow_matching import make_matcher
 from cfm.method.samplers import ClassConditionedSampler, save_cluster_grids
 from cfm.training import checks
 from cfm.training.run_lock import LockLost, RunLock, RunLocked
-from cfm.training.run_outputs import CheckpointWriter, RunLogger, fid_num_gen, log_fid, prepare_fid, progress_fields
+from cfm.training.run_outputs import CheckpointWriter, RunLogger, log_fid, prepare_fid, progress_fields
 from cfm.training.stop_request import LOCK_LOST, StopRequest
 from cfm.training.trainer import (
     MONITOR_STREAM,
@@ -57,7 +61,6 @@ from cfm.training.trainer import (
     host_metrics,
     warmup_schedule,
 )
-from cfm.training.training_flags import ARCH_FLAGS, flag_dict, resolve_unet_config
 
 
 @dataclass
@@ -97,19 +100,19 @@ class RunSpec:
 # --------------------------------------------------------------------------------------------
 
 
-def cluster_sampler(FLAGS, data: DataContext):
+def cluster_sampler(cluster: ClusterConfig, data: DataContext):
     """A K-means ClassConditionedSampler over `data` (one cluster per batch).
 
     The clustering is cached under --data_dir (elsewhere if it is read-only: see
     `samplers.kmeans_cache_dir`); a resumed run takes the assignment stored in its checkpoint, so it
-    trains on the same clusters.
+    trains on the same clusters (`cluster.num_subclasses` None: not given, the stored one or 25).
     """
     stored = (data.stored or {}).get("assignment")  # absent when the checkpoint's stream was shuffled
-    num_subclasses = FLAGS.num_subclasses
+    num_subclasses = value_or_default(cluster, "num_subclasses")
     if stored is not None:
-        if FLAGS["num_subclasses"].present and data.stored["num_subclasses"] != FLAGS.num_subclasses:
+        if cluster.num_subclasses is not None and data.stored["num_subclasses"] != cluster.num_subclasses:
             raise errors.UserError(
-                f"--num_subclasses={FLAGS.num_subclasses} contradicts the checkpoint's clusters "
+                f"--num_subclasses={cluster.num_subclasses} contradicts the checkpoint's clusters "
                 f"(num_subclasses={data.stored['num_subclasses']}): drop the flag to resume on the same clusters."
             )
         num_subclasses = data.stored["num_subclasses"]
@@ -117,22 +120,12 @@ def cluster_sampler(FLAGS, data: DataContext):
     with main_first(data.world, "the K-means clustering"):
         sampler = ClassConditionedSampler(
             data.images, data.labels, data.batch_size, num_subclasses=num_subclasses, seed=data.seed,
-            cluster_weighting=FLAGS.cluster_weighting, cache_dir=kmeans_cache_dir(data.data_dir),
-            assignment=stored, cluster_seed=FLAGS.cluster_seed, algorithm=FLAGS.cluster_algorithm,
+            cluster_weighting=cluster.cluster_weighting, cache_dir=kmeans_cache_dir(data.data_dir),
+            assignment=stored, cluster_seed=cluster.cluster_seed, algorithm=cluster.cluster_algorithm,
         )
-        if FLAGS.visualize and data.world.is_main:
-            save_cluster_grids(data.images, data.labels, sampler.assignment, num_subclasses, FLAGS.group_dir)
+        if cluster.visualize and data.world.is_main:
+            save_cluster_grids(data.images, data.labels, sampler.assignment, num_subclasses, cluster.group_dir)
     return sampler
-
-
-# --------------------------------------------------------------------------------------------
-# The step
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Logging
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,11 +133,11 @@ def cluster_sampler(FLAGS, data: DataContext):
 # --------------------------------------------------------------------------------------------
 
 
-def run(FLAGS, spec: RunSpec) -> None:
+def run(config: TrainConfig, spec: RunSpec) -> None:
     """Entry point for the scripts: `train`, with user errors as one sentence and exit status 1, and
     exit status 130 after a checkpoint written on SIGINT (0 after SIGTERM / SIGUSR1)."""
     try:
-        outcome = train(FLAGS, spec)
+        outcome = train(config, spec)
     except errors.UserError as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:  # Ctrl-C outside the loop (data, K-means, FID set-up), before its handler is in place
@@ -163,12 +156,12 @@ class Outcome:
     stopped_by: int = 0
 
 
-def load_resume_checkpoint(FLAGS, paths: run_files.RunPaths) -> tuple[str, dict | None]:
+def load_resume_checkpoint(run_config: RunConfig, paths: run_files.RunPaths) -> tuple[str, dict | None]:
     """The checkpoint to resume from and its contents: --checkpoint_path, or with --resume=auto the
     highest-step checkpoint of this run that loads (("", None) when the run has none: a fresh start).
     Checkpoints that do not load are named in a warning, never deleted. Each file is read once."""
-    if FLAGS.checkpoint_path or FLAGS.resume != "auto":
-        path = FLAGS.checkpoint_path
+    if run_config.checkpoint_path or run_config.resume != "auto":
+        path = run_config.checkpoint_path
         return path, (checkpoint_io.load_checkpoint(path) if path else None)
     candidates = paths.checkpoints_by_step()
     for path in reversed(candidates):
@@ -187,19 +180,24 @@ def load_resume_checkpoint(FLAGS, paths: run_files.RunPaths) -> tuple[str, dict 
     return "", None
 
 
-def train(FLAGS, spec: RunSpec) -> Outcome:
-    world = init_world(FLAGS.device, FLAGS.collective_timeout)
-    checks.check_batch_and_clip(FLAGS, world.size)
+def train(config: TrainConfig, spec: RunSpec) -> Outcome:
+    """Train the run `config` describes with the loss and batches of `spec`; user errors (a bad
+    setting, checkpoint or folder, a run locked by another) raise `errors.UserError`."""
+    check_config(config)  # what absl checks at parsing, for a config built in Python
+    checks.check_recipe(config)
+    world = init_world(config.run.device, config.run.collective_timeout)
+    checks.check_batch_and_clip(config.optim, world.size)
+    flow = config.flow
     # --ot_scope=local pairs each rank's block within itself, as the published DDP script does.
-    matcher = make_matcher(FLAGS.model, FLAGS.sigma, FLAGS.ot_pairing,
-                           ot_blocks=world.size if FLAGS.ot_scope == "local" else 1)
-    paths = run_files.RunPaths(Path(FLAGS.output_dir) / spec.run_dir, spec.file_prefix)
-    checks.check_output_dir(FLAGS, paths)
+    matcher = make_matcher(flow.model, flow.sigma, flow.ot_pairing,
+                           ot_blocks=world.size if config.execution.ot_scope == "local" else 1)
+    paths = run_files.RunPaths(Path(config.paths.output_dir) / spec.run_dir, spec.file_prefix)
+    checks.check_output_dir(config.paths.output_dir, paths)
     lock = RunLock(paths.run_dir, spec.file_prefix)
     refusal = None
     if world.is_main:  # rank 0 decides; every rank stops if it refuses
         try:  # with --resume=auto, a requeue waits out the lock of a run on another host
-            lock.acquire(wait=FLAGS.resume == "auto")
+            lock.acquire(wait=config.run.resume == "auto")
         except errors.UserError as err:  # RunLocked, or a full disk (SaveError)
             refusal = str(err)
         else:  # a run killed mid-save left temp files; with the lock held, none of them is live
@@ -209,30 +207,32 @@ def train(FLAGS, spec: RunSpec) -> Outcome:
     if refusal is not None:
         raise RunLocked(refusal)
     try:
-        return train_locked(FLAGS, spec, world, matcher, paths, lock)
+        return train_locked(config, spec, world, matcher, paths, lock)
     finally:
         lock.release()
 
 
-def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: run_files.RunPaths, lock: RunLock) -> Outcome:
+def train_locked(config: TrainConfig, spec: RunSpec, world: World, matcher, paths: run_files.RunPaths,
+                 lock: RunLock) -> Outcome:
     """`train` once this run's lock is held (rank 0)."""
-    checkpoint_path, ckpt = load_resume_checkpoint(FLAGS, paths)
-    unet_config = resolve_unet_config(FLAGS, ckpt)
-    checks.check_training_inputs(FLAGS, ckpt, checkpoint_path, unet_config, ARCH_FLAGS)  # before data and clustering
+    optim, run_config, data_dir = config.optim, config.run, config.paths.data_dir
+    checkpoint_path, ckpt = load_resume_checkpoint(run_config, paths)
+    unet_config = nets.unet_arguments(config.unet, ckpt)
+    checks.check_training_inputs(optim, ckpt, checkpoint_path, unet_config)  # before data and clustering
     existing = paths.checkpoints_by_step()
-    if ckpt is None and existing and not FLAGS.overwrite:
+    if ckpt is None and existing and not run_config.overwrite:
         raise errors.UserError(
             f"{paths.run_dir} already holds checkpoints ({existing[-1].name}): "
             f"resume with --checkpoint_path or --resume=auto, pick another --output_dir, or pass --overwrite."
         )
 
-    torch.manual_seed(FLAGS.seed + world.rank)  # dropout: each rank its own masks
+    torch.manual_seed(optim.seed + world.rank)  # dropout: each rank its own masks
     with main_first(world, "the CIFAR-10 download"):  # one download/extraction; the other ranks read what rank 0 put there
-        images, labels = cifar10.load_cifar10(FLAGS.data_dir)
+        images, labels = cifar10.load_cifar10(data_dir)
     # The streams are shared by all ranks, so a checkpoint of N processes resumes on M.
     stored = ckpt.get("streams", {}) if ckpt is not None else {}
-    data = DataContext(images=images.to(world.device), labels=labels, batch_size=FLAGS.batch_size,
-                       seed=FLAGS.seed, world=world, data_dir=FLAGS.data_dir)
+    data = DataContext(images=images.to(world.device), labels=labels, batch_size=optim.batch_size,
+                       seed=optim.seed, world=world, data_dir=data_dir)
     if spec.make_batches is None:
         batches = cifar10.ShuffledBatches(data.images, data.batch_size, data.seed)
     else:
@@ -241,26 +241,26 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: run_files.R
     monitor = None
     if spec.make_monitor is not None:
         monitor = spec.make_monitor(dataclasses.replace(data, stored=stored.get(MONITOR_STREAM)))
-    trainer = build_trainer(FLAGS, unet_config, world, matcher, batches, regularizer, monitor)
-    start = resume(trainer, ckpt, checkpoint_path, FLAGS, world) if ckpt is not None else 0
+    trainer = build_trainer(optim, config.execution, unet_config, world, matcher, batches, regularizer, monitor)
+    start = resume(trainer, ckpt, checkpoint_path, optim, world) if ckpt is not None else 0
 
-    config = flag_dict(FLAGS)
+    record = flag_record(config)  # ckpt["flags"] and wandb's config: the flags as the scripts record them
     logger = None
     provenance = run_files.provenance(world.device)  # the code and machine cannot change mid-run
     if world.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
-        logger = RunLogger(paths, config, FLAGS.wandb_mode, start, provenance)
+        logger = RunLogger(paths, record, run_config.wandb_mode, start, provenance)
     wait_for_main(world, "starting its logger (wandb)")
-    scorer = prepare_fid(FLAGS, world)
-    writer = CheckpointWriter(trainer, paths, unet_config, config, provenance, world, lock, last=checkpoint_path)
-    progress = tqdm(range(start, FLAGS.total_steps), initial=start, total=FLAGS.total_steps,
+    scorer = prepare_fid(config.fid, data_dir, world)
+    writer = CheckpointWriter(trainer, paths, unet_config, record, provenance, world, lock, last=checkpoint_path)
+    progress = tqdm(range(start, optim.total_steps), initial=start, total=optim.total_steps,
                     disable=not world.is_main, dynamic_ncols=True)
-    last = FLAGS.total_steps - 1
+    last = optim.total_steps - 1
     tic = time.perf_counter()
     # A rank that stops answering: every other rank exits, naming it, without writing (PeerLost).
     with StopRequest(world) as stop_request, peers_watched(world, writer.resume_hint):
         for step in progress:
-            is_log = step % FLAGS.log_step == 0 or step == last
+            is_log = step % run_config.log_step == 0 or step == last
             metrics = trainer.step(step, with_metrics=is_log)
             if is_log:
                 record = {"step": step, **host_metrics(metrics, world), "seconds": round(time.perf_counter() - tic, 3)}
@@ -271,13 +271,13 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: run_files.R
                 if logger is not None and lock.verify():  # a run whose lock was taken writes nothing more
                     logger.log(record)
                     progress.set_postfix(progress_fields(record))
-            is_save = FLAGS.save_step > 0 and ((step % FLAGS.save_step == 0 and step > 0) or step == last)
+            is_save = run_config.save_step > 0 and ((step % run_config.save_step == 0 and step > 0) or step == last)
             if is_save:
                 writer.save(step)  # first: a stop request during the grids or the FID finds it written
                 skipped = writer.draw_grids(step, stop_request.requested) if world.is_main else []
                 wait_for_main(world, f"the checkpoint and sample grids of step {step}")
                 if scorer is not None:
-                    skipped += log_fid(scorer, trainer.ema, FLAGS, fid_num_gen(FLAGS, world), step, logger, world,
+                    skipped += log_fid(scorer, trainer.ema, config.fid, optim.seed, step, logger, world,
                                        stop_request.requested)
                 if skipped and world.is_main:
                     print(f"stop requested during the save of step {step}: skipped {' and '.join(skipped)} "
@@ -306,7 +306,7 @@ def train_locked(FLAGS, spec: RunSpec, world: World, matcher, paths: run_files.R
     return Outcome(paths, stopped_by)
 
 
-def resume(trainer: Trainer, ckpt: dict, source: str, FLAGS, world: World) -> int:
+def resume(trainer: Trainer, ckpt: dict, source: str, optim: OptimConfig, world: World) -> int:
     """Load weights, EMA, optimizer, schedule and stream states; return the first step to run.
 
     Published TorchCFM checkpoints carry only weights, optimizer, schedule and step: their random
@@ -318,10 +318,10 @@ def resume(trainer: Trainer, ckpt: dict, source: str, FLAGS, world: World) -> in
     scheduler = trainer.scheduler
     scheduler.load_state_dict(ckpt["sched"])
     # Training flags (--lr, --warmup) come from this command line, not the checkpoint.
-    scheduler.base_lrs = [FLAGS.lr for _ in trainer.optimizer.param_groups]
+    scheduler.base_lrs = [optim.lr for _ in trainer.optimizer.param_groups]
     for group in trainer.optimizer.param_groups:
-        group["initial_lr"] = FLAGS.lr
-        group["lr"] = FLAGS.lr * warmup_schedule(FLAGS.warmup)(scheduler.last_epoch)
+        group["initial_lr"] = optim.lr
+        group["lr"] = optim.lr * warmup_schedule(optim.warmup)(scheduler.last_epoch)
     if "streams" in ckpt:
         trainer.load_streams_state(ckpt["streams"])
     else:
@@ -330,7 +330,7 @@ def resume(trainer: Trainer, ckpt: dict, source: str, FLAGS, world: World) -> in
     rank_states = ckpt.get("rank_states") or []
     if world.rank < len(rank_states) and "rng" in rank_states[world.rank]:
         checkpoint_io.set_rng_state(rank_states[world.rank]["rng"], world.device)  # this rank's dropout RNG
-    elif FLAGS.dropout > 0:
+    elif trainer.net.config["dropout"] > 0:
         logging.warning("the checkpoint holds no dropout RNG for rank %d: its dropout masks restart from "
                         "--seed + rank.", world.rank)
     if trainer.regularizer is not None and ckpt.get("regularizer"):

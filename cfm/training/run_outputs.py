@@ -8,6 +8,7 @@ from typing import Callable
 
 from absl import logging
 
+from cfm.config import FIDConfig
 from cfm.evaluation.sampling import SamplingStopped, save_sample_grid
 from cfm.io import checkpoint_io, errors, run_files
 from cfm.io.distributed import (
@@ -54,12 +55,13 @@ class RunLogger:
         self.wandb.finish()
 
 
-def fid_num_gen(FLAGS, world: World) -> int:
+def fid_num_gen(fid_config: FIDConfig, world: World) -> int:
     """Samples per training-time FID: --fid_num_gen, or by default 10000 on CUDA (published) and 0 on CPU."""
-    return FLAGS.fid_num_gen if FLAGS.fid_num_gen >= 0 else (10000 if world.device.type == "cuda" else 0)
+    num_gen = fid_config.fid_num_gen
+    return num_gen if num_gen >= 0 else (10000 if world.device.type == "cuda" else 0)
 
 
-def prepare_fid(FLAGS, world: World):
+def prepare_fid(fid_config: FIDConfig, data_dir: str, world: World):
     """Every rank's FID scorer for save steps (each samples and featurises its share of the
     samples), or None on every rank (FID off, or its files unreachable from some rank: logged).
 
@@ -67,14 +69,14 @@ def prepare_fid(FLAGS, world: World):
     wait for it; they then find its files. Checked before training starts, so a missing Inception
     file or statistics never crashes a run.
     """
-    if fid_num_gen(FLAGS, world) == 0:
+    if fid_num_gen(fid_config, world) == 0:
         return None
     from cfm.evaluation import fid
 
     def prepare():
         try:
-            return fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
-                                         device=world.device, batch_size=FLAGS.batch_size_fid), None
+            return fid.FIDScorer.prepare(fid_config.fid_inception_path, fid_config.fid_stats_path, data_dir,
+                                         device=world.device, batch_size=fid_config.batch_size_fid), None
         except errors.UserError as err:  # FIDUnavailable, or no CIFAR-10 to compute statistics from
             return None, str(err)
 
@@ -91,14 +93,15 @@ def prepare_fid(FLAGS, world: World):
     return scorer
 
 
-def log_fid(scorer, ema, FLAGS, num_gen: int, step: int, logger: RunLogger | None, world: World,
+def log_fid(scorer, ema, fid_config: FIDConfig, seed: int, step: int, logger: RunLogger | None, world: World,
             stop: Callable[[], bool]) -> list[str]:
     """FID of the EMA net's samples, every rank sampling and featurising its share, logged by rank 0
-    as `fid` (with its mean NFE). Returns what a stop request skipped (["the FID"] or []). A failure
+    as `fid` (with its mean NFE); `fid_num_gen` samples of noise seeded with `seed`. Returns what a stop request skipped (["the FID"] or []). A failure
     on any rank (say, out of memory) is logged and training goes on: a metric must never cost the run."""
     try:
-        result = scorer.evaluate_net(ema, num_gen, FLAGS.batch_size_fid, FLAGS.integration_method,
-                                     FLAGS.integration_steps, FLAGS.tol, FLAGS.seed, world=world, stop=stop)
+        result = scorer.evaluate_net(ema, fid_num_gen(fid_config, world), fid_config.batch_size_fid,
+                                     fid_config.integration_method, fid_config.integration_steps, fid_config.tol,
+                                     seed, world=world, stop=stop)
     except SamplingStopped:
         return ["the FID"]
     except Exception as err:  # noqa: BLE001 -- see docstring; sampling.ShareFailed on every rank

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from absl import logging
 from torch import Tensor
 
+from cfm.config import ExecutionConfig, OptimConfig
 from cfm.io.distributed import World, mean_over_ranks, own_rows
 from cfm.method.flow_matching import FlowSample
 from cfm.method.unet import UNetModel
@@ -111,23 +112,23 @@ class Trainer:
     and trains on its own block of rows. Only dropout uses torch's global RNG (seed + rank).
     """
 
-    def __init__(self, net, ema, optimizer, scheduler, matcher, batches, FLAGS, world: World,
-                 regularizer=None, monitor=None, ddp_net=None):
+    def __init__(self, net, ema, optimizer, scheduler, matcher, batches, optim: OptimConfig,
+                 execution: ExecutionConfig, world: World, regularizer=None, monitor=None, ddp_net=None):
         self.net = net  # the bare module (EMA source, checkpoints)
-        self.precision = resolve_precision(FLAGS.precision, world.device)
+        self.precision = resolve_precision(execution.precision, world.device)
         # What the step calls: the DDP wrapper when distributed, compiled with --compile. The
         # monitor's batch has another shape (a recompilation), so it calls the bare net, eager.
-        self.forward = FastForward(ddp_net or net, world.device, self.precision, FLAGS.channels_last,
-                                   FLAGS.compile_mode if FLAGS.compile else None)
-        self.monitor_forward = FastForward(net, world.device, self.precision, FLAGS.channels_last)
+        self.forward = FastForward(ddp_net or net, world.device, self.precision, execution.channels_last,
+                                   execution.compile_mode if execution.compile else None)
+        self.monitor_forward = FastForward(net, world.device, self.precision, execution.channels_last)
         self.ema, self.optimizer, self.scheduler = ema, optimizer, scheduler
         self.matcher, self.batches, self.regularizer = matcher, batches, regularizer
         self.monitor = monitor  # (BatchSource, Regularizer) or None
         self.world = world
-        self.grad_clip, self.ema_decay = FLAGS.grad_clip, FLAGS.ema_decay
-        self.global_batch = FLAGS.batch_size
-        self.generator = torch.Generator(world.device).manual_seed(FLAGS.seed)
-        self.monitor_generator = torch.Generator(world.device).manual_seed(FLAGS.seed + MONITOR_SEED_OFFSET)
+        self.grad_clip, self.ema_decay = optim.grad_clip, optim.ema_decay
+        self.global_batch = optim.batch_size
+        self.generator = torch.Generator(world.device).manual_seed(optim.seed)
+        self.monitor_generator = torch.Generator(world.device).manual_seed(optim.seed + MONITOR_SEED_OFFSET)
         # Listed once: walking 300 parameters per step costs host time the GPU would wait for.
         self.params, self.ema_params = list(net.parameters()), list(ema.parameters())
         # Divergence watch, on the device (no host sync per step): whether every loss and gradient
@@ -137,7 +138,7 @@ class Trainer:
         self.first_bad_values: Tensor | None = None
         self.watched: list[str] = []  # names of the watched values
         # Each step's batch, noise and OT plans; with --ot_pipeline drawn and solved ahead (`prefetch`).
-        self.pipeline = OTPipeline(batches, matcher, self.generator, world.device, FLAGS.ot_pipeline)
+        self.pipeline = OTPipeline(batches, matcher, self.generator, world.device, execution.ot_pipeline)
         # The term logged as `regularized_loss`: the trained regularizer, else the monitored one.
         logged = regularizer if regularizer is not None else monitor[1] if monitor is not None else None
         self.regularized_name = f"{logged.name}_loss" if logged is not None else None
@@ -296,14 +297,16 @@ def host_metrics(metrics: dict, world: World) -> dict:
     return {**metrics, **values}
 
 
-def build_trainer(FLAGS, unet_config: dict, world: World, matcher, batches, regularizer=None, monitor=None) -> Trainer:
-    """Net, EMA (a frozen copy, never wrapped in DDP), Adam, warm-up schedule and DDP wrapper."""
-    memory_format = torch.channels_last if FLAGS.channels_last else torch.contiguous_format
+def build_trainer(optim: OptimConfig, execution: ExecutionConfig, unet_config: dict, world: World, matcher, batches,
+                  regularizer=None, monitor=None) -> Trainer:
+    """Net (`UNetModel(**unet_config)`), EMA (a frozen copy, never wrapped in DDP), Adam, warm-up
+    schedule and DDP wrapper."""
+    memory_format = torch.channels_last if execution.channels_last else torch.contiguous_format
     net = UNetModel(**unet_config).to(world.device, memory_format=memory_format)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     # fused: one kernel for all parameters on CUDA (same maths; not implemented for every CPU build).
-    optimizer = torch.optim.Adam(net.parameters(), lr=FLAGS.lr, fused=world.device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(FLAGS.warmup))
+    optimizer = torch.optim.Adam(net.parameters(), lr=optim.lr, fused=world.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(optim.warmup))
     ddp_net = None
     if world.size > 1:
         ddp_net = torch.nn.parallel.DistributedDataParallel(
@@ -312,4 +315,5 @@ def build_trainer(FLAGS, unet_config: dict, world: World, matcher, batches, regu
         # DDP gave every rank rank 0's initial weights (each rank drew its own: seed + rank); so
         # does the EMA, which every rank samples for its share of the FID.
         ema.load_state_dict(net.state_dict())
-    return Trainer(net, ema, optimizer, scheduler, matcher, batches, FLAGS, world, regularizer, monitor, ddp_net)
+    return Trainer(net, ema, optimizer, scheduler, matcher, batches, optim, execution, world, regularizer, monitor,
+                   ddp_net)

@@ -13,17 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: The configuration of the published CIFAR-10 models (35,746,307 parameters).
-PAPER_CONFIG = dict(
-    dim=(3, 32, 32),
-    num_channels=128,
-    num_res_blocks=2,
-    channel_mult=(1, 2, 2, 2),
-    attention_resolutions="16",
-    num_heads=4,
-    num_head_channels=64,
-    dropout=0.1,
-)
+from cfm.config.choices import PAPER_CONFIG  # noqa: F401 -- exported with the UNet
+
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
