@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SUBPROCESS_TIMEOUT_S
 from matplotlib.colors import to_rgba
 from PIL import Image
 
@@ -90,7 +91,7 @@ def test_the_script_renders_every_figure_and_the_table(tmp_path):
     out = tmp_path / "figures"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "plot_results.py"), *map(str, RUNS), f"--out={out}", "--dpi=50"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     with Image.open(out / "fid_vs_nfe.png") as image:
         assert image.size == (320, 210)  # 6.4 x 4.2 inches at 50 dpi
