@@ -266,7 +266,7 @@ def test_the_record_head_is_that_of_the_other_evaluation_files(evaluated, fake_c
     locality = subprocess.run([sys.executable, str(REPO / "compute_locality.py"), *common, "--num_batches=1",
                                "--batch_size=2", "--num_subclasses=1"],
                               cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=SUBPROCESS_TIMEOUT_S)
+                              timeout=SUBPROCESS_TIMEOUT_S)
     assert locality.returncode == 0, locality.stderr
     fid_record = json.loads(fid.stdout.strip().splitlines()[-1])
     locality_record = read_jsonl(path.parent / "locality.jsonl")[-1]
