@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny CIFAR-10 written in the real on-disk format, tiny UNet settings."""
 
+import os
 import pickle
 
 import numpy as np
@@ -9,6 +10,10 @@ import torch
 from cfm.io.cifar10 import CIFAR10_DIR, TEST_BATCHES, TRAIN_BATCHES
 from cfm.method.unet import UNetModel
 
+# How long a test waits for a subprocess (a script, a torchrun job) or for its progress before it
+# fails: the one setting every such wait scales from, generous so that a slow or busy machine makes
+# the suite slower, not red. Raise it with the environment variable CFM_TEST_TIMEOUT_S (seconds).
+SUBPROCESS_TIMEOUT_S = float(os.environ.get("CFM_TEST_TIMEOUT_S", 1800))
 # Small enough for CPU tests, same family as the paper UNet.
 TINY_UNET_FLAGS = ["--num_channel=32", "--num_res_blocks=1", "--channel_mult=1,2", "--num_head_channels=16"]
 # The same network as UNetModel arguments.
@@ -87,7 +92,7 @@ def one_thread():
 def file_server(tmp_path):
     """(folder, base_url, requests): an HTTP server on 127.0.0.1 serving `folder`, logging each path
     requested. It runs in a daemon thread, is shut down after the test, and stops by itself after
-    two minutes in any case."""
+    SUBPROCESS_TIMEOUT_S in any case."""
     import functools
     import http.server
     import threading
@@ -106,7 +111,7 @@ def file_server(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    deadline = threading.Timer(120, server.shutdown)
+    deadline = threading.Timer(SUBPROCESS_TIMEOUT_S, server.shutdown)
     deadline.daemon = True
     deadline.start()
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_UNET_CONFIG as TINY_CONFIG
-from conftest import random_unet, save_tiny_checkpoint, stand_in_extractor
+from conftest import SUBPROCESS_TIMEOUT_S, random_unet, save_tiny_checkpoint, stand_in_extractor
 
 from cfm.evaluation import fid
 from cfm.evaluation.sampling import generate_samples, straightness
@@ -71,7 +71,7 @@ def run_cli(tmp_path, args, patches="", env=None, launcher=()):
     two spinning OpenMP threads on a busy 2-core CI box are many times slower."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *launcher, str(runner_script(tmp_path, patches)), *args], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET_CONFIG, random_unet, save_tiny_checkpoint
+from conftest import SUBPROCESS_TIMEOUT_S, TINY_UNET_CONFIG, random_unet, save_tiny_checkpoint
 from PIL import Image
 
 from cfm.evaluation import generalization
@@ -166,7 +166,8 @@ def test_one_seed_scores_every_checkpoint_on_the_same_inputs():
 def run_cli(cwd, args, launcher=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *launcher, str(REPO / "compute_generalization.py"), *args, "--device=cpu",
-                           "--quiet"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+                           "--quiet"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -259,11 +260,13 @@ def test_the_record_head_is_that_of_the_other_evaluation_files(evaluated, fake_c
     common = [f"--checkpoint={path}", f"--data_dir={fake_cifar[0]}", "--device=cpu", "--quiet"]
     fid = subprocess.run([sys.executable, str(REPO / "compute_fid.py"), *common, "--fid=False", "--num_gen=1",
                           "--integration_method=euler", "--integration_steps=1"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=SUBPROCESS_TIMEOUT_S)
     assert fid.returncode == 0, fid.stderr
     locality = subprocess.run([sys.executable, str(REPO / "compute_locality.py"), *common, "--num_batches=1",
                                "--batch_size=2", "--num_subclasses=1"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                              cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=SUBPROCESS_TIMEOUT_S)
     assert locality.returncode == 0, locality.stderr
     fid_record = json.loads(fid.stdout.strip().splitlines()[-1])
     locality_record = read_jsonl(path.parent / "locality.jsonl")[-1]

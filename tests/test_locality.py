@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint
+from conftest import SUBPROCESS_TIMEOUT_S, save_tiny_checkpoint
 
 from cfm.evaluation import locality
 from cfm.io.run_files import read_jsonl
@@ -28,7 +28,7 @@ def run_cli(tmp_path, args):
     """compute_locality.py with `args`, one thread (see conftest.one_thread)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(REPO / "compute_locality.py"), *args, "--device=cpu", "--quiet"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

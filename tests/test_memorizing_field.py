@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SUBPROCESS_TIMEOUT_S
 from scipy.special import softmax
 
 from cfm.evaluation import memorizing_field
@@ -268,7 +269,7 @@ def test_two_gloo_processes_give_the_one_process_numbers(tmp_path):
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
     for launcher, out in (([], "one"), (torchrun, "two")):
         proc = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / out)], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300, env=env)
+                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(tmp_path / "one.0")
     assert one.pop("held") == 11 and one["test"].abs().sum() > 0 and one["model"].abs().sum() > 0

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SUBPROCESS_TIMEOUT_S
+from matplotlib.colors import to_rgba
 from PIL import Image
 
 from cfm.evaluation import results
@@ -89,7 +91,7 @@ def test_the_script_renders_every_figure_and_the_table(tmp_path):
     out = tmp_path / "figures"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "plot_results.py"), *map(str, RUNS), f"--out={out}", "--dpi=50"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     with Image.open(out / "fid_vs_nfe.png") as image:
         assert image.size == (320, 210)  # 6.4 x 4.2 inches at 50 dpi
@@ -256,27 +258,43 @@ def latest_generalization(run_dir, use_ema=True):
 
 
 def test_generalization_figure_draws_the_histograms_and_gaps_as_recorded(drawn):
-    """Left: a step line per evaluation and series at the bin centres with the recorded counts as a
-    density, the 1/3 line, log density; right: the recorded gap and its errors against t."""
+    """Left: for every evaluation, a step line per series at the bin centres with the recorded counts
+    as a density: samples from its `memorization` section, solid; test images from its
+    `memorization_test` section, dashed; the 1/3 line; log density. Right: for every evaluation,
+    the recorded gap and its errors against t. A colour per evaluation, the same in both panels."""
     left, right = drawn["generalization.png"].axes
     assert (left.get_xlabel(), left.get_yscale(), left.get_title()) == (
         "d1 / d2 (nearest / second-nearest training image)", "log", "nearest-neighbour ratio")
     otcfm, local = REPO / "tests/data/runs/otcfm", REPO / "tests/data/runs/otcfm_local_1e0"
-    record = latest_generalization(local)
-    counts = record["memorization"]["ratio_histogram"]
-    line, = [ln for ln in left.lines if ln.get_label() == "otcfm_local_1e0: samples"]
-    assert_points(line_points(line), [((i + 0.5) / 50, 50 * c / sum(counts)) for i, c in enumerate(counts)])
+    records = {"otcfm, EMA": latest_generalization(otcfm), "otcfm, raw net": latest_generalization(otcfm, use_ema=False),
+               "otcfm_local_1e0": latest_generalization(local)}
+    series = {"samples": ("memorization", "-"), "test images": ("memorization_test", "--")}
+    histograms = [ln for ln in left.lines if not ln.get_label().startswith("1/3")]
+    assert sorted(ln.get_label() for ln in histograms) == sorted(f"{run}: {name}" for run in records for name in series)
+    colour = {}
+    for line in histograms:
+        run, name = line.get_label().split(": ")
+        section, linestyle = series[name]
+        counts = records[run][section]["ratio_histogram"]
+        assert_points(line_points(line), [((i + 0.5) / len(counts), len(counts) * c / sum(counts))
+                                          for i, c in enumerate(counts)])
+        assert (line.get_drawstyle(), line.get_linestyle()) == ("steps-mid", linestyle)
+        assert to_rgba(colour.setdefault(run, line.get_color())) == to_rgba(line.get_color())
+    assert len({to_rgba(c) for c in colour.values()}) == len(records)
     assert [ln.get_xdata()[0] for ln in left.lines if ln.get_label().startswith("1/3")] == [1 / 3]
     assert {t.get_text() for t in left.get_legend().get_texts()} == {
-        "1/3: memorized below", *(f"{run}: {series}" for run in ("otcfm, EMA", "otcfm, raw net", "otcfm_local_1e0")
-                                  for series in ("samples", "test images"))}
+        "1/3: memorized below", *(ln.get_label() for ln in histograms)}
     assert (right.get_xlabel(), right.get_ylabel()) == ("t", "loss_fm(test) - loss_fm(train)")
     gaps = {c.get_label(): c for c in right.containers}
-    gap = latest_generalization(otcfm)["loss_gap"]
-    drawn_line = gaps["otcfm, EMA"].lines[0]
-    assert_points(line_points(drawn_line), list(zip(gap["times"], gap["gap"])))
-    segments = gaps["otcfm, EMA"].lines[2][0].get_segments()  # the error bars: gap ± se at each t
-    assert_points([(s[0][1], s[1][1]) for s in segments], [(g - e, g + e) for g, e in zip(gap["gap"], gap["gap_se"])])
+    assert set(gaps) == set(records) and len(right.containers) == len(records)
+    for run, record in records.items():
+        gap = record["loss_gap"]
+        drawn_line = gaps[run].lines[0]
+        assert_points(line_points(drawn_line), list(zip(gap["times"], gap["gap"])))
+        segments = gaps[run].lines[2][0].get_segments()  # the error bars: gap ± se at each t
+        assert_points([(s[0][0], s[0][1], s[1][1]) for s in segments],
+                      [(t, g - e, g + e) for t, g, e in zip(gap["times"], gap["gap"], gap["gap_se"])])
+        assert to_rgba(drawn_line.get_color()) == to_rgba(colour[run])
 
 
 def test_memorizing_field_figure_draws_each_runs_distance_to_vstar_as_recorded(drawn):
@@ -311,3 +329,11 @@ def test_field_distance_columns_of_the_generalization_table():
     assert (f"| {section['trajectories']['overall']:.3f} | {section['test_paths']['overall']:.3f} | "
             f"{results.format_memorized(section['sampler'])} | 3.62 |") in rows["otcfm, EMA"]
     assert "| - | - | - | - | - |" in rows["otcfm, raw net"]  # no distance, sampler, FID or locality
+
+
+def test_the_report_reads_the_evaluations_own_constants():
+    """results.py's locality terms and memorization threshold are the evaluations' own objects, not copies."""
+    from cfm.evaluation import generalization, locality
+
+    assert results.LOCALITY_TERMS is locality.TERMS
+    assert results.MEMORIZATION_RATIO is generalization.MEMORIZATION_RATIO

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SUBPROCESS_TIMEOUT_S
 
 from cfm.io.cifar10 import to_model_range
 from cfm.io.distributed import World
@@ -239,7 +240,7 @@ def test_bad_anchor_loss_type_and_pairing():
 def test_main_anchor_pairing_is_refused_for_curved_paths(model, tmp_path):
     result = subprocess.run([sys.executable, "train_cifar10_anchor.py", f"--model={model}", "--anchor_pairing=main",
                              f"--output_dir={tmp_path}", f"--data_dir={tmp_path}/none"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+                            cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         f"error: --anchor_pairing=main reuses the main term's straight-line x_t, which --model={model} does not "

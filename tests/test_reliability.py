@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SUBPROCESS_TIMEOUT_S
 from test_training import run_plain
 from test_training import tiny_args as training_tiny_args
 
@@ -45,7 +46,7 @@ def start_script(args, **env):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_step(metrics: Path, step: int, process, timeout=300):
+def wait_for_step(metrics: Path, step: int, process, timeout=SUBPROCESS_TIMEOUT_S):
     """Block until the run has logged `step` (its metrics file), or fail."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -66,7 +67,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(fak
     process = start_script(tiny_args(data_dir, tmp_path / "stopped", *total))
     wait_for_step(tmp_path / f"stopped/otcfm/{PREFIX}_metrics.jsonl", 2, process)
     process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
     assert process.returncode == code, stderr[-3000:]
     assert "Traceback" not in stderr
     saved = sorted((tmp_path / "stopped/otcfm").glob("*.pt"))
@@ -168,7 +169,7 @@ def dead_pid():
 
 def test_a_second_run_of_the_same_name_is_refused_even_with_overwrite(fake_cifar, tmp_path):
     data_dir, _, _ = fake_cifar
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({SUBPROCESS_TIMEOUT_S})"])  # killed
     try:
         (tmp_path / "otcfm").mkdir()
         (tmp_path / f"otcfm/{PREFIX}.lock").write_text(
@@ -200,7 +201,7 @@ def test_a_run_whose_lock_is_taken_over_writes_nothing_more(fake_cifar, tmp_path
     taken = {"pid": 1, "host": "elsewhere", "token": "the new owner", "heartbeat": time.time()}
     atomic_files.atomic_write(lock, lambda f: f.write(json.dumps(taken).encode()))
     last = max(logged_steps(metrics))
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
     assert process.returncode == 1, stderr[-3000:]
     assert f"another run took over {lock} (pid 1 on elsewhere" in stderr and "Traceback" not in stderr
     assert max(logged_steps(metrics)) <= last + 1  # the step in flight at most
@@ -320,7 +321,7 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_ste
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(tmp_path / f"otcfm/{PREFIX}_metrics.jsonl", 2, launcher)
     os.kill(worker_pids(launcher.pid)[1], signal.SIGTERM)
-    stdout, stderr = launcher.communicate(timeout=300)
+    stdout, stderr = launcher.communicate(timeout=SUBPROCESS_TIMEOUT_S)
     assert launcher.returncode == 0, stderr[-3000:]
     saved = sorted((tmp_path / "otcfm").glob("*.pt"))
     assert len(saved) == 1 and 2 <= torch.load(saved[0], weights_only=True)["step"] < 29

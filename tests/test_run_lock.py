@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT_S
 
 from cfm.io import atomic_files, run_files
 from cfm.method import clustering
@@ -74,7 +75,7 @@ def race(run_dir, launches):
                  for i, where in enumerate(launches)]
 
     def wait_for(names):
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
         while not all((gate / name).exists() for name in names):
             assert time.monotonic() < deadline, f"racers never wrote {names}"
             time.sleep(0.005)
@@ -93,7 +94,7 @@ def race(run_dir, launches):
     (gate / "end").touch()
     outputs = []
     for i, process in enumerate(processes):
-        stdout, stderr = process.communicate(timeout=60)
+        stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
         assert process.returncode == 0, stderr
         outputs.append(decisions[i] + stdout.split())
     return outputs

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_UNET_FLAGS
+from conftest import SUBPROCESS_TIMEOUT_S, TINY_UNET_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,8 @@ PUBLISHED = {
 
 
 def run_script(script, args, check=True):
-    result = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=SUBPROCESS_TIMEOUT_S)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -129,7 +130,7 @@ def train_on(procs, script, published, out, data_dir, *extra):
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={procs}"]
     args = [*launcher, script, *published, *tiny(data_dir, out, "--batch_size=8", "--dropout=0", *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from absl import flags
-from conftest import TINY_UNET_FLAGS
+from conftest import SUBPROCESS_TIMEOUT_S, TINY_UNET_FLAGS
 from PIL import Image
 
 import train_cifar10  # defines the training flags
@@ -91,7 +91,7 @@ def test_script_runs_the_published_command_end_to_end(fake_cifar, tmp_path):
                  "--total_steps=400001", "--save_step=20000"]
     overrides = tiny_args(data_dir, tmp_path, "--total_steps=5", "--save_step=2")
     result = subprocess.run([sys.executable, "train_cifar10.py", *published, *overrides], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "otcfm"
     names = sorted(p.name for p in run_dir.glob("*.pt"))

@@ -1,6 +1,7 @@
 """The UNet: published checkpoint layout, reference outputs, time handling, config round trip."""
 
 import copy
+import inspect
 import io
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def test_paper_config_matches_published_checkpoint(paper_net, paper_shapes):
     # attention at 16x16 only (input_blocks 4, 5 and the mirrored decoder blocks) plus the middle
     assert paper_shapes["middle_block.1.qkv.weight"] == "768x256x1"
     assert paper_net.middle_block[1].num_heads == 4
+
+
+def test_the_default_unet_is_the_paper_config():
+    """Every argument of UNetModel has a default, and together they are PAPER_CONFIG."""
+    defaults = {name: p.default for name, p in inspect.signature(UNetModel).parameters.items()}
+    assert defaults == PAPER_CONFIG
 
 
 def test_paper_config_loads_published_layout_strictly(paper_net, paper_shapes):

@@ -51,14 +51,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from cfm.evaluation.constants import MEMORIZATION_RATIO  # d_(1) < d_(2) / 3: memorized
 from cfm.evaluation.locality import mean_and_error
 from cfm.evaluation.sampling import batch_ranges, gather_batches, noise
 from cfm.io.cifar10 import to_model_range
 from cfm.io.distributed import World, process_rank
 from cfm.method.flow_matching import FlowMatcher
 
-# d_(1) < d_(2) / 3: memorized (Yoon et al. 2023; Gu et al. 2023).
-MEMORIZATION_RATIO = 1 / 3
 # Quantiles of the ratio d_(1) / d_(2) reported; the low ones say how close the tail is to copying.
 RATIO_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5)
 # The ratio lies in [0, 1]: its histogram is stored with this many equal bins, for plot_results.py.

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from cfm.evaluation.constants import LOCALITY_TERMS
 from cfm.method.flow_matching import FlowMatcher
 from cfm.method.regularizers import ANCHOR_LOSS_TYPES, AnchorRegularizer, LocalRegularizer
 from cfm.method.samplers import ClassConditionedSampler
@@ -50,7 +51,7 @@ from cfm.method.samplers import ClassConditionedSampler
 # that draws more (otcfm) or less (icfm) never shifts the draws of the locality terms.
 PATH_SEED_OFFSET = 1_000_003
 # The values `evaluate` returns, in the order they are reported.
-TERMS = ("local_loss", "anchor_loss_full", "anchor_loss_simple", "loss_fm")
+TERMS = LOCALITY_TERMS
 
 
 @dataclass

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cfm.evaluation.constants import LOCALITY_TERMS, MEMORIZATION_RATIO  # noqa: F401  (plot_results.py's too)
 from cfm.io.errors import UserError
 from cfm.io.run_files import read_jsonl
 
@@ -34,15 +35,11 @@ EVALUATION_FIELDS = ("checkpoint", "use_ema", "fid_split", "num_gen")
 # locality.jsonl fields that make an evaluation: records that differ in one were scored on other numbers.
 LOCALITY_SETTING = ("checkpoint", "use_ema", "split", "num_batches", "batch_size", "num_subclasses",
                     "cluster_algorithm", "cluster_seed", "seed")
-# locality.TERMS, not imported from there: that module pulls in POT and scikit-learn (seconds).
-LOCALITY_TERMS = ("local_loss", "anchor_loss_full", "anchor_loss_simple", "loss_fm")
 # generalization.jsonl fields (section.field for a section's) that make an evaluation: records that
 # differ in one were scored on other numbers; the first four, where they vary in a folder, label it.
 GENERALIZATION_SETTING = ("checkpoint", "use_ema", "seed", "memorization.num", "memorization.samples",
                           "memorization.integration_method", "memorization.integration_steps", "memorization.tol",
                           "memorization_test.num", "loss_gap.images", "loss_gap.batch_size", "loss_gap.times")
-# generalization.MEMORIZATION_RATIO, not imported from there (it pulls in POT and scikit-learn).
-MEMORIZATION_RATIO = 1 / 3
 # `regularized_loss` repeats `local_loss` / `anchor_loss` under the published name: not drawn twice.
 ALIASES = ("regularized_loss",)
 

@@ -236,19 +236,19 @@ class UNetModel(nn.Module):
 
     ``self.config`` holds these arguments as plain Python values (lists, str, int, float): it can be
     stored in a checkpoint and read with ``torch.load(weights_only=True)``, and
-    ``UNetModel(**net.config)`` rebuilds the same architecture.
+    ``UNetModel(**net.config)`` rebuilds the same architecture. The defaults are PAPER_CONFIG's.
     """
 
     def __init__(
         self,
-        dim=(3, 32, 32),
-        num_channels=128,
-        num_res_blocks=2,
-        channel_mult=(1, 2, 2, 2),
-        attention_resolutions="16",
-        num_heads=4,
-        num_head_channels=64,
-        dropout=0.1,
+        dim=PAPER_CONFIG["dim"],
+        num_channels=PAPER_CONFIG["num_channels"],
+        num_res_blocks=PAPER_CONFIG["num_res_blocks"],
+        channel_mult=PAPER_CONFIG["channel_mult"],
+        attention_resolutions=PAPER_CONFIG["attention_resolutions"],
+        num_heads=PAPER_CONFIG["num_heads"],
+        num_head_channels=PAPER_CONFIG["num_head_channels"],
+        dropout=PAPER_CONFIG["dropout"],
     ):
         super().__init__()
         self.config = normalize_config(
