@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from cfm.config import UNetConfig
 from cfm.io.cifar10 import CIFAR10_DIR, TEST_BATCHES, TRAIN_BATCHES
 from cfm.method.unet import UNetModel
 
@@ -16,7 +17,8 @@ from cfm.method.unet import UNetModel
 SUBPROCESS_TIMEOUT_S = float(os.environ.get("CFM_TEST_TIMEOUT_S", 1800))
 # Small enough for CPU tests, same family as the paper UNet.
 TINY_UNET_FLAGS = ["--num_channel=32", "--num_res_blocks=1", "--channel_mult=1,2", "--num_head_channels=16"]
-# The same network as UNetModel arguments.
+# The same network as a config (the flags' names) and as UNetModel arguments.
+TINY_UNET_SETTINGS = UNetConfig(num_channel=32, num_res_blocks=1, channel_mult=(1, 2), num_head_channels=16)
 TINY_UNET_CONFIG = dict(dim=(3, 32, 32), num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
                         attention_resolutions="16", num_heads=4, num_head_channels=16, dropout=0.1)
 

@@ -4,6 +4,7 @@ trains, bit for bit, and a training step reads no tensor on the host but at seve
 (a guard that fails the step otherwise, itself tested on thirteen kinds of read and on a second read
 in an allowlisted function)."""
 
+import dataclasses
 import linecache
 import re
 import sys
@@ -15,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from absl import flags
-from conftest import TINY_UNET_CONFIG, TINY_UNET_FLAGS
+from conftest import TINY_UNET_CONFIG, TINY_UNET_SETTINGS
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import train_cifar10  # noqa: F401  (defines the training flags)
 from cfm.io import cifar10
 from cfm.io.distributed import World
 from cfm.method import nets
@@ -27,33 +26,33 @@ from cfm.method.flow_matching import make_matcher
 from cfm.method.regularizers import AnchorRegularizer, LocalRegularizer
 from cfm.method.samplers import ClassConditionedSampler
 from cfm.method.unet import UNetModel
-from cfm.training import ot_pipeline, training_flags
+from cfm.config import ExecutionConfig, OptimConfig
+from cfm.training import ot_pipeline
 from cfm.training.fast_path import FastForward, resolve_precision
 from cfm.training.trainer import build_trainer
 
-FLAGS = flags.FLAGS
 REPO = Path(__file__).resolve().parents[1]
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 
 
-def build(*args, model="otcfm", regularizer=None, monitor=False):
-    """A Trainer of the tiny UNet as `build_trainer` makes it from these flags, on 64 random images
-    (batch 4, dropout off, no warm-up); the zero-initialised layers get random weights, so the
-    output is not zero from the first step. Same seed, same initial weights. `regularizer`: None,
-    "anchor" (on single-cluster batches) or "local"; `monitor`: the local loss, monitored."""
-    FLAGS.unparse_flags()
-    FLAGS(["train_cifar10.py", *TINY_UNET_FLAGS, "--batch_size=4", "--dropout=0", "--warmup=0", "--device=cpu",
-           f"--model={model}", *args])
+def build(model="otcfm", regularizer=None, monitor=False, dropout=0.0, **execution):
+    """A Trainer of the tiny UNet as `build_trainer` makes it from these settings (`execution`:
+    ExecutionConfig fields), on 64 random images (batch 4, dropout off, no warm-up); the
+    zero-initialised layers get random weights, so the output is not zero from the first step. Same
+    seed, same initial weights. `regularizer`: None, "anchor" (on single-cluster batches) or
+    "local"; `monitor`: the local loss, monitored."""
+    optim = OptimConfig(batch_size=4, warmup=0)
+    unet_config = nets.unet_arguments(dataclasses.replace(TINY_UNET_SETTINGS, dropout=dropout))
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    batches = cifar10.ShuffledBatches(images, FLAGS.batch_size, FLAGS.seed)
+    batches = cifar10.ShuffledBatches(images, optim.batch_size, optim.seed)
     reg = LocalRegularizer(1.0) if regularizer == "local" else None
     if regularizer == "anchor":
-        batches = ClassConditionedSampler(images, torch.arange(64) % 10, FLAGS.batch_size, num_subclasses=1)
+        batches = ClassConditionedSampler(images, torch.arange(64) % 10, optim.batch_size, num_subclasses=1)
         reg = AnchorRegularizer(1.0, 0.0, "full", images, batches.assignment, batches.num_clusters)
-    monitored = (cifar10.ShuffledBatches(images, FLAGS.batch_size, 1), LocalRegularizer(1.0)) if monitor else None
+    monitored = (cifar10.ShuffledBatches(images, optim.batch_size, 1), LocalRegularizer(1.0)) if monitor else None
     torch.manual_seed(0)
-    trainer = build_trainer(FLAGS, training_flags.unet_config_from_flags(FLAGS), CPU,
-                                     make_matcher(model, 0.0, FLAGS.ot_pairing), batches, reg, monitored)
+    trainer = build_trainer(optim, ExecutionConfig(**execution), unet_config, CPU, make_matcher(model, 0.0),
+                            batches, reg, monitored)
     with torch.no_grad():
         for p in trainer.params:
             if not p.any():
@@ -71,7 +70,7 @@ def test_bf16_steps_stay_near_fp32_with_fp32_weights_adam_and_ema(one_thread):
     rounds each activation to 2^-9 relative; measured: 1e-4); weights, gradients, Adam and EMA stay fp32."""
     losses = {}
     for precision in ("fp32", "bf16"):
-        trainer = build(f"--precision={precision}")
+        trainer = build(precision=precision)
         assert trainer.precision == precision
         losses[precision] = torch.stack([trainer.step(step)["loss"] for step in range(3)])
     assert losses["bf16"].dtype == torch.float32
@@ -94,7 +93,7 @@ def test_the_training_forward_compiles_without_graph_breaks(one_thread):
 
 
 def test_compile_wraps_only_the_training_forward_and_checkpoints_stay_prefix_free():
-    trainer = build("--compile", "--compile_mode=max-autotune-no-cudagraphs", model="icfm")
+    trainer = build(compile=True, compile_mode="max-autotune-no-cudagraphs", model="icfm")
     assert isinstance(trainer.forward.module, torch._dynamo.eval_frame.OptimizedModule)
     assert trainer.monitor_forward.module is trainer.net  # eager: grids, FID and the monitor too
     assert not any("_orig_mod" in key for key in trainer.net.state_dict())
@@ -103,11 +102,11 @@ def test_compile_wraps_only_the_training_forward_and_checkpoints_stay_prefix_fre
 def test_channels_last_trains_what_contiguous_trains(one_thread):
     """The same first step (loss and gradient norm, to float rounding) from the same weights and draws."""
     metrics = {}
-    for layout in ("--nochannels_last", "--channels_last"):
-        trainer = build(layout, model="icfm")
-        metrics[layout] = torch.stack([trainer.step(0, with_metrics=True)[k] for k in ("loss", "grad_norm")])
+    for channels_last in (False, True):
+        trainer = build(channels_last=channels_last, model="icfm")
+        metrics[channels_last] = torch.stack([trainer.step(0, with_metrics=True)[k] for k in ("loss", "grad_norm")])
     assert trainer.net.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(metrics["--channels_last"], metrics["--nochannels_last"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(metrics[True], metrics[False], rtol=1e-5, atol=0)
     plain = UNetModel(**TINY_UNET_CONFIG)
     nets.load_weights(plain, trainer.net.state_dict())  # a channels-last checkpoint loads anywhere
 
@@ -134,7 +133,7 @@ def test_pipelined_ot_trains_what_inline_ot_trains_bit_for_bit(one_thread):
     and the same next batch, noise and plan."""
     trainers = {}
     for pipelined in (True, False):
-        trainer = trainers[pipelined] = build(f"--ot_pipeline={pipelined}", "--dropout=0.1", regularizer="anchor")
+        trainer = trainers[pipelined] = build(ot_pipeline=pipelined, dropout=0.1, regularizer="anchor")
         assert (trainer.pipeline.worker is not None) == pipelined
         torch.manual_seed(1)  # dropout masks
         run_steps(trainer, 3, pipelined)
@@ -151,7 +150,7 @@ def test_pipelined_ot_trains_what_inline_ot_trains_bit_for_bit(one_thread):
 def test_the_ot_worker_solves_the_next_plan_before_the_next_step_draws(one_thread):
     """The order of a pipelined run: the first plan is solved inline; from then on, when step k
     starts drawing, its plan was already handed to the worker thread (right after step k - 1)."""
-    trainer = build("--ot_pipeline=True")
+    trainer = build(ot_pipeline=True)
     solved_on, requested = [], []
     solve, draw, ahead = trainer.matcher.solve, trainer.draw, lambda: trainer.pipeline.ahead
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cfm.config.choices import PAPER_CONFIG  # noqa: F401 -- exported with the UNet
+from cfm.config.choices import PAPER_CONFIG
 
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
