@@ -269,11 +269,14 @@ def test_the_published_training_unet_loads_the_published_weights_strictly():
     assert isinstance(net, UNetModel) and net.config == normalize_config(PAPER_CONFIG)
 
 
-def test_the_wrapper_computes_what_unet_model_computes():
+@pytest.mark.parametrize("config", [TINY, {**TINY, "num_heads": 2, "num_head_channels": -1}])
+def test_the_wrapper_computes_what_unet_model_computes(config):
     torch.manual_seed(0)
-    wrapper = unet.UNetModelWrapper(**TINY).eval()
-    nn.init.normal_(wrapper.out[-1].weight, std=0.05)  # zero-initialised: make the output depend on the net
-    model = UNetModel(**TINY).eval()
+    wrapper = unet.UNetModelWrapper(**config).eval()
+    with torch.no_grad():  # the output and attention projections start at zero: make every layer count
+        for p in wrapper.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = UNetModel(**config).eval()
     model.load_state_dict(wrapper.state_dict(), strict=True)
     t, x = torch.rand(2), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
