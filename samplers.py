@@ -27,12 +27,13 @@ def dataset_images(dataset):
     """The images the clustering sees, uint8 [N, C, H, W], and the labels int64 [N].
 
     A torchvision CIFAR10 (``.data`` uint8 [N, H, W, C] and ``.targets``) gives exactly its stored
-    pixels, untransformed: the training scripts' images. Any other dataset is read item by item and
+    pixels, untransformed: the training scripts' images. (A ``.data`` of another rank, e.g. MNIST's
+    [N, H, W], is read item by item like any dataset.) Any other dataset is read item by item and
     its image tensors are mapped back to 0..255: uint8 as they are; float with a negative value
     anywhere in the dataset read as [-1, 1] (``(x + 1) * 127.5``, rounded), else as [0, 1]
     (``x * 255``, rounded). A random transform is applied as it draws.
     """
-    if hasattr(dataset, "data") and hasattr(dataset, "targets"):
+    if hasattr(dataset, "data") and hasattr(dataset, "targets") and np.ndim(dataset.data) == 4:
         images = torch.as_tensor(np.asarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
         return images, torch.as_tensor(np.asarray(dataset.targets), dtype=torch.int64)
     items = [dataset[i] for i in range(len(dataset))]
