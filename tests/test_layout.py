@@ -76,10 +76,40 @@ def test_every_module_opens_with_a_docstring_and_stays_small():
 
 
 def test_the_root_holds_only_entry_scripts():
+    """Entry scripts, and the published import surface (samplers.py, utils_cifar.py, unet/)."""
     scripts = sorted(p.name for p in REPO.glob("*.py"))
     assert scripts == ["compute_fid.py", "compute_generalization.py", "compute_locality.py", "plot_results.py",
-                       "train_cifar10.py", "train_cifar10_anchor.py", "train_cifar10_ddp.py",
-                       "train_cifar10_locality.py"]
+                       "samplers.py", "train_cifar10.py", "train_cifar10_anchor.py", "train_cifar10_ddp.py",
+                       "train_cifar10_locality.py", "utils_cifar.py"]
+
+
+# The published import surface: thin layers over cfm/, each saying where its names live.
+SURFACE = ("samplers.py", "utils_cifar.py", "unet/__init__.py", "unet/unet.py")
+SURFACE_MAX_LINES = 150
+
+
+def test_the_published_surface_is_thin_and_says_where_its_names_live():
+    assert sorted(p.relative_to(REPO).as_posix() for p in (REPO / "unet").rglob("*.py")) == ["unet/__init__.py",
+                                                                                             "unet/unet.py"]
+    for name in SURFACE:
+        text = (REPO / name).read_text()
+        docstring = ast.get_docstring(ast.parse(text))
+        assert docstring and "published" in docstring and "cfm" in docstring, f"{name} has no such opening docstring"
+        assert len(text.splitlines()) < SURFACE_MAX_LINES, f"{name} has {len(text.splitlines())} lines"
+
+
+def test_the_root_unet_package_is_not_the_library_unet():
+    """`import unet` is the root package (the published surface), `cfm.method.unet` the library's, and
+    no library module imports the root surface (it sits above the library, like the scripts)."""
+    import cfm.method.unet
+    import unet
+
+    assert Path(unet.__file__) == REPO / "unet" / "__init__.py"
+    assert Path(cfm.method.unet.__file__) == REPO / "cfm" / "method" / "unet" / "__init__.py"
+    assert issubclass(unet.UNetModelWrapper, cfm.method.unet.UNetModel)
+    surface = {"samplers", "utils_cifar", "unet"}
+    assert [f"{p.relative_to(REPO)}:{line} imports {module}" for p in library_modules()
+            for line, module in imported_modules(p) if module.split(".")[0] in surface] == []
 
 
 PRE_LAYOUT = REPO / "tests" / "data" / "pre_layout"

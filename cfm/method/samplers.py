@@ -222,8 +222,9 @@ def save_cluster_grids(
     num_subclasses: int,
     out_dir: str | os.PathLike = "./group",
     max_per_cluster: int = 64,
+    nrow: int = 8,
 ) -> None:
-    """Write one PNG grid (8 per row) of the first `max_per_cluster` members of every non-empty
+    """Write one PNG grid (`nrow` images per row) of the first `max_per_cluster` members of every non-empty
     cluster, and `README.txt` with the cluster count, each cluster's size and the class names.
 
     Pixels are written unchanged (uint8 / 255, which `save_image` maps back exactly).
@@ -251,5 +252,5 @@ def save_cluster_grids(
         lines.append(f"{cluster}\t{cls}\t{CIFAR10_CLASSES[cls]}\t{sub}\t{size}\t{name}")
         if size:
             grid = images[members[:max_per_cluster].to(images.device)].float().div(255)
-            save_image(grid, out_dir / name, nrow=8)
+            save_image(grid, out_dir / name, nrow=nrow)
     (out_dir / "README.txt").write_text("\n".join(lines) + "\n")
