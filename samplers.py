@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from cfm.io.cifar10 import to_uint8
-from cfm.method.clustering import KMEANS_MAX_ITER, NUM_CLASSES, PUBLISHED_CLUSTER_ALGORITHM, cluster_assignments
+from cfm.config.choices import PUBLISHED_CLUSTER_ALGORITHM
+from cfm.method.clustering import KMEANS_MAX_ITER, NUM_CLASSES, cluster_assignments
 
 
 def dataset_images(dataset):

@@ -1,5 +1,6 @@
-"""The package layout: imports point one way, modules stay small and say what they own, and
-checkpoints written before the library moved into cfm/ load and resume after it."""
+"""The package layout: imports point one way (relative ones included; the library imports no entry
+script), modules stay small and say what they own, and checkpoints written before the library moved
+into cfm/ load and resume after it."""
 
 import ast
 import json
@@ -11,11 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SUBPROCESS_TIMEOUT_S
+
 from cfm.io import checkpoint_io
 
 REPO = Path(__file__).resolve().parents[1]
-# The layers from the bottom up: a module may import its own layer and the ones below.
-LAYERS = ("io", "method", "evaluation", "training")
+# The layers from the bottom up: a module may import its own layer and the ones below. config holds
+# settings as data (no absl, no torch); cli, the command line, is imported only by scripts and bench.
+LAYERS = ("io", "config", "method", "evaluation", "training", "cli")
 MAX_LINES = 400
 
 
@@ -28,16 +32,24 @@ def layer_of(dotted: str) -> int | None:
     return LAYERS.index(parts[1]) if parts[0] == "cfm" and len(parts) > 1 and parts[1] in LAYERS else None
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, dotted module) of every import in `path`, function-level ones included."""
+def imported_modules(path: Path, name: str | None = None) -> list[tuple[int, str]]:
+    """(line, dotted module) of every import in `path`, function-level ones included; relative
+    imports are resolved against `name`, the file's repo-relative path (default: `path`'s)."""
+    package = list(Path(name or path.relative_to(REPO)).with_suffix("").parts)[:-1]
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found += [(node.lineno, f"{node.module}.{alias.name}" if node.module in ("cfm", *(f"cfm.{layer}" for layer in LAYERS))
-                       else node.module) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + (node.module.split(".") if node.module else []))
+            found += [(node.lineno, f"{module}.{alias.name}" if module in ("cfm", *(f"cfm.{layer}" for layer in LAYERS))
+                       else module) for alias in node.names]
     return found
+
+
+# What sits above the library: the entry scripts and the published surface at the root.
+ROOT_MODULES = {p.stem for p in REPO.glob("*.py")} | {"unet"}
 
 
 def upward_imports(modules: dict[str, Path]) -> list[str]:
@@ -45,15 +57,18 @@ def upward_imports(modules: dict[str, Path]) -> list[str]:
     bad = []
     for name, path in modules.items():
         own = layer_of(".".join(Path(name).with_suffix("").parts))
-        for line, module in imported_modules(path):
+        for line, module in imported_modules(path, name):
             target = layer_of(module)
             if own is not None and target is not None and target > own:
                 bad.append(f"{name}:{line} imports {module} ({LAYERS[own]} -> {LAYERS[target]})")
+            elif own is not None and module.split(".")[0] in ROOT_MODULES:
+                bad.append(f"{name}:{line} imports {module} (an entry script or the published surface)")
     return bad
 
 
 def test_imports_point_down_the_layers():
-    """io <- method <- evaluation <- training: no module imports a layer above its own."""
+    """io <- config <- method <- evaluation <- training <- cli: no module imports a layer above its own,
+    nor an entry script."""
     assert upward_imports({p.relative_to(REPO).as_posix(): p for p in library_modules()}) == []
 
 
@@ -65,6 +80,22 @@ def test_the_check_catches_an_upward_import(tmp_path):
     line = len(copy.read_text().splitlines())
     assert upward_imports({"cfm/method/regularizers.py": copy}) == [
         f"cfm/method/regularizers.py:{line} imports cfm.training.trainer (method -> training)"]
+
+
+@pytest.mark.parametrize("added, reported", [
+    ("from ..training import trainer", "cfm.training.trainer (method -> training)"),
+    ("from ..config import choices", None),  # a layer below: allowed
+    ("from .. import cli", "cfm.cli (method -> cli)"),
+    ("import train_cifar10", "train_cifar10 (an entry script or the published surface)"),
+    ("from utils_cifar import ema", "utils_cifar (an entry script or the published surface)"),
+])
+def test_the_check_catches_relative_and_entry_script_imports(tmp_path, added, reported):
+    """The check itself: relative imports are resolved, and a library module importing a script is reported."""
+    copy = tmp_path / "regularizers.py"
+    copy.write_text((REPO / "cfm" / "method" / "regularizers.py").read_text() + f"\n\ndef helper():\n    {added}\n")
+    line = len(copy.read_text().splitlines())
+    found = upward_imports({"cfm/method/regularizers.py": copy})
+    assert found == ([] if reported is None else [f"cfm/method/regularizers.py:{line} imports {reported}"])
 
 
 def test_every_module_opens_with_a_docstring_and_stays_small():
@@ -133,7 +164,7 @@ def test_a_checkpoint_written_before_the_move_loads_and_resumes_as_it_did(fake_c
             "--centroid_update_freq=1", "--visualize=False", f"--checkpoint_path={source}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "train_cifar10_anchor.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = out / "otcfm_anchor_full"
     resumed = torch.load(run / "otcfm_cifar10_anchor_1e0_weights_step_2.pt", weights_only=True)
