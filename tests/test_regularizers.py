@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SUBPROCESS_TIMEOUT_S
 
+from cfm.config import ExecutionConfig, OptimConfig
 from cfm.io.cifar10 import to_model_range
 from cfm.io.distributed import World
 from cfm.method.flow_matching import FM, ICFM, SI, make_matcher, pad_t_like_x
@@ -405,11 +406,10 @@ def test_otcfm_step_computes_the_published_formulas_on_the_batch_as_drawn(kind, 
     ema = UNetModel(**TINY_UNET).double().eval()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    flags_ = type("Flags", (), {"grad_clip": 1.0, "ema_decay": 0.99, "batch_size": 8, "seed": 7, "precision": "fp32",
-                                "channels_last": False, "compile": False, "compile_mode": "default",
-                                "ot_pipeline": False})
+    optim = OptimConfig(grad_clip=1.0, ema_decay=0.99, batch_size=8, seed=7)
+    execution = ExecutionConfig(precision="fp32", ot_pipeline=False)
     world = World(rank=0, size=1, device=torch.device("cpu"))
-    trainer = Trainer(net, ema, optimizer, scheduler, matcher, FixedBatch(x1, cluster), flags_, world, reg)
+    trainer = Trainer(net, ema, optimizer, scheduler, matcher, FixedBatch(x1, cluster), optim, execution, world, reg)
 
     seen = []
     extra_inputs = reg.extra_inputs
