@@ -20,7 +20,7 @@ import unet
 import utils_cifar
 from cfm.io.cifar10 import to_model_range
 from cfm.method import samplers as cfm_samplers
-from cfm.method.clustering import PUBLISHED_CLUSTER_ALGORITHM, PUBLISHED_CLUSTER_SEED
+from cfm.config.choices import PUBLISHED_CLUSTER_ALGORITHM, PUBLISHED_CLUSTER_SEED
 from cfm.method.unet import PAPER_CONFIG, UNetModel, normalize_config
 from unet.unet import UNetModelWrapper
 
