@@ -36,17 +36,23 @@ import torch
 from absl import app, flags
 
 from cfm.cli import checkpoint_flags
+from cfm.cli.flag_defs import define
+from cfm.config import FIDConfig
 from cfm.evaluation import checkpoints, fid
 from cfm.evaluation.sampling import generate_samples, straightness, write_image_grid
-from cfm.evaluation.solvers import SOLVERS, SolverSetting, parse_sweep
+from cfm.evaluation.solvers import SolverSetting, parse_sweep
 from cfm.io import atomic_files, errors, run_files
 from cfm.io.distributed import init_world, main_first
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(checkpoint_flags)  # listed by --helpshort with this script's own
 
-flags.DEFINE_enum("integration_method", "dopri5", SOLVERS, "ODE solver.")
-flags.DEFINE_integer("integration_steps", 100, "Steps of the fixed-step solvers.", lower_bound=1)
+# The solver and FID-file settings of training's FID (FIDConfig: defaults, bounds, choices), with help of
+# this script's own. Deliberately different from training's: --tol is bounded below here (dopri5 cannot
+# meet a tolerance of 0; training's flag kept its published form), --seed >= 0 keys each sample's noise,
+# and --num_gen is the published evaluation's 50k (training's --fid_num_gen: 10k).
+define(FIDConfig, "integration_method", "ODE solver.")
+define(FIDConfig, "integration_steps", "Steps of the fixed-step solvers.")
 flags.DEFINE_float("tol", 1e-5, "atol = rtol of dopri5.", lower_bound=1e-12)
 flags.DEFINE_string("sweep", None, "FID against NFE: solver settings 'SOLVER:V1,V2;...', step counts for the fixed-step "
                     "solvers, tolerances for dopri5 (e.g. euler:1,2,5,10,20,50,100;midpoint:5,10,50;dopri5:1e-3,1e-4,1e-5); "
@@ -54,15 +60,15 @@ flags.DEFINE_string("sweep", None, "FID against NFE: solver settings 'SOLVER:V1,
 flags.DEFINE_integer("straightness", 0, "Also measure the straightness of this many paths on the Euler grid of "
                      "--integration_steps (0 = off).", lower_bound=0)
 flags.DEFINE_integer("num_gen", 50000, "Number of generated samples.", lower_bound=1)
-flags.DEFINE_integer("batch_size_fid", 1024, "Samples per ODE solve (one system) and per Inception batch.", lower_bound=1)
+define(FIDConfig, "batch_size_fid", "Samples per ODE solve (one system) and per Inception batch.")
 flags.DEFINE_integer("seed", 0, "Seed of the noise x0 (sample i is the same whatever the batch size and the number "
                      "of processes).", lower_bound=0)
 flags.DEFINE_bool("fid", True, "Compute FID; False only generates (and saves) samples.")
 flags.DEFINE_string("save_samples", None, "Write the samples to this .npz (uint8 NHWC under 'arr_0').")
 flags.DEFINE_string("grid", None, "Write a PNG grid of the first 64 samples here.")
 flags.DEFINE_enum("fid_split", "train", fid.SPLITS, "Reference statistics: CIFAR-10 train (as published) or test.")
-flags.DEFINE_string("fid_inception_path", None, "Local inception-2015-12-05.pt (else $FID_INCEPTION_PATH, caches, download).")
-flags.DEFINE_string("fid_stats_path", None, "Local reference statistics .npz with mu, sigma (else $FID_STATS_PATH, ...).")
+define(FIDConfig, "fid_inception_path", "Local inception-2015-12-05.pt (else $FID_INCEPTION_PATH, caches, download).")
+define(FIDConfig, "fid_stats_path", "Local reference statistics .npz with mu, sigma (else $FID_STATS_PATH, ...).")
 flags.DEFINE_bool("quiet", False, "No progress bars (samples, straightness, download).")
 
 

@@ -37,9 +37,11 @@ import torch
 from absl import app, flags
 
 from cfm.cli import checkpoint_flags
+from cfm.cli.flag_defs import define
+from cfm.config import FIDConfig
 from cfm.evaluation import checkpoints, generalization, memorizing_field, results
 from cfm.evaluation.sampling import gather_batches, generate_samples, noise, write_image_grid
-from cfm.evaluation.solvers import SOLVERS, SolverSetting
+from cfm.evaluation.solvers import SolverSetting
 from cfm.io import cifar10, errors, run_files
 from cfm.io.cifar10 import to_uint8
 from cfm.io.distributed import World, init_world, main_first
@@ -49,10 +51,12 @@ FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(checkpoint_flags)  # listed by --helpshort with this script's own
 
 flags.DEFINE_integer("num_gen", 10000, "Generated samples to search (ignored with --samples).", lower_bound=1)
-flags.DEFINE_integer("batch_size_fid", 1024, "Samples per ODE solve (as compute_fid.py), and queries per "
-                     "nearest-neighbour search.", lower_bound=1)
-flags.DEFINE_enum("integration_method", "dopri5", SOLVERS, "ODE solver of the samples.")
-flags.DEFINE_integer("integration_steps", 100, "Steps of the fixed-step solvers.", lower_bound=1)
+# The sampling settings of training's FID (FIDConfig: defaults, bounds, choices), with help of this
+# script's own; --tol, --seed and --num_gen as compute_fid.py's (see there why they differ from training's).
+define(FIDConfig, "batch_size_fid", "Samples per ODE solve (as compute_fid.py), and queries per "
+       "nearest-neighbour search.")
+define(FIDConfig, "integration_method", "ODE solver of the samples.")
+define(FIDConfig, "integration_steps", "Steps of the fixed-step solvers.")
 flags.DEFINE_float("tol", 1e-5, "atol = rtol of dopri5.", lower_bound=1e-12)
 flags.DEFINE_integer("seed", 0, "Seed of the sample noise (as compute_fid.py's), the training subset, and the loss "
                      "gap's noise and draws: the same seed scores every checkpoint on the same numbers.", lower_bound=0)

@@ -125,7 +125,8 @@ def test_every_enum_setting_takes_the_values_its_library_module_acts_on():
     from cfm.training import fast_path
 
     assert flow_matching.MATCHERS is choices.MATCHERS and solvers.SOLVERS is choices.SOLVERS
-    assert fast_path.PRECISIONS is choices.PRECISIONS and clustering.CLUSTER_ALGORITHMS is choices.CLUSTER_ALGORITHMS
+    assert clustering.CLUSTER_ALGORITHMS is choices.CLUSTER_ALGORITHMS
+    assert {fast_path.resolve_precision(p, torch.device("cpu")) for p in choices.PRECISIONS} <= {"fp32", "bf16"}
     assert regularizers.ANCHOR_LOSS_TYPES is choices.ANCHOR_LOSS_TYPES and unet.PAPER_CONFIG is choices.PAPER_CONFIG
     assert tuple(pretrained.PUBLISHED) == choices.PUBLISHED_WEIGHTS
     assert distributed.DEFAULT_COLLECTIVE_TIMEOUT_S == choices.DEFAULT_COLLECTIVE_TIMEOUT_S

@@ -42,7 +42,7 @@ from torch import Tensor
 
 # ANCHOR_PAIRINGS: published, the anchor term's own x_t from the batch as drawn (two extra rows per
 # sample); main, the main term's re-paired x_t and prediction (one extra row; STRAIGHT_LINE_MODELS only).
-from cfm.config.choices import ANCHOR_LOSS_TYPES, ANCHOR_PAIRINGS, STRAIGHT_LINE_MODELS
+from cfm.config.choices import ANCHOR_LOSS_TYPES, ANCHOR_PAIRINGS
 from cfm.method.flow_matching import FlowSample, pad_t_like_x
 
 
@@ -131,7 +131,7 @@ class AnchorRegularizer:
     Pairing ``"main"`` (a deviation from the published scripts, one extra row per sample instead
     of two) uses the main term's re-paired ``x1``, ``x0`` and ``eps``, so ``x_t`` is the main
     ``xt`` and ``v(x_t, t)`` is the main prediction ``vt``; only ``e_t`` is an extra row. Valid only
-    where the main ``xt`` is that straight line: ``--model`` in :data:`STRAIGHT_LINE_MODELS`
+    where the main ``xt`` is that straight line: ``--model`` in :data:`cfm.config.choices.STRAIGHT_LINE_MODELS`
     (the training script refuses the others).
 
     Centroids are looked up per sample from ``cluster``. With ``"main"`` pairing otcfm re-orders

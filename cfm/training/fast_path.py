@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cfm.config.choices import COMPILE_MODES, PRECISIONS
 
 def resolve_precision(flag: str, device: torch.device) -> str:
     """--precision as trained: "auto" is bf16 on a CUDA device with native bf16 (Ampere or newer), else fp32.
@@ -51,7 +50,7 @@ class FastForward:
         precision: "fp32" or "bf16" (resolved, see `resolve_precision`).
         channels_last: hand ``x`` to the module in channels-last memory format (the module's
             weights should be channels-last too: see `training.build_trainer`).
-        compile_mode: a torch.compile mode (`COMPILE_MODES`), or None for eager.
+        compile_mode: a torch.compile mode (`cfm.config.choices.COMPILE_MODES`), or None for eager.
     """
 
     def __init__(self, module: torch.nn.Module, device: torch.device, precision: str = "fp32",
