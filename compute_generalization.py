@@ -15,6 +15,9 @@ Sections of one record (each a dict under its name):
     loss_gap           loss_fm on --loss_images training images and as many test images at --num_times
                        times with the same noise, on the checkpoint's own path: per time and overall
                        (train, test, gap = test - train), with standard errors over batches
+    memorizing_field   the distance of the net's field to the memorizing field v* (memorizing_field.py) on
+                       test-image paths and on its own trajectories, at --field_times times, and the
+                       memorization of --field_samples samples of the v*-driven sampler (--field=False: off)
 
 The record starts with the head of fid.jsonl and locality.jsonl (checkpoint, step, model, use_ema;
 checkpoints.record_head) and is appended to `generalization.jsonl` beside the checkpoint. The same
@@ -269,7 +272,7 @@ def field_summary(record: dict) -> str:
     sampler = field.get("sampler")
     memorized = f"; v* sampler memorized {results.format_memorized(sampler)}" if sampler else ""
     reference = ("" if field["vstar_is_minimizer"] else
-                 f" (icfm's v*, a reference: {field['vstar_model']} couples noise and data, so it is not the minimizer)")
+                 f" (icfm's v*, a reference: {record['model']} couples noise and data, so it is not the minimizer)")
     return (f"; distance to v*{reference} {field['test_paths']['overall']:.3f} on test paths, "
             f"{field['trajectories']['overall']:.3f} on its trajectories{memorized}")
 

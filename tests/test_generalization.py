@@ -104,6 +104,31 @@ def test_copies_and_mirror_copies_are_memorized_and_gaussian_images_are_not():
     assert summary["nearest_distance"] == pytest.approx(found.distance[:, 0].mean().item())
 
 
+def test_the_memorization_threshold_is_one_third_on_both_sides():
+    """d_(1) < d_(2) / 3 is memorized (Yoon et al. 2023; Gu et al. 2023): ratios just below 1/3 count,
+    1/3 itself and ratios up to 1/2 do not (a threshold of 1/2 would count the last three); the
+    summary's fraction uses the same rule."""
+    second = torch.full((6,), 30.0, dtype=torch.float64)
+    nearest = second * torch.tensor([0.2, 1 / 3 - 1e-9, 1 / 3, 0.34, 0.45, 0.9], dtype=torch.float64)
+    found = generalization.Neighbours(torch.stack([nearest, second], 1), torch.zeros(6, 2, dtype=torch.int64),
+                                      torch.zeros(6, 2, dtype=torch.bool))
+    assert found.memorized.tolist() == [True, True, False, False, False, False]
+    assert generalization.memorization_summary(found)["memorized_fraction"] == pytest.approx(2 / 6)
+
+
+def test_the_memorized_fraction_is_reported_with_the_wilson_interval_of_scipy():
+    """results.format_memorized: the 95% Wilson interval, equal to scipy's on the same counts; 0 of 64
+    memorized is 0-5.7%, not '0 ± 0%'."""
+    from scipy.stats import binomtest
+
+    from cfm.evaluation import results
+
+    for memorized, num in ((0, 64), (3, 15), (80, 10000), (64, 64)):
+        expected = binomtest(memorized, num).proportion_ci(confidence_level=0.95, method="wilson")
+        assert results.wilson_interval(memorized / num, num) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    assert results.format_memorized({"memorized_fraction": 0.0, "num": 64}) == "0% (95% CI 0-5.7%)"
+
+
 def test_chunked_equals_unchunked():
     references, queries = random_images(25, 5), random_images(12, 6)
     queries[3] = references[24].flip(-1)  # the last image, alone in the last chunk of 3

@@ -15,7 +15,7 @@ from scipy.special import softmax
 
 from cfm.evaluation import memorizing_field
 from cfm.evaluation.sampling import noise
-from cfm.method.flow_matching import make_matcher
+from cfm.method.flow_matching import ICFM, make_matcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,11 +56,15 @@ def test_coefficient_table_reproduces_each_matchers_path_and_the_closed_forms(na
     path = matcher.path(t, x0, x1, eps)
     col = lambda c: c[:, None, None, None]  # noqa: E731
     torch.testing.assert_close(path.xt, col(coef.a) * x1 + col(coef.b) * x0 + col(coef.sigma) * eps, rtol=0, atol=1e-14)
-    torch.testing.assert_close(path.ut, col(coef.da) * x1 + col(coef.db) * x0, rtol=0, atol=1e-14)
+    torch.testing.assert_close(path.ut, col(coef.da) * x1 + col(coef.db) * x0 + col(coef.dsigma) * eps, rtol=0,
+                               atol=1e-14)
+    assert not coef.dsigma.any()  # no matcher here has a time-dependent sigma
     for value, expected in zip((coef.a, coef.b, coef.da, coef.db, coef.sigma), CLOSED_FORMS[name](t, sigma)):
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-14)
     assert memorizing_field.independent_coupling(matcher) == (name != "otcfm")
-    assert memorizing_field.MemorizingField(x1, matcher).describe()["vstar_is_minimizer"] == (name != "otcfm")
+    described = memorizing_field.MemorizingField(x1, matcher).describe()
+    assert described["vstar_is_minimizer"] == (name != "otcfm")
+    assert described["vstar_model"] == ("icfm" if name == "otcfm" else name)  # otcfm's reference is icfm's field
 
 
 # Two training images of 1 x 1 x 2 pixels; a flip swaps the two pixels, so 4 terms in all.
@@ -97,12 +101,23 @@ def test_vstar_equals_the_hand_computed_two_point_field(name, sigma, t):
     np.testing.assert_allclose(v, hand_vstar(name, sigma, t, x), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["icfm", "fm", "si"])
+class GrowingNoise(ICFM):
+    """A path whose sigma depends on t: xt = t x1 + (1 - t) x0 + sigma t eps, so ut = x1 - x0 + sigma eps
+    carries an eps term (no matcher of the library has one; v* must count it: c = b b' + sigma sigma')."""
+
+    name = "growing_noise"
+
+    def _xt_ut(self, t, x0, x1, eps):
+        return t * x1 + (1 - t) * x0 + self.sigma * t * eps, x1 - x0 + self.sigma * eps
+
+
+@pytest.mark.parametrize("name", ["icfm", "fm", "si", "growing_noise"])
 def test_vstar_is_the_monte_carlo_conditional_mean_of_ut_on_a_1d_toy(name):
     """1-D data {-1, 0.3, 1.5} (a flip changes nothing), sigma = 0.5. Draws of (x0, x1, eps) through the
     matcher's own path give (xt, ut); in every bin of xt, the mean of ut - v*(xt) is within 5 standard
-    errors of 0 (E[ut | xt] = v*(xt), so E[(ut - v*(xt)) 1{xt in bin}] = 0 exactly: no bin-width bias)."""
-    matcher = make_matcher(name, 0.5)
+    errors of 0 (E[ut | xt] = v*(xt), so E[(ut - v*(xt)) 1{xt in bin}] = 0 exactly: no bin-width bias).
+    growing_noise's sigma depends on t, so its ut has an eps term that v* must count."""
+    matcher = GrowingNoise(0.5) if name == "growing_noise" else make_matcher(name, 0.5)
     data = torch.tensor([-1.0, 0.3, 1.5], dtype=torch.float64).reshape(3, 1, 1, 1)
     field = memorizing_field.MemorizingField(data, matcher)
     g = torch.Generator().manual_seed(1)

@@ -129,7 +129,7 @@ def test_generalization_table_keeps_the_latest_record_beside_the_best_fid_and_lo
     latest = [r for r in parse(REPO / "tests/data/runs/otcfm/generalization.jsonl") if r["use_ema"]][-1]
     mem, gap = latest["memorization"], latest["loss_gap"]
     assert mem["memorized_fraction"] == 0.008  # not the superseded 0.009 of the first record
-    assert (f"| 0.8 ± 0.089% | {mem['ratio_quantiles']['0.5']:.3f} | {mem['nearest_distance']:.2f} |"
+    assert (f"| 0.8% (95% CI 0.64-0.99%) | {mem['ratio_quantiles']['0.5']:.3f} | {mem['nearest_distance']:.2f} |"
             in rows["otcfm, EMA"])
     assert f"| {gap['loss_gap']:.4g} ± {gap['loss_gap_se']:.2g} |" in rows["otcfm, EMA"]
     # The best FID of the same checkpoint: the latest dopri5 1e-5 record (3.622, not the superseded

@@ -3,15 +3,16 @@ and how far a trained net's field is from it.
 
 Every matcher's path is linear in its three random inputs (x0, eps ~ N(0, I), x1 data)::
 
-    xt = a(t) x1 + b(t) x0 + sigma eps,        ut = a'(t) x1 + b'(t) x0
+    xt = a(t) x1 + b(t) x0 + sigma(t) eps,     ut = a'(t) x1 + b'(t) x0 + sigma'(t) eps
 
 with x1 uniform over the training images {y_i} and their left-right mirrors (training flips each
 image with probability 1/2): 2N terms. Given x1 = y_i, ``xt ~ N(a y_i, s^2 I)`` with
-``s^2 = b^2 + sigma^2`` and ``E[x0 | xt = x, y_i] = b (x - a y_i) / s^2``, so the minimizer of
-``E |v(xt, t) - ut|^2`` over all fields is ``E[ut | xt = x]``::
+``s^2 = b^2 + sigma^2``, ``E[x0 | xt = x, y_i] = b (x - a y_i) / s^2`` and
+``E[eps | xt = x, y_i] = sigma (x - a y_i) / s^2``, so the minimizer of ``E |v(xt, t) - ut|^2``
+over all fields is ``E[ut | xt = x]``::
 
-    v*(x, t) = sum_i w_i [a' y_i + (b b' / s^2)(x - a y_i)]
-             = (b b' / s^2) x + (a' - a b b' / s^2) ybar(x, t),     ybar = sum_i w_i y_i
+    v*(x, t) = sum_i w_i [a' y_i + (c / s^2)(x - a y_i)],     c = b b' + sigma sigma'
+             = (c / s^2) x + (a' - a c / s^2) ybar(x, t),     ybar = sum_i w_i y_i
     w_i = softmax_i(-|x - a y_i|^2 / (2 s^2))
 
 (icfm with sigma = 0: ``v* = (ybar - x) / (1 - t)``.) Integrated from noise, v* returns training
@@ -58,13 +59,14 @@ from cfm.method.flow_matching import FlowMatcher
 
 @dataclass(frozen=True)
 class PathCoefficients:
-    """``xt = a x1 + b x0 + sigma eps``, ``ut = da x1 + db x0`` at times ``t``: float64 ``[T]`` each."""
+    """``xt = a x1 + b x0 + sigma eps``, ``ut = da x1 + db x0 + dsigma eps`` at times ``t``: float64 ``[T]`` each."""
 
     a: Tensor
     b: Tensor
     da: Tensor
     db: Tensor
     sigma: Tensor
+    dsigma: Tensor
 
     @property
     def s2(self) -> Tensor:
@@ -76,9 +78,9 @@ def path_coefficients(matcher: FlowMatcher, t: Tensor | float) -> PathCoefficien
     """The coefficients of `matcher`'s path at times `t` (a scalar or ``[T]``), float64 on the CPU.
 
     Read off the matcher's own `path`, which is linear in (x1, x0, eps): fed one unit input at a
-    time, it returns ``xt`` = that input's coefficient and ``ut`` = its time derivative. The
-    derivation of v* assumes ``ut`` has no ``eps`` term (true of every matcher here; the tests check
-    ``ut = da x1 + db x0`` on random inputs).
+    time, it returns ``xt`` = that input's coefficient and ``ut`` = its time derivative (``dsigma``,
+    the ``eps`` term of ``ut``, is 0 for every matcher here but not for a path whose sigma depends
+    on t; the tests check ``ut = da x1 + db x0 + dsigma eps`` on random inputs).
     """
     t = torch.as_tensor(t, dtype=torch.float64).cpu().reshape(-1)
     zero, one = torch.zeros(len(t), 1, dtype=torch.float64), torch.ones(len(t), 1, dtype=torch.float64)
@@ -86,7 +88,7 @@ def path_coefficients(matcher: FlowMatcher, t: Tensor | float) -> PathCoefficien
     noise = matcher.path(t, one, zero, zero)
     extra = matcher.path(t, zero, zero, one)
     return PathCoefficients(a=data.xt[:, 0], b=noise.xt[:, 0], da=data.ut[:, 0], db=noise.ut[:, 0],
-                            sigma=extra.xt[:, 0])
+                            sigma=extra.xt[:, 0], dsigma=extra.ut[:, 0])
 
 
 def independent_coupling(matcher: FlowMatcher) -> bool:
@@ -135,7 +137,9 @@ class MemorizingField:
 
     def describe(self) -> dict:
         """The fields that say which v* a results record compares with."""
-        return {"vstar_model": self.matcher.name, "vstar_sigma": self.matcher.sigma,
+        # otcfm's path is icfm's and its v* is icfm's (a reference, not its minimizer): named as such.
+        model = self.matcher.name if independent_coupling(self.matcher) else "icfm"
+        return {"vstar_model": model, "vstar_sigma": self.matcher.sigma,
                 "vstar_is_minimizer": independent_coupling(self.matcher),
                 "vstar_train_images": self.num_images, "vstar_terms": 2 * self.num_images}
 
@@ -150,7 +154,8 @@ class MemorizingField:
         if not (coef.s2 > 0).all():
             raise ValueError(f"v* is undefined at t = 1 on the {self.matcher.name} path with sigma = 0 "
                              "(every weight collapses): evaluate at t < 1.")
-        x_coef = coef.b * coef.db / coef.s2  # d/dx of v*: the x0 part of the target
+        # d/dx of v*: the x0 and eps parts of the target, E[b' x0 + sigma' eps | xt = x, y_i] = c (x - a y_i) / s^2.
+        x_coef = (coef.b * coef.db + coef.sigma * coef.dsigma) / coef.s2
         y_coef = coef.da - coef.a * x_coef
 
         def column(values: Tensor) -> Tensor:  # [T] (T = 1 or B) -> [T, 1, 1, 1] on the device

@@ -306,11 +306,32 @@ def held_out_local_loss_of(run_dir: Path, record: dict) -> str:
     return format_mean_error(matching[-1].get("local_loss"), matching[-1].get("local_loss_se")) if matching else "-"
 
 
+# The normal quantile of a two-sided 95% interval.
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(fraction: float, num: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (`fraction` of `num` trials):
+
+        centre = (p + z^2 / 2n) / (1 + z^2 / n),   half = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n)
+
+    Unlike p ± z sqrt(p (1 - p) / n), it does not collapse to a point at p = 0 or 1 (0 of 64 is
+    0-5.7%, not "0 ± 0%"), and it stays inside [0, 1]."""
+    scale = 1 + z * z / num
+    centre = (fraction + z * z / (2 * num)) / scale
+    half = z * math.sqrt(fraction * (1 - fraction) / num + z * z / (4 * num * num)) / scale
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def format_memorized(section: dict) -> str:
-    """A memorization section's memorized fraction as a percentage ± its standard error ('-' without one)."""
-    mean, error = section.get("memorized_fraction"), section.get("memorized_fraction_se")
+    """A memorization section's memorized fraction as a percentage with its 95% Wilson interval,
+    e.g. '0.8% (95% CI 0.64-0.99%)'; ± its standard error for a record without `num`; '-' without one."""
+    mean, error, num = section.get("memorized_fraction"), section.get("memorized_fraction_se"), section.get("num")
     if not isinstance(mean, (int, float)):
         return "-"
+    if isinstance(num, int) and num > 0:
+        low, high = wilson_interval(mean, num)
+        return f"{100 * mean:.2g}% (95% CI {100 * low:.2g}-{100 * high:.2g}%)"
     return format_mean_error(100 * mean, 100 * error if isinstance(error, (int, float)) else None) + "%"
 
 
@@ -322,7 +343,7 @@ def generalization_table(run_dirs: Sequence[Path]) -> str:
     """A Markdown table of the headline numbers of each evaluation (compute_generalization.py), beside
     the best FID and the held-out local loss of the same checkpoint; "" when no folder has records.
 
-    Columns: memorized (% of samples with d_(1) < d_(2) / 3, ± binomial standard error), the median
+    Columns: memorized (% of samples with d_(1) < d_(2) / 3, with its 95% Wilson interval), the median
     ratio and mean nearest distance, the same for the test images, loss_fm on train and test images
     and their gap (test - train, mean over times, ± standard error), the distance to the memorizing
     field v* over all times on the net's own trajectories and on test-image paths, and the memorized
