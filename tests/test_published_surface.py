@@ -305,13 +305,11 @@ def test_the_working_published_options_build():
 
 
 @pytest.mark.parametrize("option, value", [
-    ("learn_sigma", True), ("class_cond", True), ("use_checkpoint", True), ("use_scale_shift_norm", True),
+    ("learn_sigma", True), ("use_checkpoint", True), ("use_scale_shift_norm", True),
     ("resblock_updown", True), ("use_fp16", True), ("use_new_attention_order", True)])
 def test_each_unsupported_option_is_refused_in_one_sentence(option, value):
-    with pytest.raises(ValueError, match=rf"^{option}=True is not supported: [^.]*\.$") as err:
+    with pytest.raises(ValueError, match=rf"^{option}=True is not supported: [^.]*\.$"):
         unet.UNetModelWrapper(**TINY, **{option: value})
-    if option == "class_cond":
-        assert "not implemented yet" in str(err.value)
 
 
 def test_the_other_refusals_are_one_sentence_naming_the_option():
@@ -320,8 +318,24 @@ def test_the_other_refusals_are_one_sentence_naming_the_option():
     with pytest.raises(ValueError, match=r"^channel_mult=None has no published default for 48-pixel images"):
         unet.UNetModelWrapper(dim=(3, 48, 48), num_channels=32, num_res_blocks=1)
     net = unet.UNetModelWrapper(**TINY)
-    with pytest.raises(ValueError, match=r"^y is not supported: [^.]*, so call net\(t, x\)\.$"):
+    with pytest.raises(ValueError, match=r"^this UNet is unconditional \(num_classes=None\): call it without labels\.$"):
         net(torch.zeros(1), torch.zeros(1, 3, 32, 32), y=torch.zeros(1, dtype=torch.long))
+
+
+def test_class_cond_builds_the_label_embedding_and_takes_labels():
+    """class_cond=True, num_classes=10: label_emb has 11 rows (the last the null label), net(t, x, y)
+    depends on y, and y=None is the null label."""
+    torch.manual_seed(0)
+    net = unet.UNetModelWrapper(**TINY, class_cond=True, num_classes=10).eval()
+    assert net.label_emb.weight.shape == (11, 4 * TINY["num_channels"])
+    t, x = torch.full((2,), 0.3), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for p in net.parameters():  # the zero-initialised layers too, or the labels would not reach the output
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape))
+        by_label = [net(t, x, torch.tensor([k, k])) for k in (0, 1, 10)]
+        assert not torch.equal(by_label[0], by_label[1])
+        assert torch.equal(net(t, x), by_label[2])
 
 
 # ------------------------------------------------------------------------------------ a published script

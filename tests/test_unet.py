@@ -59,9 +59,10 @@ def test_paper_config_matches_published_checkpoint(paper_net, paper_shapes):
 
 
 def test_the_default_unet_is_the_paper_config():
-    """Every argument of UNetModel has a default, and together they are PAPER_CONFIG."""
+    """Every argument of UNetModel has a default, and together they are PAPER_CONFIG (unconditional:
+    num_classes None)."""
     defaults = {name: p.default for name, p in inspect.signature(UNetModel).parameters.items()}
-    assert defaults == PAPER_CONFIG
+    assert defaults == {**PAPER_CONFIG, "num_classes": None}
 
 
 def test_paper_config_loads_published_layout_strictly(paper_net, paper_shapes):

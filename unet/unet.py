@@ -24,7 +24,6 @@ CHANNEL_MULT_BY_SIZE = {
 # Published switches whose True value this UNet does not implement -> why, and what to pass.
 _UNSUPPORTED = {
     "learn_sigma": "a flow-matching UNet outputs only the velocity, so pass learn_sigma=False",
-    "class_cond": "class conditioning is not implemented yet (it comes in a later issue), so pass class_cond=False",
     "use_checkpoint": "this UNet has no gradient checkpointing, so pass use_checkpoint=False",
     "use_scale_shift_norm": "this UNet adds the time embedding (the published CIFAR-10 layout), "
                             "so pass use_scale_shift_norm=False",
@@ -57,10 +56,12 @@ class UNetModelWrapper(UNetModel):
             as ``UNetModel``.
         channel_mult: per-level width multipliers; None picks the published ones by image size
             (``CHANNEL_MULT_BY_SIZE``: 32 -> (1, 2, 2, 2), 28 -> (1, 2, 2), 64, 128, 256).
-        num_classes: read only with class_cond=True, which is refused.
+        class_cond, num_classes: with class_cond=True, a label embedding of num_classes + 1 rows (the
+            last one the null label of classifier-free guidance) added to the time embedding;
+            ``forward(t, x, y)`` with y in 0..num_classes (None: the null label).
         num_heads_upsample: -1 or num_heads (any value when num_head_channels != -1, where the
             published code ignores it).
-        learn_sigma, class_cond, use_checkpoint, use_scale_shift_norm, resblock_updown, use_fp16,
+        learn_sigma, use_checkpoint, use_scale_shift_norm, resblock_updown, use_fp16,
             use_new_attention_order: only False.
 
     Raises ValueError (one sentence naming the argument) for an argument it cannot honour.
@@ -70,7 +71,7 @@ class UNetModelWrapper(UNetModel):
                  num_classes=1000, use_checkpoint=False, attention_resolutions="16", num_heads=1,
                  num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False, dropout=0,
                  resblock_updown=False, use_fp16=False, use_new_attention_order=False):
-        switches = dict(learn_sigma=learn_sigma, class_cond=class_cond, use_checkpoint=use_checkpoint,
+        switches = dict(learn_sigma=learn_sigma, use_checkpoint=use_checkpoint,
                         use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
                         use_fp16=use_fp16, use_new_attention_order=use_new_attention_order)
         reason = _refusal(switches, num_heads, num_head_channels, num_heads_upsample)
@@ -84,10 +85,5 @@ class UNetModelWrapper(UNetModel):
             channel_mult = CHANNEL_MULT_BY_SIZE[size]
         super().__init__(dim=tuple(dim), num_channels=num_channels, num_res_blocks=num_res_blocks,
                          channel_mult=tuple(channel_mult), attention_resolutions=attention_resolutions,
-                         num_heads=num_heads, num_head_channels=num_head_channels, dropout=dropout)
-
-    def forward(self, t, x, y=None, **solver_kwargs):
-        """Velocity [B, *dim] at times t (float, 0-dim or [B]) and states x [B, *dim]; y must be None."""
-        if y is not None:
-            raise ValueError("y is not supported: class conditioning is not implemented yet, so call net(t, x).")
-        return super().forward(t, x, **solver_kwargs)
+                         num_heads=num_heads, num_head_channels=num_head_channels, dropout=dropout,
+                         num_classes=num_classes if class_cond else None)

@@ -165,7 +165,7 @@ def normalize_config(config):
     resolutions = config["attention_resolutions"]
     if isinstance(resolutions, str):
         resolutions = [r for r in resolutions.split(",") if r.strip()]
-    return dict(
+    normalized = dict(
         dim=[int(d) for d in config["dim"]],
         num_channels=int(config["num_channels"]),
         num_res_blocks=int(config["num_res_blocks"]),
@@ -175,6 +175,10 @@ def normalize_config(config):
         num_head_channels=int(config["num_head_channels"]),
         dropout=float(config["dropout"]),
     )
+    # Only a conditional net names its labels: an unconditional config (and checkpoint) is as before.
+    if config.get("num_classes") is not None:
+        normalized["num_classes"] = int(config["num_classes"])
+    return normalized
 
 
 def check_config(config, names=None):
@@ -219,6 +223,8 @@ def check_config(config, names=None):
                          f"({','.join(map(str, sorted(widths)))}) into equal heads: pick a divisor of {math.gcd(*widths)}.")
     if not 0.0 <= config["dropout"] <= 1.0:
         raise ValueError(f"{show('dropout')} is not a probability: pick a value in [0, 1].")
+    if config.get("num_classes", 1) < 1:
+        raise ValueError(f"{show('num_classes')} is not a number of labels: pick 1 or more (or None: unconditional).")
 
 
 class UNetModel(nn.Module):
@@ -233,6 +239,9 @@ class UNetModel(nn.Module):
         num_heads: heads per attention block, used only when num_head_channels == -1.
         num_head_channels: channels per head (heads = ch // num_head_channels), or -1.
         dropout: dropout rate inside the ResBlocks.
+        num_classes: None (unconditional: the published net), or K labels: a label embedding of K + 1
+            rows (the last one the null label of classifier-free guidance) added to the time
+            embedding, as ADM's ``class_cond`` adds its ``label_emb``.
 
     ``self.config`` holds these arguments as plain Python values (lists, str, int, float): it can be
     stored in a checkpoint and read with ``torch.load(weights_only=True)``, and
@@ -249,12 +258,13 @@ class UNetModel(nn.Module):
         num_heads=PAPER_CONFIG["num_heads"],
         num_head_channels=PAPER_CONFIG["num_head_channels"],
         dropout=PAPER_CONFIG["dropout"],
+        num_classes=None,
     ):
         super().__init__()
         self.config = normalize_config(
             dict(dim=dim, num_channels=num_channels, num_res_blocks=num_res_blocks, channel_mult=channel_mult,
                  attention_resolutions=attention_resolutions, num_heads=num_heads,
-                 num_head_channels=num_head_channels, dropout=dropout)
+                 num_head_channels=num_head_channels, dropout=dropout, num_classes=num_classes)
         )
         check_config(self.config)
         in_ch, image_size = dim[0], dim[-1]
@@ -270,6 +280,9 @@ class UNetModel(nn.Module):
             return AttentionBlock(ch, num_heads, num_head_channels)
 
         self.time_embed = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
+        self.num_classes = num_classes
+        if num_classes is not None:  # created after time_embed: an unconditional net draws the same init
+            self.label_emb = nn.Embedding(num_classes + 1, E)
 
         # Encoder: remember the width of every block output; the decoder consumes them in reverse.
         self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_ch, C, 3, padding=1))])
@@ -303,12 +316,14 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, in_ch, 3, padding=1)))
 
-    def forward(self, t, x, **solver_kwargs):
+    def forward(self, t, x, y=None, **solver_kwargs):
         """Velocity at time t.
 
         Args:
             t: python float, 0-dim tensor (one time for the whole batch) or [B] tensor, in [0, 1].
             x: [B, *dim] state.
+            y: a conditional net's labels, int64 [B] in 0..num_classes (num_classes: the null label),
+                or None (every row null); an unconditional net takes None only.
             solver_kwargs: ignored; lets ODE wrappers pass extras (torchdyn calls f(t, x, args={})).
 
         Returns:
@@ -318,6 +333,12 @@ class UNetModel(nn.Module):
         if t.numel() == 1:
             t = t.reshape(1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.num_channels).to(x.dtype))
+        if self.num_classes is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.int64, device=x.device)
+            emb = emb + self.label_emb(y).to(emb.dtype)
+        elif y is not None:
+            raise ValueError("this UNet is unconditional (num_classes=None): call it without labels.")
 
         skips = []
         h = x
