@@ -1,13 +1,17 @@
 """Long runs survive pre-emption, divergence, a second writer and torn logs, and lose nothing."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,9 @@ from conftest import SUBPROCESS_TIMEOUT_S
 from test_training import run_plain
 from test_training import tiny_args as training_tiny_args
 
+from cfm.config import FIDConfig
 from cfm.io import atomic_files, checkpoint_io, run_files
+from cfm.io.distributed import World
 from cfm.method import nets
 from cfm.training import run_lock, run_outputs
 from cfm.training.trainer import Trainer
@@ -189,25 +195,126 @@ def logged_steps(metrics: Path) -> list[int]:
     return [r["step"] for r in run_files.read_jsonl(metrics) if "loss" in r]
 
 
-def test_a_run_whose_lock_is_taken_over_writes_nothing_more(fake_cifar, tmp_path):
-    """Another run takes the lock (as a requeue on another node would, judging this one dead): at
-    most the step in flight is still written, then every write stops and the run exits 1."""
+def test_a_frozen_run_whose_lock_is_taken_over_writes_nothing_more(fake_cifar, tmp_path):
+    """The run freezes (SIGSTOP: a stalled file system, a suspended VM) past the stale limit and a run
+    on another host takes its lock over: once thawed, at most the step in flight is still written,
+    then it exits 1 with one sentence naming the new holder, whose lock it leaves alone."""
     data_dir, _, _ = fake_cifar
     process = start_script(tiny_args(data_dir, tmp_path, "--total_steps=400", "--save_step=3"),
                            CFM_LOCK_STALE_AFTER="1.2")
     metrics = tmp_path / f"otcfm/{PREFIX}_metrics.jsonl"
-    wait_for_step(metrics, 4, process)
+    taker = run_lock.RunLock(tmp_path / "otcfm", PREFIX, stale_after=1.2)
+    taker.record["host"] = "elsewhere"  # judges by the lock's age, as another node does
+    try:
+        wait_for_step(metrics, 4, process)
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            last = max(logged_steps(metrics))
+            taker.acquire(wait=True)  # once the frozen run's lock is stale
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        assert process.returncode == 1, stderr[-3000:]
+        assert f"(pid {os.getpid()} on elsewhere" in stderr and "Traceback" not in stderr
+        assert max(logged_steps(metrics)) <= last + 1  # the step in flight at most
+        assert all(checkpoint_step <= last + 1 for checkpoint_step in
+                   (torch.load(p, weights_only=True)["step"] for p in (tmp_path / "otcfm").glob("*.pt")))
+        assert taker.verify() and taker.owner()["token"] == taker.token  # never overwritten, nor removed
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        taker.release()
+
+
+def test_a_lock_lost_between_the_two_grids_stops_the_second(fake_cifar, tmp_path, monkeypatch):
+    """Each grid checks the lock just before it is drawn: a takeover while the first is drawn leaves
+    the second undrawn, and the run stops with one sentence."""
+    data_dir, _, _ = fake_cifar
+    real_grid, drawn = run_outputs.save_sample_grid, []
+
+    def grid_then_taken_over(model, path, **kwargs):
+        real_grid(model, path, **kwargs)
+        drawn.append(path.name)
+        lock = tmp_path / f"otcfm/{PREFIX}.lock"
+        taken = {"pid": 1, "host": "elsewhere", "token": "the new owner"}
+        atomic_files.atomic_write(lock, lambda f: f.write(json.dumps(taken).encode()))
+
+    monkeypatch.setattr(run_outputs, "save_sample_grid", grid_then_taken_over)
+    with pytest.raises(SystemExit, match=r"taken over by another run, holder of .*\(pid 1 on elsewhere"):
+        run_plain(tiny_args(data_dir, tmp_path, "--total_steps=4", "--save_step=2"))
+    assert drawn == ["normal_generated_FM_images_step_2.png"]
+    assert not (tmp_path / "otcfm/ema_generated_FM_images_step_2.png").exists()
+    assert max(logged_steps(tmp_path / f"otcfm/{PREFIX}_metrics.jsonl")) == 2
+
+
+class LostLock:
+    """A lock this run no longer holds."""
+
+    def verify(self):
+        return False
+
+
+def test_a_run_without_its_lock_neither_truncates_nor_appends_its_metrics(tmp_path):
+    """The fresh start's truncation, the start line, a metrics line and the FID line all check the
+    lock first: a displaced run leaves another run's metrics file as it found it."""
+    paths = run_files.RunPaths(tmp_path, PREFIX)
+    run_files.append_jsonl(paths.metrics, {"step": 7, "loss": 1.0})  # the new holder's line
+    before = paths.metrics.read_bytes()
+    logger = run_outputs.RunLogger(paths, {}, "disabled", 0, {}, LostLock())
+    logger.log({"step": 0, "loss": 2.0})
+
+    class Scorer:
+        def evaluate_net(self, *args, **kwargs):
+            return types.SimpleNamespace(fid=1.0, mean_nfe=2.0, num_gen=4, seconds=0.1)
+
+    fid_config = dataclasses.replace(FIDConfig(), fid_num_gen=4)
+    assert run_outputs.log_fid(Scorer(), None, fid_config, 0, 0, logger, World(0, 1, torch.device("cpu")), lambda: False) == []
+    logger.close()
+    assert paths.metrics.read_bytes() == before
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("pid", "12x", "its pid '12x' is not a whole number"),
+    ("heartbeat", "soon", "its heartbeat 'soon' is not a number"),
+])
+def test_a_hand_edited_lock_is_one_sentence_before_any_work(fake_cifar, tmp_path, capsys, field, value, problem):
+    data_dir, _, _ = fake_cifar
     lock = tmp_path / f"otcfm/{PREFIX}.lock"
-    taken = {"pid": 1, "host": "elsewhere", "token": "the new owner", "heartbeat": time.time()}
-    atomic_files.atomic_write(lock, lambda f: f.write(json.dumps(taken).encode()))
-    last = max(logged_steps(metrics))
-    stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    assert process.returncode == 1, stderr[-3000:]
-    assert f"another run took over {lock} (pid 1 on elsewhere" in stderr and "Traceback" not in stderr
-    assert max(logged_steps(metrics)) <= last + 1  # the step in flight at most
-    assert all(checkpoint_step <= last + 1 for checkpoint_step in
-               (torch.load(p, weights_only=True)["step"] for p in (tmp_path / "otcfm").glob("*.pt")))
-    assert json.loads(lock.read_text())["token"] == "the new owner"  # never overwritten, nor removed
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "heartbeat": time.time(), field: value}))
+    with pytest.raises(SystemExit) as exit_:
+        run_plain(tiny_args(data_dir, tmp_path, "--total_steps=2"))
+    assert str(exit_.value.code) == (f"error: {lock} holds a lock record that no run of this program wrote "
+                                     f"({problem}): if no run of {PREFIX} is alive, delete it and run again.")
+    assert [p.name for p in tmp_path.iterdir()] == ["otcfm"] and [p.name for p in lock.parent.iterdir()] == [lock.name]
+
+
+def test_another_users_unreadable_lock_is_one_sentence_before_any_work(fake_cifar, tmp_path):
+    """A lock written by another user with umask 077: the script says so in one sentence and writes
+    nothing (as root, the script runs as nobody, for whom root's 0600 file is unreadable)."""
+    data_dir, _, _ = fake_cifar
+    output = Path(tempfile.mkdtemp(prefix="unreadable", dir="/tmp"))
+    try:
+        output.chmod(0o777)
+        (output / "otcfm").mkdir(mode=0o777)
+        (output / "otcfm").chmod(0o777)
+        lock = output / f"otcfm/{PREFIX}.lock"
+        lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "heartbeat": time.time()}))
+        lock.chmod(0o600 if os.geteuid() == 0 else 0o000)
+        command = [sys.executable, "train_cifar10.py", *tiny_args(data_dir, output, "--total_steps=2")]
+        if os.geteuid() == 0:
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(output)})
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"error: cannot read {lock} (Permission denied): another user's run of {PREFIX} holds or left this "
+            f"lock; ask them to stop it or delete it, or pick another --output_dir.")
+        assert "Traceback" not in done.stderr
+        assert sorted(p.name for p in output.rglob("*")) == ["otcfm", lock.name]
+    finally:
+        shutil.rmtree(output)
 
 
 def test_the_heartbeat_keeps_the_lock_fresh_through_a_slow_save_step(fake_cifar, tmp_path, monkeypatch):

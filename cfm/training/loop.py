@@ -201,7 +201,8 @@ def train(config: TrainConfig, spec: RunSpec) -> Outcome:
         except errors.UserError as err:  # RunLocked, or a full disk (SaveError)
             refusal = str(err)
         else:  # a run killed mid-save left temp files; with the lock held, none of them is live
-            paths.remove_stale_temp_files()
+            if lock.verify():
+                paths.remove_stale_temp_files()
     wait_for_main(world, "the run lock (with --resume=auto, waiting out another host's live lock)")
     refusal = broadcast_from_main(refusal, world)
     if refusal is not None:
@@ -249,7 +250,7 @@ def train_locked(config: TrainConfig, spec: RunSpec, world: World, matcher, path
     provenance = run_files.provenance(world.device)  # the code and machine cannot change mid-run
     if world.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
-        logger = RunLogger(paths, record, run_config.wandb_mode, start, provenance)
+        logger = RunLogger(paths, record, run_config.wandb_mode, start, provenance, lock)
     wait_for_main(world, "starting its logger (wandb)")
     scorer = prepare_fid(config.fid, data_dir, world)
     writer = CheckpointWriter(trainer, paths, unet_config, record, provenance, world, lock, last=checkpoint_path)
@@ -268,8 +269,7 @@ def train_locked(config: TrainConfig, spec: RunSpec, world: World, matcher, path
                     raise writer.diverged()
                 if trainer.regularized_name is not None:  # the published name for the regularizer's value
                     record["regularized_loss"] = record[trainer.regularized_name]
-                if logger is not None and lock.verify():  # a run whose lock was taken writes nothing more
-                    logger.log(record)
+                if logger is not None and logger.log(record):  # a run whose lock was taken writes nothing more
                     progress.set_postfix(progress_fields(record))
             is_save = run_config.save_step > 0 and ((step % run_config.save_step == 0 and step > 0) or step == last)
             if is_save:
@@ -282,12 +282,14 @@ def train_locked(config: TrainConfig, spec: RunSpec, world: World, matcher, path
                 if skipped and world.is_main:
                     print(f"stop requested during the save of step {step}: skipped {' and '.join(skipped)} "
                           f"(its checkpoint is written).", flush=True)
-            if lock.lost:  # found by the heartbeat thread or a write's check (rank 0): every rank stops
+            # Found by a write's check, the heartbeat thread, or the thread's death or silence (rank 0):
+            # every rank stops.
+            if lock.lost:
                 stop_request.request(LOCK_LOST)
             stopped_by = stop_request.agreed()
             if stopped_by == LOCK_LOST:
                 raise LockLost(lock.lost_message() if world.is_main else
-                               "rank 0 lost the run's lock to another run: this run stops and writes nothing more.")
+                               "rank 0 lost the run's lock: this run stops and writes nothing more.")
             if stopped_by:
                 if not is_save:  # only the checkpoint: the scheduler's kill is near
                     writer.save(step)

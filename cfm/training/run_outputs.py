@@ -26,17 +26,20 @@ from cfm.training.trainer import Trainer
 
 
 class RunLogger:
-    """Rank 0's metrics sink: progress bar, wandb and `{file_prefix}_metrics.jsonl`."""
+    """Rank 0's metrics sink: progress bar, wandb and `{file_prefix}_metrics.jsonl`. Every write to
+    the metrics file checks the run's lock just before it (`lock.verify()`): a run that lost its
+    lock leaves the new holder's history alone."""
 
     def __init__(self, paths: run_files.RunPaths, config: dict, mode: str, start: int,
-                 provenance: dict):
+                 provenance: dict, lock: RunLock):
         import wandb  # imported here: a slow import that only rank 0 needs
 
-        self.paths = paths
+        self.paths, self.lock = paths, lock
         # The metrics file holds one history: a fresh run starts it anew, a resumed run drops the
         # lines a crashed run wrote after its checkpoint (they will be logged again), and a torn
         # last line (a kill or a full disk mid-append) with a warning.
-        run_files.truncate_jsonl(paths.metrics, keep=lambda record: record.get("step", -1) < start)
+        if lock.verify():
+            run_files.truncate_jsonl(paths.metrics, keep=lambda record: record.get("step", -1) < start)
         self.wandb = wandb.init(
             project="conditional-flow-matching",
             name=paths.file_prefix,
@@ -45,11 +48,16 @@ class RunLogger:
             dir=str(paths.run_dir),
         )
         # One line per (re)start: where the metrics that follow came from.
-        run_files.append_jsonl(paths.metrics, {"step": start, "event": "start", "provenance": provenance})
+        if lock.verify():
+            run_files.append_jsonl(paths.metrics, {"step": start, "event": "start", "provenance": provenance})
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict) -> bool:
+        """Log `record` (metrics or FID) unless the run lost its lock; whether it was logged."""
+        if not self.lock.verify():
+            return False
         self.wandb.log(record, step=record["step"])
         run_files.append_jsonl(self.paths.metrics, record)
+        return True
 
     def close(self) -> None:
         self.wandb.finish()
@@ -150,8 +158,6 @@ class CheckpointWriter:
         # Each rank's own RNG drives only its dropout masks; the shared streams are the same everywhere.
         rank_states = gather_to_main({"rng": checkpoint_io.rng_state(world.device)}, world)
         path = self.paths.checkpoint(step)
-        if world.is_main and not self.lock.verify():  # taken over: the loop stops after this step
-            return
         if world.is_main:
             ckpt = {
                 "net_model": trainer.net.state_dict(),
@@ -166,16 +172,19 @@ class CheckpointWriter:
                 "regularizer": trainer.regularizer.state_dict() if trainer.regularizer is not None else {},
                 "provenance": self.provenance,
             }
+            if not self.lock.verify():  # taken over: the loop stops after this step
+                return
             checkpoint_io.atomic_save(ckpt, path)
         self.last = str(path)
 
     def draw_grids(self, step: int, stop: Callable[[], bool]) -> list[str]:
-        """The sample grids of the net and its EMA at `step` (rank 0); returns what a stop request
-        (`stop()` true) skipped, e.g. ["the normal and ema sample grids"]."""
+        """The sample grids of the net and its EMA at `step` (rank 0), each drawn only if the run
+        still holds its lock just before it; returns what a stop request (`stop()` true) skipped,
+        e.g. ["the normal and ema sample grids"]."""
         kinds = {"normal": self.trainer.net, "ema": self.trainer.ema}
-        if not self.lock.verify():  # taken over: nothing more is written
-            return []
         for drawn, (kind, model) in enumerate(kinds.items()):
+            if not self.lock.verify():  # taken over (a grid takes seconds): nothing more is written
+                return []
             try:
                 save_sample_grid(model, self.paths.grid(kind, step), num=self.config["grid_size"],
                                  steps=self.config["grid_steps"], seed=self.config["seed"], stop=stop)
