@@ -116,6 +116,8 @@ def cluster_sampler(cluster: ClusterConfig, data: DataContext):
                 f"(num_subclasses={data.stored['num_subclasses']}): drop the flag to resume on the same clusters."
             )
         num_subclasses = data.stored["num_subclasses"]
+    else:  # before K-means, on every rank alike (a stored assignment has trained already: it stays)
+        checks.check_cluster_sizes(num_subclasses, data.labels, data.batch_size)
     # Rank 0 clusters, caches and draws the cluster grids; the other ranks then read its cache.
     with main_first(data.world, "the K-means clustering"):
         sampler = ClassConditionedSampler(
