@@ -1,15 +1,21 @@
 """Up-front checks: every input mistake is one sentence and a non-zero exit, before any data are loaded."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from absl import flags
-from conftest import TINY_UNET_CONFIG
+from conftest import SUBPROCESS_TIMEOUT_S, TINY_UNET_CONFIG
 from test_training import run_plain, tiny_args
 
 from cfm.io import cifar10
+from cfm.method import samplers
 from cfm.method.unet import UNetModel
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,6 +33,11 @@ def one_sentence(args) -> str:
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message and message.endswith("."), message
     return message
+
+
+def written(folder) -> list:
+    """The files under `folder` (a refused run may leave its empty run folder, never a file)."""
+    return [p for p in Path(folder).rglob("*") if p.is_file()]
 
 
 def resumable(**changes) -> dict:
@@ -121,3 +132,48 @@ def test_a_complete_checkpoint_passes_the_checks():
     from cfm.training import checks
 
     checks.check_resumable(resumable(), "ckpt.pt", UNetModel(**TINY_UNET_CONFIG).config)
+
+
+# ------------------------------------------------------------------ flags that used to crash
+
+
+def test_an_unbounded_collective_timeout_is_one_line_at_parsing_even_in_one_process(fake_cifar, tmp_path):
+    """--collective_timeout=inf overflowed torch's timeouts (OverflowError) in a plain run too: absl
+    now refuses it, and 1e15, at parsing, with RunConfig's bounds."""
+    data_dir, _, _ = fake_cifar
+    result = subprocess.run([sys.executable, "train_cifar10.py", *tiny_args(data_dir, tmp_path / "out"),
+                             "--collective_timeout=inf"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=SUBPROCESS_TIMEOUT_S)
+    assert result.returncode != 0
+    assert "flag --collective_timeout=inf: inf is not a number in the range [10.0, 86400.0]" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    with pytest.raises(flags.IllegalFlagValueError, match=r"=1e15: 1000000000000000.0 is not a number in the range"):
+        run_plain(["--collective_timeout=1e15"])
+
+
+def test_a_checkpoint_path_that_is_a_folder_names_its_newest_checkpoint(fake_cifar, tmp_path, no_data):
+    data_dir, _, _ = fake_cifar
+    run_dir = tmp_path / "otcfm"
+    run_dir.mkdir()
+    message = one_sentence(tiny_args(data_dir, tmp_path / "out", f"--checkpoint_path={run_dir}"))
+    assert f"checkpoint {run_dir} is a folder that holds no checkpoint" in message and "--resume=auto" in message
+    for step in (2, 10):  # step 10 is the newest, though it sorts first by name
+        (run_dir / f"otcfm_cifar10_weights_step_{step}.pt").write_bytes(b"not read")
+    message = one_sentence(tiny_args(data_dir, tmp_path / "out", f"--checkpoint_path={run_dir}"))
+    assert f"is a folder, not a file: pass its newest checkpoint, {run_dir}/otcfm_cifar10_weights_step_10.pt" in message
+    assert "--resume=auto" in message and written(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("extra, expected", [
+    # 10 images per class: 3 clusters of a class average 3.3 images, fewer than a batch of 4.
+    (["--num_subclasses=3"], "--num_subclasses=3 splits the smallest class (airplane, 10 images) into clusters of "
+                             "3.33333 images on average, fewer than --batch_size=4: pass --num_subclasses=2 or less"),
+    (["--num_subclasses=1", "--batch_size=16"], "even the whole class is smaller than a batch: pass --batch_size=10 "
+                                                "or less with --num_subclasses=1."),
+])
+def test_num_subclasses_that_leaves_clusters_smaller_than_a_batch_is_refused_before_kmeans(
+        fake_cifar, tmp_path, monkeypatch, extra, expected):
+    data_dir, _, _ = fake_cifar
+    monkeypatch.setattr(samplers, "cluster_assignments", lambda *a, **k: pytest.fail("clustered"))
+    assert expected in one_sentence(tiny_args(data_dir, tmp_path / "out", *extra))
+    assert written(tmp_path / "out") == []

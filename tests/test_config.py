@@ -90,6 +90,7 @@ REFUSED = [
     (cfg.FlowConfig, "model", "ddpm", "ddpm"),
     (cfg.FlowConfig, "sigma", -0.5, "-0.5"),
     (cfg.RunConfig, "collective_timeout", 0.5, "0.5"),
+    (cfg.RunConfig, "collective_timeout", float("inf"), "inf"),
     (cfg.FIDConfig, "fid_num_gen", -2, "-2"),
     (cfg.UNetConfig, "num_channel", 0, "0"),
     (cfg.UNetConfig, "attention_resolutions", "16,x", "16,x"),

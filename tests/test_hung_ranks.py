@@ -20,8 +20,9 @@ from cfm.io import distributed, run_files
 from cfm.method import nets
 
 REPO = Path(__file__).resolve().parents[1]
-# Short, yet well above a tiny step on a busy 2-core machine (a false alarm would fail the tests).
-TIMEOUT_S = 6
+# The scripts' least --collective_timeout (RunConfig's bound): short, yet well above a tiny step on
+# a busy 2-core machine (a false alarm would fail the tests).
+TIMEOUT_S = 10
 ROLL_CALL_S = min(TIMEOUT_S, distributed.ROLL_CALL_CAP.total_seconds())  # rank 0's wait at the roll call
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
@@ -108,6 +109,66 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it_and_nothing_is
     assert f"--collective_timeout={TIMEOUT_S:g} s" in line
     assert f"the last good checkpoint is {last}: resume from it" in line
     assert files(tmp_path) == before  # no checkpoint, metrics line or grid after the stop
+
+
+STOPPED_BEFORE_THE_LOOP = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from cfm.training import loop
+
+real = loop.{name}
+
+
+def stopped_first(*args, **kwargs):  # rank 1 stops (SIGSTOP) where it would call {name}
+    if os.environ["RANK"] == "1":
+        open({pid_file!r}, "w").write(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return real(*args, **kwargs)
+
+
+loop.{name} = stopped_first
+from absl import app
+import train_cifar10
+app.run(train_cifar10.main)
+"""
+
+
+@pytest.mark.parametrize("name", ["init_world", "broadcast_from_main", "build_trainer"])
+def test_a_rank_stopped_before_the_loop_ends_the_job_within_the_timeout_naming_it(fake_cifar, tmp_path, name):
+    """Rank 1 stops where it would join the process group (the rendezvous), receive the lock's
+    verdict (a broadcast), or build DDP (its parameter broadcast): rank 0 exits non-zero within
+    --collective_timeout and the roll call, with one sentence naming rank 1, and no step runs."""
+    data_dir, _, _ = fake_cifar
+    script = tmp_path / "stopped.py"
+    script.write_text(STOPPED_BEFORE_THE_LOOP.format(repo=str(REPO), name=name, pid_file=str(tmp_path / "victim.pid")))
+    launcher = torchrun(script, tiny_args(data_dir, tmp_path / "out", "--batch_size=8", "--total_steps=3",
+                                          "--monitor_local=False", f"--collective_timeout={TIMEOUT_S}"))
+    ranks = {}
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+        while not (tmp_path / "victim.pid").is_file() or len(ranks) < 2:
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "rank 1 never reached the stop"
+            ranks = worker_pids(launcher.pid)
+            time.sleep(0.05)
+        stopped = time.monotonic()
+        wait_until_exited([ranks[0]], timeout=TIMEOUT_S + ROLL_CALL_S + 60)  # the measured wait: see below
+        took = time.monotonic() - stopped
+        os.kill(ranks[1], signal.SIGKILL)  # else torchrun waits 30 s before it kills the stopped rank itself
+        _, stderr = launcher.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    finally:
+        end(launcher, ranks.values())
+    assert launcher.returncode != 0
+    # As in the loop: the collective's timeout, the roll call, and a margin for a busy machine (rank
+    # 0's remaining set-up before the collective is a tiny UNet's construction at most).
+    assert took < TIMEOUT_S + ROLL_CALL_S + 15, took
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: rank 1 stopped answering"), line
+    assert f"--collective_timeout={TIMEOUT_S:g} s" in line
+    written = [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert not [n for n in written if n.endswith((".pt", ".png"))], written  # no step ran, no save
+    metrics = tmp_path / f"out/otcfm/{PREFIX}_metrics.jsonl"
+    assert not metrics.is_file() or all("loss" not in r for r in run_files.read_jsonl(metrics))
 
 
 ROLL_CALL = """

@@ -424,7 +424,8 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_ste
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-         "train_cifar10.py", *tiny_args(data_dir, tmp_path, "--batch_size=8", "--total_steps=30", "--save_step=1000")],
+         "train_cifar10.py", *tiny_args(data_dir, tmp_path, "--batch_size=8", "--num_subclasses=1", "--total_steps=30",
+                                        "--save_step=1000")],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(tmp_path / f"otcfm/{PREFIX}_metrics.jsonl", 2, launcher)
     os.kill(worker_pids(launcher.pid)[1], signal.SIGTERM)

@@ -124,11 +124,13 @@ DDP_PUBLISHED = ("--model=otcfm --lr=2e-4 --ema_decay=0.9999 --batch_size=128 --
 
 def train_on(procs, script, published, out, data_dir, *extra):
     """Run `script` with its `published` flags on `procs` processes (torchrun with gloo when > 1),
-    global batch 8, no dropout."""
+    global batch 8, no dropout, one cluster per class (10 fake images per class hold a batch of 8;
+    two clusters of 5 do not, and the run is refused)."""
     launcher = [sys.executable]
     if procs > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={procs}"]
-    args = [*launcher, script, *published, *tiny(data_dir, out, "--batch_size=8", "--dropout=0", *extra)]
+    args = [*launcher, script, *published,
+            *tiny(data_dir, out, "--batch_size=8", "--dropout=0", "--num_subclasses=1", *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

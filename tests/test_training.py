@@ -292,6 +292,8 @@ def test_monitor_local_false_skips_clustering(fake_cifar, tmp_path, monkeypatch)
 
     data_dir, _, _ = fake_cifar
     monkeypatch.setattr(samplers, "cluster_assignments", lambda *a, **k: pytest.fail("clustered"))
-    run_plain(tiny_args(data_dir, tmp_path, "--total_steps=1", "--save_step=0", "--monitor_local=False"))
+    # --num_subclasses=50 would leave clusters smaller than a batch: no clustering, no refusal.
+    run_plain(tiny_args(data_dir, tmp_path, "--total_steps=1", "--save_step=0", "--monitor_local=False",
+                        "--num_subclasses=50"))
     (record,) = [json.loads(line) for line in (tmp_path / "otcfm/otcfm_cifar10_metrics.jsonl").read_text().splitlines()][1:]
     assert "loss_fm" in record and "local_loss" not in record

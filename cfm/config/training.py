@@ -116,7 +116,10 @@ class RunConfig:
     overwrite: bool = setting(False)
     wandb_mode: str = setting("offline", choices=("online", "offline", "disabled"))
     device: str = setting("")
-    collective_timeout: float = setting(DEFAULT_COLLECTIVE_TIMEOUT_S, lower=1.0)
+    # At least 10 s: a shorter wait mistakes an ordinary slow step on a busy machine for a lost rank.
+    # At most a day: no wait of a healthy run comes near it (the longest, one rank working alone,
+    # is an hour), and a far larger value (inf, 1e15) overflows the timeouts torch builds from it.
+    collective_timeout: float = setting(DEFAULT_COLLECTIVE_TIMEOUT_S, lower=10.0, upper=86400.0)
 
 
 @dataclass(frozen=True)

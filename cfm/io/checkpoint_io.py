@@ -30,6 +30,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", source: str | N
     file `source` (default: its path)."""
     path = Path(path)
     source = source or str(path)
+    if path.is_dir():  # a run folder where its checkpoint was meant: point at what it holds
+        newest = newest_checkpoint(path)
+        if newest is None:
+            raise CheckpointError(f"checkpoint {source} is a folder that holds no checkpoint (*_weights_step_N.pt): "
+                                  f"pass a checkpoint file, or --resume=auto to train on from a run's newest one.")
+        raise CheckpointError(f"checkpoint {source} is a folder, not a file: pass its newest checkpoint, {newest}, "
+                              f"or --resume=auto to train on from the run's newest checkpoint that loads.")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {source} does not exist: check --checkpoint_path / --checkpoint.")
     try:
@@ -39,6 +46,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", source: str | N
     if not isinstance(ckpt, dict) or "net_model" not in ckpt and "ema_model" not in ckpt:
         raise CheckpointError(f"checkpoint {source} holds no 'net_model'/'ema_model' weights.")
     return ckpt
+
+
+def newest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint in `folder` with the highest step (`{run name}_weights_step_{N}.pt`, of any run
+    name; by number, not by name: step_100000 sorts before step_20000 as text), or None."""
+    found = []
+    for path in Path(folder).glob("*_weights_step_*.pt"):
+        step = path.name[:-3].rsplit("_weights_step_", 1)[1]
+        if step.isdigit():
+            found.append((int(step), path.name, path))
+    return max(found)[2] if found else None
 
 
 def rng_state(device: torch.device) -> dict:

@@ -10,9 +10,11 @@ Hung ranks. The training collectives (the main group, and the gloo group that ag
 signals) wait `--collective_timeout` (a few minutes) for a rank that stopped answering. When one
 fails that way, the ranks that still answer hold a roll call on a gloo group of its own
 (`roll_call`), so that every one of them exits with the same sentence naming the missing rank
-(`PeerLost`), on the CPU and the GPU alike. Where one rank works alone on purpose, the others wait
-for it in the long-wait group (`wait_for_main`, `wait_for_all`: up to `LONG_WAIT`), never in the
-training collectives:
+(`PeerLost`), on the CPU and the GPU alike. The training loop watches its set-up (the lock's
+verdict, DDP's construction, the FID's gathers) the same way, and a rank that never joins the
+process group is named from the rendezvous store (`check_in_at_rendezvous`). Where one rank works
+alone on purpose, the others wait for it in the long-wait group (`wait_for_main`, `wait_for_all`:
+up to `LONG_WAIT`), never in the training collectives:
     - the CIFAR-10 download / extraction, the K-means clustering and its cluster grids, and the FID
       files (download, or the reference statistics computed once): `main_first`, rank 0;
     - the start of rank 0's logger (wandb), and the checkpoint and sample grids of a save step: rank 0;
@@ -119,7 +121,14 @@ def init_world(device_flag: str, collective_timeout: float = DEFAULT_COLLECTIVE_
     if size > 1:
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=main_group_timeout(backend, timeout))
+            group_timeout = main_group_timeout(backend, timeout)
+            # What init_process_group does with env:// (torchrun's variables), but for the check-in
+            # on its store, which names a rank that never comes (torch's own wait names only a key).
+            store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=group_timeout))
+            store.set_timeout(group_timeout)
+            check_in_at_rendezvous(store, world)
+            dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=size,
+                                    timeout=group_timeout)
             if backend == "gloo":
                 # A process that exits with gloo groups alive can abort in their C++ destructors
                 # ("terminate called without an active exception"), turning a clean exit into a
@@ -147,6 +156,28 @@ def _seconds(delta: datetime.timedelta) -> str:
 
 def _ranks(ranks: list[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def check_in_at_rendezvous(store: dist.Store, world: World) -> None:
+    """Every rank sets its key on the rendezvous store, then waits up to the collective timeout for
+    every other rank's: raises PeerLost naming the ranks whose key is missing (the same list on every
+    rank that came, but for a rank arriving just as the others give up). A rank that hangs before
+    it joins (in CUDA's start-up, say) thus ends the job like one that hangs later, with no roll call:
+    the store saw who came. The rest of `init_world` only makes the process groups.
+    """
+    # Per launch: torchrun's store outlives a restart of the workers (--max-restarts).
+    prefix = f"cfm/rendezvous/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(f"{prefix}{world.rank}", "here")
+    keys = [f"{prefix}{rank}" for rank in range(world.size)]
+    try:
+        store.wait(keys, world.timeout)
+    except dist.DistStoreError:  # the wait timed out: the store knows who came
+        missing = [rank for rank, key in enumerate(keys) if not store.check([key])]
+        if not missing:  # every rank came after all, just as the wait gave up
+            return
+        it = "it" if len(missing) == 1 else "they"
+        raise PeerLost(f"{_ranks(missing)} stopped answering (a dead, hung or stopped process): {it} did not join the "
+                       f"process group within --collective_timeout={_seconds(world.timeout)} of this rank") from None
 
 
 def _check_in(world: World, group, main_waits: datetime.timedelta) -> list[int]:
@@ -222,6 +253,8 @@ def peers_watched(world: World, epilogue: Callable[[], str] | None = None):
     except Exception as err:
         if world.size == 1 or not (isinstance(err, PeerLost) or is_collective_failure(err)):
             raise
+        if isinstance(err, PeerLost) and epilogue is None:
+            raise  # already the sentence (say, from a watched block inside this one)
         lost = err if isinstance(err, PeerLost) else peer_lost(world, err)
         if epilogue is not None:
             lost = PeerLost(f"{lost}; {epilogue()}")

@@ -13,6 +13,8 @@ user can make into one `UserError` sentence naming the fix:
     --output_dir       a writable folder (or one that can be created there)
     --checkpoint_path  holds what resuming needs (weights, EMA, optimizer, schedule, step), with
                        weights and optimizer state shaped for the UNet being built
+    --num_subclasses   leaves every class's clusters a batch on average (`check_cluster_sizes`: once
+                       the labels are loaded, before K-means)
 
 Single-setting formats (bounds, choices, lists of positive integers) are checked earlier, by absl at
 parsing and by `check_config` on any config; the device by `distributed.resolve_device`.
@@ -30,6 +32,7 @@ from cfm.config.choices import STRAIGHT_LINE_MODELS
 from cfm.config.training import ARCH_FLAGS
 from cfm.io import checkpoint_io, errors, run_files
 from cfm.method import nets
+from cfm.method.clustering import CIFAR10_CLASSES
 from cfm.method.unet import UNetModel, check_config
 
 # What `training.resume` reads. The published TorchCFM checkpoints hold exactly these.
@@ -54,6 +57,34 @@ def check_batch_and_clip(optim: OptimConfig, world_size: int) -> None:
         )
     if optim.grad_clip <= 0:
         raise errors.UserError("--grad_clip must be positive.")
+
+
+def check_cluster_sizes(num_subclasses: int, labels: torch.Tensor, batch_size: int) -> None:
+    """Raise a `UserError` unless each class's images split into `num_subclasses` clusters of at
+    least `batch_size` images on average, naming the largest `--num_subclasses` that does.
+
+    The rule: floor(n_c / K) >= B for the smallest class c, i.e. K <= floor(min_c n_c / B). K-means
+    clusters vary in size, so this guarantees the mean cluster size of every class, not each cluster's
+    (a smaller cluster's batches repeat images, see `samplers.ClassConditionedSampler`). A K that fails
+    it makes most clusters smaller than a batch, and past n_c it asks K-means for more clusters than
+    there are images: many minutes of clustering, and a warning per class, for batches of repeats.
+    `labels`: int [N] classes of the training images; B is the global batch (one cluster per batch).
+    """
+    counts = torch.bincount(labels.cpu(), minlength=len(CIFAR10_CLASSES))
+    present = counts.nonzero().flatten()
+    if len(present) == 0:
+        return  # no data: the sampler says so
+    smallest = int(present[counts[present].argmin()])
+    size = int(counts[smallest])
+    if size // num_subclasses >= batch_size:
+        return
+    largest = size // batch_size
+    what = (f"--num_subclasses={num_subclasses} splits the smallest class ({CIFAR10_CLASSES[smallest]}, {size} images) "
+            f"into clusters of {size / num_subclasses:g} images on average, fewer than --batch_size={batch_size}")
+    if largest == 0:
+        raise errors.UserError(f"{what}, and even the whole class is smaller than a batch: pass --batch_size={size} "
+                               f"or less with --num_subclasses=1.")
+    raise errors.UserError(f"{what}: pass --num_subclasses={largest} or less (or a smaller --batch_size).")
 
 
 def check_output_dir(output_dir: str, paths: run_files.RunPaths) -> None:

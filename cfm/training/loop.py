@@ -116,6 +116,8 @@ def cluster_sampler(cluster: ClusterConfig, data: DataContext):
                 f"(num_subclasses={data.stored['num_subclasses']}): drop the flag to resume on the same clusters."
             )
         num_subclasses = data.stored["num_subclasses"]
+    else:  # before K-means, on every rank alike (a stored assignment has trained already: it stays)
+        checks.check_cluster_sizes(num_subclasses, data.labels, data.batch_size)
     # Rank 0 clusters, caches and draws the cluster grids; the other ranks then read its cache.
     with main_first(data.world, "the K-means clustering"):
         sampler = ClassConditionedSampler(
@@ -186,6 +188,14 @@ def train(config: TrainConfig, spec: RunSpec) -> Outcome:
     check_config(config)  # what absl checks at parsing, for a config built in Python
     checks.check_recipe(config)
     world = init_world(config.run.device, config.run.collective_timeout)
+    # Before the loop as inside it (the lock's verdict, DDP's broadcast, the FID's gathers): a rank
+    # that stops answering ends the others within the timeout, with one sentence naming it.
+    with peers_watched(world):
+        return train_in_world(config, spec, world)
+
+
+def train_in_world(config: TrainConfig, spec: RunSpec, world: World) -> Outcome:
+    """`train` once this process joined the world: the run's lock, then `train_locked`."""
     checks.check_batch_and_clip(config.optim, world.size)
     flow = config.flow
     # --ot_scope=local pairs each rank's block within itself, as the published DDP script does.
