@@ -411,7 +411,11 @@ def worker_pids(launcher_pid):
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
     ranks = {}
     for pid in children:
-        env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_text()
+        except (ProcessLookupError, FileNotFoundError):  # a short-lived child gone between the listing and the read
+            continue
+        env = dict(item.split("=", 1) for item in environ.split("\0") if "=" in item)
         if "RANK" in env:
             ranks[int(env["RANK"])] = int(pid)
     return ranks
