@@ -166,6 +166,8 @@ class CheckpointWriter:
                 "regularizer": trainer.regularizer.state_dict() if trainer.regularizer is not None else {},
                 "provenance": self.provenance,
             }
+            if trainer.condition is not None:  # an unconditional checkpoint keeps the keys it had
+                ckpt["condition"] = trainer.condition.record()
             checkpoint_io.atomic_save(ckpt, path)
         self.last = str(path)
 
