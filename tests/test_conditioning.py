@@ -230,3 +230,25 @@ def test_extra_rows_of_a_mixed_batch_get_their_images_labels(pairing, monkeypatc
         trainer.step(step)
         trainer.prefetch()
     check_labels(events, "otcfm", label, batch=8)
+
+
+@pytest.mark.parametrize("script", ["train_cifar10_ddp.py", "train_cifar10_locality.py"])
+def test_two_processes_train_what_one_process_trains_conditioned(script, fake_cifar, tmp_path):
+    """Under torchrun (gloo) each rank's rows keep their labels and dropped labels: a conditioned
+    run, with half the labels dropped, trains the same net on 1 and on 2 processes."""
+    import test_scripts as scripts  # (a module object: its tests are not collected again here)
+
+    data_dir, _, _ = fake_cifar
+    published = {"train_cifar10_ddp.py": scripts.DDP_PUBLISHED,
+                 "train_cifar10_locality.py": scripts.PUBLISHED["locality"][3].split()}[script]
+    weights = []
+    for procs in (1, 2):
+        out = tmp_path / str(procs)
+        scripts.train_on(procs, script, [*published, "--undefok=centroid_update_freq,centroid_samples"], out,
+                         data_dir, "--total_steps=3", "--condition=class", "--cond_drop_prob=0.5")
+        weights.append(torch.load(next(out.glob("*/*_step_2.pt")), weights_only=True))
+    one, two = weights
+    assert one["condition"] == two["condition"] == {"condition": "class", "num_classes": 10, "cond_drop_prob": 0.5}
+    assert one["flags"]["condition"] == "class" and one["flags"]["cond_drop_prob"] == 0.5
+    assert scripts.relative_difference(one["net_model"], two["net_model"]) <= 1e-5
+    assert "label_emb.weight" in one["net_model"]
