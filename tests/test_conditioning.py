@@ -252,3 +252,30 @@ def test_two_processes_train_what_one_process_trains_conditioned(script, fake_ci
     assert one["flags"]["condition"] == "class" and one["flags"]["cond_drop_prob"] == 0.5
     assert scripts.relative_difference(one["net_model"], two["net_model"]) <= 1e-5
     assert "label_emb.weight" in one["net_model"]
+
+
+@pytest.mark.parametrize("recipe", [None, LocalConfig()], ids=["plain-cluster", "locality-class"])
+def test_a_conditioned_run_resumes_exactly(recipe, pixel_cifar, tmp_path, one_thread):
+    """6 steps straight == 5 steps (a 'crash' after the step-4 save) + a resume from the step-3
+    checkpoint, half the labels dropped: the drop coins, the labels stored with the shuffled stream and
+    the clusters come back as they were. (Step 3 must not be a log step of the crashed run: the plain
+    recipe's monitor, which runs on log steps, draws dropout masks.)"""
+    import dataclasses
+
+    from cfm.training import recipes
+
+    condition = "cluster" if recipe is None else "class"
+
+    def run(out, steps, resume_from=""):
+        config = config_of(pixel_cifar, out, "otcfm", condition, recipe, drop=0.5, steps=steps)
+        run_config = dataclasses.replace(config.run, save_step=3, checkpoint_path=resume_from)
+        recipes.train(dataclasses.replace(config, run=run_config))
+        return sorted(out.glob("*/*_step_*.pt"))
+
+    full = run(tmp_path / "full", 6)
+    part = run(tmp_path / "part", 5)
+    resumed = run(tmp_path / "part", 6, str(next(p for p in part if p.name.endswith("_step_3.pt"))))
+    a, b = (torch.load(paths[-1], weights_only=True) for paths in (full, resumed))
+    assert a["step"] == b["step"] == 5
+    for key in ("net_model", "ema_model"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), f"{key} differs after resume"
