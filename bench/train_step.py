@@ -12,8 +12,8 @@ or exactly the rows of --rows, REGULARIZER:PRECISION[+compile][+inline][+cond], 
 ``none:bf16,none:bf16+inline,none:bf16+compile,local:bf16+compile``; +cond trains a class-conditioned
 net (--condition=class, labels dropped with probability 0.1), e.g. ``none:fp32,none:fp32+cond``
 (target: a conditioned step within 1.05x the plain one; on a shared 2-core CPU, tiny UNet, batch 8,
-``--rows=none:fp32,none:fp32+cond,none:fp32,none:fp32+cond --steps=20``: plain/conditioned medians 439/432 and 467/437 ms,
-conditioned/plain 0.96, inside the noise). Regularized rows draw
+``--rows=none:fp32,none:fp32+cond,none:fp32,none:fp32+cond --steps=20``: plain/conditioned medians
+439/432 and 467/437 ms, conditioned/plain 0.96, inside the noise). Regularized rows draw
 single-cluster batches (one cluster per class); the forward rows per sample are 1, 3, 3 and 2.
 
 Columns (times in ms, medians over --steps steps after --warmup_steps untimed ones):
