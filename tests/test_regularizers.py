@@ -36,7 +36,7 @@ TINY_UNET = dict(dim=(3, 16, 16), num_channels=32, num_res_blocks=1, channel_mul
 
 def batched_call(field, reg, x1, x0, cluster, sample):
     """What Trainer.step does: one call on main ++ extra rows, split, regularizer loss."""
-    t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample)
+    t_extra, x_extra, ctx, _ = reg.extra_inputs(x1, x0, cluster, sample)
     v = field(torch.cat([sample.t, t_extra]), torch.cat([sample.xt, x_extra]))
     batch = sample.t.shape[0]
     vt, v_extra = v[:batch], v[batch:]
@@ -121,12 +121,13 @@ def test_local_inputs_are_the_drawn_batch_at_fresh_t_eps_and_a_permutation():
     x0 = torch.randn_like(u)  # the noise as drawn (the sample's own x0 must not be used)
     reg = LocalRegularizer(weight=1.0, sigma=0.3)
     torch.manual_seed(1)
-    t_extra, x_extra, ctx = reg.extra_inputs(u, x0, torch.zeros(6, dtype=torch.long), sample)
+    t_extra, x_extra, ctx, rows = reg.extra_inputs(u, x0, torch.zeros(6, dtype=torch.long), sample)
     t, perm, eps = local_draws(1, 6, u)
     assert not torch.equal(t, sample.t) and not torch.equal(eps, sample.eps)  # fresh, not the main term's
     assert torch.equal(t_extra, torch.cat([t, t]))
     torch.testing.assert_close(x_extra, torch.cat([line(t, u, x0, eps, 0.3), line(t, u[perm], x0, eps, 0.3)]))
     torch.testing.assert_close(ctx, u - u[perm])
+    assert torch.equal(rows, torch.cat([torch.arange(6), perm]))  # the image each extra row evaluates
     # nothing of the main draw is used: the monitor calls it with sample=None
     torch.manual_seed(1)
     assert torch.equal(reg.extra_inputs(u, x0, None, None)[1], x_extra)
@@ -154,7 +155,7 @@ def test_local_loss_closed_form():
     torch.testing.assert_close(loss, expected)
     # the main prediction is not needed (monitoring calls it with vt=None)
     torch.manual_seed(2)
-    t_extra, x_extra, ctx = reg.extra_inputs(u, sample.x0, cluster, None)
+    t_extra, x_extra, ctx, _ = reg.extra_inputs(u, sample.x0, cluster, None)
     torch.testing.assert_close(reg.loss(None, double(t_extra, x_extra), ctx), expected)
 
     # a batch of one repeated image: s = u, so the loss is 0 for any field
@@ -184,7 +185,7 @@ def test_anchor_losses_closed_form(anchor_batch, pairing):
                      centroid_dtype=torch.float64)
         reg.before_step(0)
         sample = make_sample(x1, sigma, zero_noise=zero_noise)
-        t_extra, x_extra, _ = reg.extra_inputs(x1, sample.x0, cluster, sample)
+        t_extra, x_extra, _, _ = reg.extra_inputs(x1, sample.x0, cluster, sample)
         assert len(t_extra) == len(x_extra) == (4 if pairing == "main" else 8)
         return batched_call(field, reg, x1, sample.x0, cluster, sample)[1], pad_t_like_x(sample.t, x1)
 
@@ -212,18 +213,19 @@ def test_anchor_inputs_published_and_main(anchor_batch):
     published = anchor(images, assignment, 3, sigma=0.2, centroid_samples=0, centroid_dtype=torch.float64)
     published.before_step(0)
     torch.manual_seed(3)
-    t_extra, x_extra, (e_got, x1_got) = published.extra_inputs(x1, x0, cluster, sample)
+    t_extra, x_extra, (e_got, x1_got), rows = published.extra_inputs(x1, x0, cluster, sample)
     torch.manual_seed(3)
     eps = torch.randn_like(x1)  # a fresh eps, shared by both rows
     assert torch.equal(t_extra, torch.cat([sample.t, sample.t]))  # the main term's t
     torch.testing.assert_close(x_extra, torch.cat([line(sample.t, x1, x0, eps, 0.2), line(sample.t, e, x0, eps, 0.2)]),
                                **F64)
     torch.testing.assert_close(e_got, e, **F64)
-    assert x1_got is x1
+    assert x1_got is x1 and torch.equal(rows, torch.arange(len(x1)).repeat(2))
 
     main = anchor(images, assignment, 3, sigma=0.2, centroid_samples=0, pairing="main", centroid_dtype=torch.float64)
     main.before_step(0)
-    t_extra, x_extra, (_, x1_got) = main.extra_inputs(x1, x0, cluster, sample)
+    t_extra, x_extra, (_, x1_got), rows = main.extra_inputs(x1, x0, cluster, sample)
+    assert torch.equal(rows, torch.arange(len(x1)))  # make_sample keeps the order (index None)
     assert torch.equal(t_extra, sample.t) and x1_got is sample.x1
     torch.testing.assert_close(x_extra, line(sample.t, e, sample.x0, sample.eps, 0.2), **F64)
 

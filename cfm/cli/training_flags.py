@@ -9,6 +9,7 @@ from absl import flags
 from cfm.cli.flag_defs import define, from_flags
 from cfm.config import (
     ClusterConfig,
+    ConditionConfig,
     ExecutionConfig,
     FIDConfig,
     FlowConfig,
@@ -94,6 +95,14 @@ define(ClusterConfig, "cluster_seed", "K-means random_state (42, as published)")
 define(ClusterConfig, "visualize", "save one image grid per cluster and a README.txt at start-up")
 define(ClusterConfig, "group_dir", "where --visualize writes the cluster grids")
 
+# Conditional generation (training/conditioning.py; README "Conditional generation").
+define(ConditionConfig, "condition",
+       "train a conditional net on each image's CIFAR-10 class or K-means cluster (10 * num_subclasses "
+       "labels), or none (unconditional, as published)")
+define(ConditionConfig, "cond_drop_prob",
+       "with --condition: probability that a training label is replaced by the null label "
+       "(classifier-free guidance; default 0.1)")
+
 
 def train_config(recipe_type=None, flag_values=flags.FLAGS, launch: bool = False) -> TrainConfig:
     """The `TrainConfig` of the parsed flags: every shared group, the script's recipe group
@@ -101,7 +110,8 @@ def train_config(recipe_type=None, flag_values=flags.FLAGS, launch: bool = False
     for the torchrun script, its LaunchConfig."""
     groups = {name: from_flags(group, flag_values) for name, group in (
         ("flow", FlowConfig), ("paths", PathsConfig), ("unet", UNetConfig), ("optim", OptimConfig),
-        ("execution", ExecutionConfig), ("run", RunConfig), ("fid", FIDConfig), ("cluster", ClusterConfig))}
+        ("execution", ExecutionConfig), ("run", RunConfig), ("fid", FIDConfig), ("cluster", ClusterConfig),
+        ("condition", ConditionConfig))}
     if recipe_type is not None:
         groups["recipe"] = from_flags(recipe_type, flag_values)
     return TrainConfig(**groups, launch=from_flags(LaunchConfig, flag_values) if launch else None)

@@ -13,6 +13,7 @@ from cfm.config.settings import check_config, flag_record
 from cfm.config.training import (
     AnchorConfig,
     ClusterConfig,
+    ConditionConfig,
     ExecutionConfig,
     FIDConfig,
     FlowConfig,
@@ -26,6 +27,6 @@ from cfm.config.training import (
     UNetConfig,
 )
 
-__all__ = ["AnchorConfig", "CheckpointSpec", "ClusterConfig", "ExecutionConfig", "FIDConfig", "FlowConfig",
+__all__ = ["AnchorConfig", "CheckpointSpec", "ClusterConfig", "ConditionConfig", "ExecutionConfig", "FIDConfig", "FlowConfig",
            "LaunchConfig", "LocalConfig", "MonitorConfig", "OptimConfig", "PathsConfig", "RunConfig",
            "TrainConfig", "UNetConfig", "check_config", "flag_record"]

@@ -7,6 +7,10 @@ OT_PAIRINGS = ("replacement", "permutation")
 # Matchers whose x_t is the straight line t x1 + (1 - t) x0 (the anchor term's main pairing needs it).
 STRAIGHT_LINE_MODELS = ("icfm", "otcfm")
 
+# What a conditional run's labels are (training/conditioning.py): none (unconditional, the
+# published nets), the CIFAR-10 class, or the K-means cluster (class * num_subclasses + sub).
+CONDITIONS = ("none", "class", "cluster")
+
 # ODE solvers (evaluation/solvers.py).
 SOLVERS = ("dopri5", "euler", "midpoint", "heun", "rk4")
 

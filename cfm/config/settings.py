@@ -107,7 +107,9 @@ def flag_record(config) -> dict:
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value):
-            record.update(flag_record(value))
+            # A group that is off can stay out of the record (ConditionConfig: see its docstring).
+            if getattr(value, "recorded", True):
+                record.update(flag_record(value))
         elif "kind" in field.metadata:
             value = value_or_default(config, field.name)
             record[field.name] = [str(v) for v in value] if field.metadata["kind"] is tuple else value

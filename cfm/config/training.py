@@ -20,6 +20,7 @@ from cfm.config.choices import (
     ANCHOR_PAIRINGS,
     CLUSTER_ALGORITHMS,
     COMPILE_MODES,
+    CONDITIONS,
     DEFAULT_COLLECTIVE_TIMEOUT_S,
     MATCHERS,
     OT_PAIRINGS,
@@ -186,6 +187,24 @@ class LaunchConfig:
 
 
 @dataclass(frozen=True)
+class ConditionConfig:
+    """Class- or cluster-conditioned training with classifier-free-guidance dropout
+    (training/conditioning.py): --condition, and --cond_drop_prob, the probability that a training
+    label is replaced by the null label (None: not given, 0.1).
+
+    `recorded`: an unconditional run leaves this group out of `flag_record`, so its ckpt["flags"]
+    and wandb config stay the records of the runs before conditioning existed, byte for byte
+    (tests/data/golden/flag_records.json); a conditional run records both flags."""
+
+    condition: str = setting("none", choices=CONDITIONS)
+    cond_drop_prob: float | None = setting(None, lower=0.0, upper=1.0, kind=float, flag_default=0.1)
+
+    @property
+    def recorded(self) -> bool:
+        return self.condition != "none"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run takes. `recipe` picks the script's loss (training/recipes.py)."""
 
@@ -199,3 +218,4 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     recipe: MonitorConfig | LocalConfig | AnchorConfig = field(default_factory=MonitorConfig)
     launch: LaunchConfig | None = None
+    condition: ConditionConfig = field(default_factory=ConditionConfig)

@@ -178,17 +178,21 @@ class ShuffledBatches:
     the next permutation, so every batch has `batch_size` images. All randomness comes from one CPU
     generator seeded with `seed`, stored in `state_dict()`; under torchrun every rank draws the same
     global batch and trains on its own block of it (see `distributed.py`).
+
+    `ids` (int64 [N] on the images' device, e.g. each image's class): yielded with the batch, one per
+    image, and kept in the state (a conditional run's labels: training/conditioning.py); None: none.
     """
 
-    def __init__(self, images: Tensor, batch_size: int, seed: int = 0):
+    def __init__(self, images: Tensor, batch_size: int, seed: int = 0, ids: Tensor | None = None):
         self.images = images
         self.batch_size = batch_size
+        self.ids = ids
         self.generator = torch.Generator().manual_seed(seed)
         self.order = torch.randperm(len(images), generator=self.generator)
         self.position = 0
 
-    def next_batch(self) -> tuple[Tensor, None]:
-        """Return x1 [B,3,32,32] float32 in [-1, 1], flipped at random, and no cluster id."""
+    def next_batch(self) -> tuple[Tensor, Tensor | None]:
+        """Return x1 [B,3,32,32] float32 in [-1, 1], flipped at random, and its ids [B] (or None)."""
         parts, needed = [], self.batch_size
         while needed:
             if self.position == len(self.order):
@@ -200,10 +204,12 @@ class ShuffledBatches:
             parts.append(take)
         index = torch.cat(parts).to(self.images.device, non_blocking=True)
         # index_select, not images[index]: the advanced-indexing path is much slower on CPU.
-        return random_hflip(to_model_range(self.images.index_select(0, index)), self.generator), None
+        x1 = random_hflip(to_model_range(self.images.index_select(0, index)), self.generator)
+        return x1, None if self.ids is None else self.ids.index_select(0, index)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self.order.clone(), "position": self.position}
+        state = {"generator": self.generator.get_state(), "order": self.order.clone(), "position": self.position}
+        return state if self.ids is None else {**state, "ids": self.ids.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])

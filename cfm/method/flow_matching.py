@@ -47,6 +47,9 @@ class FlowSample:
         ut: ``[B, ...]`` conditional target velocity ``d xt / d t``.
         eps: ``[B, ...]`` the standard Gaussian noise that ``sigma`` scales (drawn for every path,
             even where the path does not use it, so all matchers consume the RNG alike).
+        index: ``[B]`` int64, the row of the ``x1`` given to `FlowMatcher.sample` that each row's
+            data is (``x1 = x1_given[index]``), so whatever belongs to an image (its label) can
+            follow it through otcfm's re-pairing; None where no re-pairing happened (the identity).
     """
 
     t: Tensor
@@ -55,6 +58,7 @@ class FlowSample:
     xt: Tensor
     ut: Tensor
     eps: Tensor
+    index: Tensor | None = None
 
 
 def pad_t_like_x(t: Tensor, x: Tensor) -> Tensor:
@@ -157,9 +161,10 @@ class FlowMatcher:
 
     def couple(
         self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None, plans: list | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Pair noise with data; independent coupling (keep the given order) unless overridden."""
-        return x0, x1
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Pair noise with data: ``(x0', x1', index)`` with ``x1' = x1[index]`` (``index`` ``[B]``, or
+        None for the identity); independent coupling (keep the given order) unless overridden."""
+        return x0, x1, None
 
     def costs(self, x0: Tensor, x1: Tensor) -> Tensor | None:
         """The cost matrices ``[blocks, n, n]`` whose OT plans `couple` needs, on the tensors'
@@ -204,17 +209,20 @@ class FlowMatcher:
             plans: otcfm: the plans ``solve(costs(x0, x1))`` solved beforehand (None: solved here).
 
         Returns:
-            :class:`FlowSample` with ``x0``, ``x1`` after re-pairing.
+            :class:`FlowSample` with ``x0``, ``x1`` after re-pairing and ``index``, the given row
+            of each re-paired ``x1`` (None when the order is kept).
         """
         if x0.shape != x1.shape:
             raise ValueError(
                 f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}."
             )
-        x0, x1 = self.couple(x0, x1, generator, plans)
+        x0, x1, index = self.couple(x0, x1, generator, plans)
         if t is None:
             t = torch.rand(x1.shape[0], dtype=x1.dtype, device=x1.device, generator=generator)
         eps = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=generator)
-        return self.path(t, x0, x1, eps)
+        sample = self.path(t, x0, x1, eps)
+        sample.index = index
+        return sample
 
 
 class ICFM(FlowMatcher):
@@ -266,7 +274,7 @@ class OTCFM(ICFM):
         offsets = [block * size for block in range(self.ot_blocks)]
         i = torch.cat([i + offset for (i, _), offset in zip(pairs, offsets)])
         j = torch.cat([j + offset for (_, j), offset in zip(pairs, offsets)])
-        return x0[i], x1[j]
+        return x0[i], x1[j], j
 
 
 class FM(FlowMatcher):

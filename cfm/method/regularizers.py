@@ -29,10 +29,15 @@ Usage (what `training.Trainer.step` does)::
     reg.before_step(step)
     x1, cluster = batches.next_batch(); x0 = torch.randn_like(x1)
     sample = matcher.sample(x0, x1)                               # may re-pair (otcfm)
-    t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample)   # the batch as drawn
+    t_extra, x_extra, ctx, rows = reg.extra_inputs(x1, x0, cluster, sample)   # the batch as drawn
     v = net(torch.cat([sample.t, t_extra]), torch.cat([sample.xt, x_extra]))
     vt, v_extra = v[:B], v[B:]
     loss = mse(vt, sample.ut) + reg.weight * reg.loss(vt, v_extra, ctx)
+
+``rows`` ``[E]`` names the image of the batch as drawn that each extra row evaluates (``x1[rows]``;
+for a centroid row, the image whose centroid it is), so a conditional run gives every extra row
+its image's label (training/conditioning.py). Extra rows come in ``E / B`` chunks of ``B``, and
+row ``r`` is compared with row ``r % B`` of the other chunk (or of the main rows).
 """
 
 from __future__ import annotations
@@ -86,18 +91,20 @@ class LocalRegularizer:
         return f"{type(self).__name__}(weight={self.weight}, sigma={self.sigma})"
 
     def extra_inputs(self, x1: Tensor, x0: Tensor, cluster: Tensor | None, sample: FlowSample | None = None,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns ``(t_extra [2B], x_extra [2B, ...], u - s [B, ...])`` from the batch ``x1`` and
-        noise ``x0`` as drawn; ``cluster`` and ``sample`` are unused (the batch is a single cluster
-        by construction of the batch source). ``generator`` must live on ``x1``'s device."""
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Returns ``(t_extra [2B], x_extra [2B, ...], u - s [B, ...], rows [2B])`` from the batch
+        ``x1`` and noise ``x0`` as drawn (rows: ``0..B-1`` then the permutation); ``cluster`` and
+        ``sample`` are unused (the batch is a single cluster by construction of the batch source).
+        ``generator`` must live on ``x1``'s device."""
         u = x1
         batch = u.shape[0]
         t = torch.rand(batch, dtype=u.dtype, device=u.device, generator=generator)
-        s = u[torch.randperm(batch, device=u.device, generator=generator)]
+        perm = torch.randperm(batch, device=u.device, generator=generator)
+        s = u[perm]
         eps = torch.randn(u.shape, dtype=u.dtype, device=u.device, generator=generator)
         u_t = straight_line(t, u, x0, eps, self.sigma)
         s_t = straight_line(t, s, x0, eps, self.sigma)
-        return torch.cat([t, t]), torch.cat([u_t, s_t]), u - s
+        return torch.cat([t, t]), torch.cat([u_t, s_t]), u - s, torch.cat([torch.arange(batch, device=u.device), perm])
 
     def loss(self, vt: Tensor | None, v_extra: Tensor, ctx: Tensor) -> Tensor:
         """Scalar ``mean (v(u_t) - v(s_t) - (u - s))^2`` from the ``2B`` extra outputs ``v_extra``."""
@@ -257,26 +264,30 @@ class AnchorRegularizer:
     # ------------------------------------------------------------------------------------- loss
 
     def extra_inputs(self, x1: Tensor, x0: Tensor, cluster: Tensor, sample: FlowSample,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """Returns ``(t_extra [E], x_extra [E, ...], (e, x1) [B, ...] each)``.
+                     generator: torch.Generator | None = None
+                     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], Tensor]:
+        """Returns ``(t_extra [E], x_extra [E, ...], (e, x1) [B, ...] each, rows [E])``.
 
         ``x1``, ``x0``: the batch and noise as drawn; ``cluster`` ``[B]`` their cluster ids;
         ``sample``: the main term's draw (its ``t``; with ``"main"`` pairing also its re-paired
         ``x1``, ``x0``, ``eps``). ``E = 2B`` rows ``x_t`` then ``e_t`` (published), or ``E = B``
         rows ``e_t`` (main). ``e`` are the centroids of ``cluster``; the ``x1`` returned is the
-        one the loss compares ``e`` with. The fresh ``eps`` comes from ``generator`` (on ``x1``'s
-        device; torch's global RNG when ``None``).
+        one the loss compares ``e`` with; ``rows``, the image of the batch as drawn each extra row
+        is about (``e_t``: the image whose centroid it is; main: the main term's ``sample.index``).
+        The fresh ``eps`` comes from ``generator`` (on ``x1``'s device; torch's global RNG when
+        ``None``).
         """
         if self.centroids is None:
             raise RuntimeError("AnchorRegularizer.before_step(step) must run before the first extra_inputs call.")
         e = self.centroids.index_select(0, cluster.to(self.centroids.device)).to(x1.device, x1.dtype)
+        rows = torch.arange(x1.shape[0], device=x1.device)
         if self.pairing == "main":
             e_t = straight_line(sample.t, e, sample.x0, sample.eps, self.sigma)
-            return sample.t, e_t, (e, sample.x1)
+            return sample.t, e_t, (e, sample.x1), rows if sample.index is None else sample.index
         eps = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=generator)
         x_t = straight_line(sample.t, x1, x0, eps, self.sigma)
         e_t = straight_line(sample.t, e, x0, eps, self.sigma)
-        return torch.cat([sample.t, sample.t]), torch.cat([x_t, e_t]), (e, x1)
+        return torch.cat([sample.t, sample.t]), torch.cat([x_t, e_t]), (e, x1), torch.cat([rows, rows])
 
     def loss(self, vt: Tensor | None, v_extra: Tensor, ctx: tuple[Tensor, Tensor]) -> Tensor:
         """Scalar anchor loss (``full`` or ``simple``) from the extra outputs ``v_extra`` ``[E, ...]``

@@ -63,10 +63,11 @@ class FastForward:
         # dynamic=False: the training batch shape never changes, so a static graph is all it needs.
         self.module = module if compile_mode is None else torch.compile(module, mode=compile_mode, dynamic=False)
 
-    def __call__(self, t: Tensor, x: Tensor) -> Tensor:
-        """``v`` [B, 3, H, W] in ``x``'s dtype for times ``t`` [B] and states ``x`` [B, 3, H, W]."""
+    def __call__(self, t: Tensor, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """``v`` [B, 3, H, W] in ``x``'s dtype for times ``t`` [B], states ``x`` [B, 3, H, W] and, for a
+        conditional net, labels ``y`` [B] (an unconditional net is called as ``module(t, x)``)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            v = self.module(t, x)
+            v = self.module(t, x) if y is None else self.module(t, x, y)
         return v.to(x.dtype)

@@ -10,8 +10,9 @@ One step (see `Trainer.step`), the same on every rank up to the forward call:
     x1, cluster, x0, plans = pipeline.next()           # the global batch [B,3,32,32] in [-1,1], its noise and
                                                        # OT plans, drawn from the streams all ranks share
     sample = matcher.sample(x0, x1, generator=g)       # t, x0, x1, xt, ut (otcfm re-pairs by exact OT)
-    t_extra, x_extra, ctx = regularizer.extra_inputs(x1, x0, cluster, sample, g)   # the batch as drawn
-    v = net(own(t ++ t_extra), own(xt ++ x_extra))     # this rank's rows; regularizer rows in the same call;
+    t_extra, x_extra, ctx, rows = regularizer.extra_inputs(x1, x0, cluster, sample, g)   # the batch as drawn
+    y = labels of x1[sample.index] ++ x1[rows], some dropped   # --condition only (conditioning.py)
+    v = net(own(t ++ t_extra), own(xt ++ x_extra), own(y))     # this rank's rows; regularizer rows in the same call;
                                                        # --precision / --channels_last / --compile: fast_path.py
     loss = mse(vt, own(ut)) + lambda * regularizer.loss(vt, v_extra, own(ctx))
     backward (DDP averages) -> clip (grad_norm) -> Adam -> warm-up schedule -> EMA lerp -> finiteness flag
@@ -47,7 +48,7 @@ from cfm.method import nets
 from cfm.method.clustering import kmeans_cache_dir
 from cfm.method.flow_matching import make_matcher
 from cfm.method.samplers import ClassConditionedSampler, save_cluster_grids
-from cfm.training import checks
+from cfm.training import checks, conditioning
 from cfm.training.run_lock import LockLost, RunLock, RunLocked
 from cfm.training.run_outputs import CheckpointWriter, RunLogger, log_fid, prepare_fid, progress_fields
 from cfm.training.stop_request import LOCK_LOST, StopRequest
@@ -228,7 +229,9 @@ def train_locked(config: TrainConfig, spec: RunSpec, world: World, matcher, path
     """`train` once this run's lock is held (rank 0)."""
     optim, run_config, data_dir = config.optim, config.run, config.paths.data_dir
     checkpoint_path, ckpt = load_resume_checkpoint(run_config, paths)
-    unet_config = nets.unet_arguments(config.unet, ckpt)
+    # First: resuming across --condition is one sentence, not the UNet's missing label embedding.
+    condition = conditioning.conditioning(config, ckpt)
+    unet_config = conditioning.conditioned_unet(nets.unet_arguments(config.unet, ckpt), condition)
     checks.check_training_inputs(optim, ckpt, checkpoint_path, unet_config)  # before data and clustering
     existing = paths.checkpoints_by_step()
     if ckpt is None and existing and not run_config.overwrite:
@@ -244,7 +247,10 @@ def train_locked(config: TrainConfig, spec: RunSpec, world: World, matcher, path
     stored = ckpt.get("streams", {}) if ckpt is not None else {}
     data = DataContext(images=images.to(world.device), labels=labels, batch_size=optim.batch_size,
                        seed=optim.seed, world=world, data_dir=data_dir)
-    if spec.make_batches is None:
+    if spec.make_batches is None and condition is not None:  # shuffled batches that yield labels
+        batches = conditioning.shuffled_batches(config, condition,
+                                                dataclasses.replace(data, stored=stored.get(TRAIN_STREAM)))
+    elif spec.make_batches is None:
         batches = cifar10.ShuffledBatches(data.images, data.batch_size, data.seed)
     else:
         batches = spec.make_batches(dataclasses.replace(data, stored=stored.get(TRAIN_STREAM)))
@@ -252,7 +258,8 @@ def train_locked(config: TrainConfig, spec: RunSpec, world: World, matcher, path
     monitor = None
     if spec.make_monitor is not None:
         monitor = spec.make_monitor(dataclasses.replace(data, stored=stored.get(MONITOR_STREAM)))
-    trainer = build_trainer(optim, config.execution, unet_config, world, matcher, batches, regularizer, monitor)
+    trainer = build_trainer(optim, config.execution, unet_config, world, matcher, batches, regularizer, monitor,
+                            condition)
     start = resume(trainer, ckpt, checkpoint_path, optim, world) if ckpt is not None else 0
 
     record = flag_record(config)  # ckpt["flags"] and wandb's config: the flags as the scripts record them

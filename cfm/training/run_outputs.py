@@ -172,6 +172,8 @@ class CheckpointWriter:
                 "regularizer": trainer.regularizer.state_dict() if trainer.regularizer is not None else {},
                 "provenance": self.provenance,
             }
+            if trainer.condition is not None:  # an unconditional checkpoint keeps the keys it had
+                ckpt["condition"] = trainer.condition.record()
             if not self.lock.verify():  # taken over: the loop stops after this step
                 return
             checkpoint_io.atomic_save(ckpt, path)

@@ -15,9 +15,11 @@ from absl import logging
 from torch import Tensor
 
 from cfm.config import ExecutionConfig, OptimConfig
+from cfm.io.cifar10 import ShuffledBatches
 from cfm.io.distributed import World, mean_over_ranks, own_rows
 from cfm.method.flow_matching import FlowSample
 from cfm.method.unet import UNetModel
+from cfm.training.conditioning import Conditioning
 from cfm.training.fast_path import FastForward, resolve_precision
 from cfm.training.ot_pipeline import OTPipeline
 
@@ -54,8 +56,9 @@ class Regularizer(Protocol):
     weight: float
 
     def extra_inputs(self, x1: Tensor, x0: Tensor, cluster: Tensor | None,
-                     sample: FlowSample | None) -> tuple[Tensor, Tensor, object]:
-        """(t_extra [E], x_extra [E,3,32,32], ctx): where to evaluate the net, and what loss() needs.
+                     sample: FlowSample | None) -> tuple[Tensor, Tensor, object, Tensor]:
+        """(t_extra [E], x_extra [E,3,32,32], ctx, rows [E]): where to evaluate the net, what loss()
+        needs, and the row of x1 each extra row evaluates (its label's image, conditioning.py).
 
         x1, x0: the batch and noise as drawn (before any OT re-pairing); sample: the main term's
         draw (None when monitoring)."""
@@ -92,7 +95,8 @@ class StepInputs:
     t, x: ``[R]`` and ``[R,3,32,32]``, the main term's rows then the regularizer's extra rows
     ut: ``[b,3,32,32]``, the main term's target velocity for its first ``b`` rows
     ctx: what the regularizer's loss needs (None without a regularizer)
-    cluster: ``[B]`` the global batch's cluster ids (clustered sources), else None
+    cluster: ``[B]`` the global batch's ids from its source (clustered sources: cluster ids), else None
+    y: ``[R]`` a conditional run's labels of the rows of ``x`` (conditioning.py), else None
     """
 
     t: Tensor
@@ -100,6 +104,7 @@ class StepInputs:
     ut: Tensor
     ctx: object = None
     cluster: Tensor | None = None
+    y: Tensor | None = None
 
 
 class Trainer:
@@ -113,7 +118,8 @@ class Trainer:
     """
 
     def __init__(self, net, ema, optimizer, scheduler, matcher, batches, optim: OptimConfig,
-                 execution: ExecutionConfig, world: World, regularizer=None, monitor=None, ddp_net=None):
+                 execution: ExecutionConfig, world: World, regularizer=None, monitor=None, ddp_net=None,
+                 condition: Conditioning | None = None):
         self.net = net  # the bare module (EMA source, checkpoints)
         self.precision = resolve_precision(execution.precision, world.device)
         # What the step calls: the DDP wrapper when distributed, compiled with --compile. The
@@ -124,6 +130,7 @@ class Trainer:
         self.ema, self.optimizer, self.scheduler = ema, optimizer, scheduler
         self.matcher, self.batches, self.regularizer = matcher, batches, regularizer
         self.monitor = monitor  # (BatchSource, Regularizer) or None
+        self.condition = condition  # a conditional run's labels (conditioning.py), or None
         self.world = world
         self.grad_clip, self.ema_decay = optim.grad_clip, optim.ema_decay
         self.global_batch = optim.batch_size
@@ -164,7 +171,7 @@ class Trainer:
             return {"loss": loss.detach()}
         metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "lr": lr,
                    "all_finite": self.finite}
-        if inputs.cluster is not None:
+        if inputs.cluster is not None and not isinstance(self.batches, ShuffledBatches):  # ids, not a batch's cluster
             metrics["cluster"] = inputs.cluster[0]
         metrics["grad_norm"] = grad_norm
         metrics["vector_field_mean_norm"] = vt.detach().flatten(1).norm(dim=1).mean()
@@ -190,17 +197,31 @@ class Trainer:
         sample = self.matcher.sample(x0, x1, generator=g, plans=drawn.plans)
         t, x, ut = self.own(sample.t), self.own(sample.xt), self.own(sample.ut)
         if reg is None:
-            return StepInputs(t, x, ut, cluster=cluster)
+            return StepInputs(t, x, ut, cluster=cluster, y=self.row_labels(cluster, sample.index))
         # The regularizer sees the batch as drawn, as the published scripts do.
-        t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, sample, generator=g)
+        t_extra, x_extra, ctx, rows = reg.extra_inputs(x1, x0, cluster, sample, generator=g)
         return StepInputs(torch.cat([t, self.own(t_extra)]), torch.cat([x, self.own(x_extra)]), ut, self.own(ctx),
-                          cluster)
+                          cluster, self.row_labels(cluster, sample.index, rows))
+
+    def row_labels(self, ids: Tensor | None, index: Tensor | None, rows: Tensor | None = None) -> Tensor | None:
+        """This rank's labels of the step's rows, each its image's (see conditioning.py): the main
+        rows' images ``x1[index]`` (None: as drawn), then the extra rows' ``x1[rows]``, with the
+        classifier-free-guidance drop drawn from the step generator (after every other draw of the
+        step); None for an unconditional run, which draws nothing here."""
+        if self.condition is None:
+            return None
+        labels = self.condition.labels(ids, self.batches)
+        y = labels if index is None else labels[index]
+        if rows is not None:
+            y = torch.cat([y, labels[rows]])
+        y = self.condition.drop(y, len(labels), self.generator)
+        return torch.cat([self.own(part) for part in y.split(len(labels))])
 
     def losses(self, inputs: StepInputs) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """(terms, loss, vt): the named loss terms, their weighted sum and the main prediction
         ``vt`` [b,3,32,32], from one forward call over the main and extra rows (outputs in the inputs' dtype)."""
         reg = self.regularizer
-        v = self.forward(inputs.t, inputs.x)
+        v = self.forward(inputs.t, inputs.x, inputs.y)
         vt = v[: len(inputs.ut)]
         terms = {"loss_fm": F.mse_loss(vt, inputs.ut)}
         loss = terms["loss_fm"]
@@ -246,8 +267,10 @@ class Trainer:
         g = self.monitor_generator
         x1, cluster = batches.next_batch()
         x0 = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=g)
-        t_extra, x_extra, ctx = reg.extra_inputs(x1, x0, cluster, None, generator=g)
-        v_extra = self.monitor_forward(self.own(t_extra), self.own(x_extra))
+        t_extra, x_extra, ctx, rows = reg.extra_inputs(x1, x0, cluster, None, generator=g)
+        # A conditional net is monitored on its images' labels, none dropped (the conditional field).
+        y = None if self.condition is None else self.own(self.condition.labels(cluster, batches)[rows])
+        v_extra = self.monitor_forward(self.own(t_extra), self.own(x_extra), y)
         return {f"{reg.name}_loss": reg.loss(None, v_extra, self.own(ctx))}
 
     def batch_sources(self) -> dict:
@@ -298,9 +321,9 @@ def host_metrics(metrics: dict, world: World) -> dict:
 
 
 def build_trainer(optim: OptimConfig, execution: ExecutionConfig, unet_config: dict, world: World, matcher, batches,
-                  regularizer=None, monitor=None) -> Trainer:
+                  regularizer=None, monitor=None, condition: Conditioning | None = None) -> Trainer:
     """Net (`UNetModel(**unet_config)`), EMA (a frozen copy, never wrapped in DDP), Adam, warm-up
-    schedule and DDP wrapper."""
+    schedule and DDP wrapper; `condition`: a conditional run's labels (unet_config's num_classes)."""
     memory_format = torch.channels_last if execution.channels_last else torch.contiguous_format
     net = UNetModel(**unet_config).to(world.device, memory_format=memory_format)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -316,4 +339,4 @@ def build_trainer(optim: OptimConfig, execution: ExecutionConfig, unet_config: d
         # does the EMA, which every rank samples for its share of the FID.
         ema.load_state_dict(net.state_dict())
     return Trainer(net, ema, optimizer, scheduler, matcher, batches, optim, execution, world, regularizer, monitor,
-                   ddp_net)
+                   ddp_net, condition)
