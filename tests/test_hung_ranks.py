@@ -67,9 +67,11 @@ def end(launcher, pids=()):
 
 
 def files(folder):
-    """{path: (size, mtime_ns)} of every file under `folder`, but the run's lock (its heartbeat is liveness, not output)."""
+    """{path: (size, mtime_ns)} of every file under `folder`, but the run's lock: the lock names
+    (`{run}.lock`, `{run}.lock.N`) and the holder's own record file (`.{run}.lock.{host}.{pid}.*.tmp`),
+    whose mtime is the heartbeat and which the run removes on release: liveness, not output."""
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob("*")
-            if p.is_file() and p.suffix != ".lock"}
+            if p.is_file() and ".lock" not in p.name}
 
 
 # ---------------------------------------------------------------------------------- hung rank
