@@ -84,7 +84,7 @@ def compute_local_loss(net_model, x1, x0, sigma=0.0):
     the two evaluations of the formula.
     """
     regularizer = LocalRegularizer(weight=1.0, sigma=sigma)
-    t, x, u_minus_s = regularizer.extra_inputs(x1, x0, None)
+    t, x, u_minus_s, _ = regularizer.extra_inputs(x1, x0, None)
     return regularizer.loss(None, net_model(t, x), u_minus_s)
 
 

@@ -109,8 +109,8 @@ class HeldOutBatches:
         x0 = torch.randn(x1.shape, generator=g)
         t = torch.rand(len(x1), generator=g)
         sample = self.matcher.sample(x0, x1, t=t, generator=self.path_generator)
-        t_local, x_local, local = self.local.extra_inputs(x1, x0, cluster, None, generator=g)
-        t_anchor, x_anchor, anchor = self.anchors["full"].extra_inputs(x1, x0, cluster, sample, generator=g)
+        t_local, x_local, local, _ = self.local.extra_inputs(x1, x0, cluster, None, generator=g)
+        t_anchor, x_anchor, anchor, _ = self.anchors["full"].extra_inputs(x1, x0, cluster, sample, generator=g)
         return HeldOutBatch(t=torch.cat([sample.t, t_local, t_anchor]), x=torch.cat([sample.xt, x_local, x_anchor]),
                             ut=sample.ut, local=local, anchor=anchor)
 
