@@ -77,6 +77,17 @@ def files(folder):
 # ---------------------------------------------------------------------------------- hung rank
 
 
+def rank_0_exit(launcher, ranks, stopped):
+    """(seconds from `stopped` until rank 0 exited, the launcher's stderr), rank 1 (stopped) killed
+    after: else torchrun waits 30 s before it kills the stopped rank itself. The wait for rank 0 is
+    the measured one: its bound, not SUBPROCESS_TIMEOUT_S (see the assertions on `took`)."""
+    wait_until_exited([ranks[0]], timeout=TIMEOUT_S + ROLL_CALL_S + 60)
+    took = time.monotonic() - stopped
+    os.kill(ranks[1], signal.SIGKILL)
+    return took, launcher.communicate(timeout=SUBPROCESS_TIMEOUT_S)[1]
+
+
+
 def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it_and_nothing_is_written_after(fake_cifar, tmp_path):
     data_dir, _, _ = fake_cifar
     run_dir = tmp_path / "otcfm"
@@ -91,10 +102,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it_and_nothing_is
         stopped = time.monotonic()
         time.sleep(1)  # the step in flight may still log: rank 1 finished its part of it
         before = files(tmp_path)
-        wait_until_exited([ranks[0]], timeout=TIMEOUT_S + ROLL_CALL_S + 60)  # the measured wait: see below
-        took = time.monotonic() - stopped
-        os.kill(ranks[1], signal.SIGKILL)  # else torchrun waits 30 s before it kills the stopped rank itself
-        _, stderr = launcher.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        took, stderr = rank_0_exit(launcher, ranks, stopped)
     finally:
         end(launcher, ranks.values())
     assert launcher.returncode != 0
@@ -154,10 +162,7 @@ def test_a_rank_stopped_before_the_loop_ends_the_job_within_the_timeout_naming_i
             ranks = worker_pids(launcher.pid)
             time.sleep(0.05)
         stopped = time.monotonic()
-        wait_until_exited([ranks[0]], timeout=TIMEOUT_S + ROLL_CALL_S + 60)  # the measured wait: see below
-        took = time.monotonic() - stopped
-        os.kill(ranks[1], signal.SIGKILL)  # else torchrun waits 30 s before it kills the stopped rank itself
-        _, stderr = launcher.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        took, stderr = rank_0_exit(launcher, ranks, stopped)
     finally:
         end(launcher, ranks.values())
     assert launcher.returncode != 0
