@@ -37,7 +37,7 @@ from absl import app, flags
 
 from cfm.cli import checkpoint_flags
 from cfm.cli.flag_defs import define
-from cfm.config import FIDConfig
+from cfm.config import CheckpointSpec, FIDConfig
 from cfm.evaluation import checkpoints, fid
 from cfm.evaluation.sampling import generate_samples, straightness, write_image_grid
 from cfm.evaluation.solvers import SolverSetting, parse_sweep
@@ -81,10 +81,10 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def check_flags() -> list[SolverSetting]:
-    """The solver settings to score; flag conflicts and unwritable output paths raise UserError
-    (one sentence) here, before anything heavy is loaded or sampled."""
-    checkpoints.check_spec(checkpoint_flags.checkpoint_spec())
+def check_flags(spec: CheckpointSpec) -> list[SolverSetting]:
+    """The solver settings to score; flag conflicts (`spec`'s too) and unwritable output paths raise
+    UserError (one sentence) here, before anything heavy is loaded or sampled."""
+    checkpoints.check_spec(spec)
     for flag in ("save_samples", "grid"):
         if FLAGS[flag].value:
             run_files.ensure_writable(FLAGS[flag].value, f"--{flag}")
@@ -114,11 +114,12 @@ def save_outputs(samples: torch.Tensor) -> None:
 def main(argv):
     del argv
     scorer = None
+    spec = checkpoint_flags.checkpoint_spec()
     try:
-        settings = check_flags()
+        settings = check_flags(spec)
         world = init_world(FLAGS.device)
         with main_first(world, "loading the checkpoint and the FID files"):  # rank 0 downloads and caches; the others find them
-            path, ckpt, net = checkpoints.load(checkpoint_flags.checkpoint_spec(), world.device, progress=not FLAGS.quiet)
+            path, ckpt, net = checkpoints.load(spec, world.device, progress=not FLAGS.quiet)
             if FLAGS.fid:
                 results_path = checkpoints.results_file(path, RESULTS_FILE)
                 scorer = fid.FIDScorer.prepare(FLAGS.fid_inception_path, FLAGS.fid_stats_path, FLAGS.data_dir,
@@ -152,7 +153,7 @@ def main(argv):
             if keep:
                 save_outputs(samples)
             record = {
-                **checkpoints.record_head(checkpoint_flags.checkpoint_spec(), path, ckpt),
+                **checkpoints.record_head(spec, path, ckpt),
                 **setting.describe(),
                 "mean_nfe": mean_nfe,
                 "num_gen": FLAGS.num_gen,

@@ -41,7 +41,7 @@ from absl import app, flags
 
 from cfm.cli import checkpoint_flags
 from cfm.cli.flag_defs import define
-from cfm.config import FIDConfig
+from cfm.config import CheckpointSpec, FIDConfig
 from cfm.evaluation import checkpoints, generalization, memorizing_field, results
 from cfm.evaluation.sampling import gather_batches, generate_samples, noise, write_image_grid
 from cfm.evaluation.solvers import SolverSetting
@@ -104,9 +104,11 @@ QUICK = {"num_gen": 64, "num_test": 64, "loss_images": 64, "batch_size": 16, "nu
 
 @dataclasses.dataclass
 class Evaluation:
-    """What the sections share, loaded once: the net and its path, both splits (uint8 [N, 3, 32, 32],
-    CPU), the search over the training images and their mirrors (on the device), the world."""
+    """What the sections share, loaded once: the checkpoint's spec, the net and its path, both splits
+    (uint8 [N, 3, 32, 32], CPU), the search over the training images and their mirrors (on the
+    device), the world."""
 
+    spec: CheckpointSpec
     net: torch.nn.Module
     matcher: FlowMatcher
     train: torch.Tensor
@@ -155,12 +157,13 @@ def prepare() -> tuple[Path, dict, Path, Evaluation]:
     """Flags, checkpoint, results folder, grid path, data and samples file, checked before any heavy
     work (each a UserError); returns (checkpoint path, checkpoint, results file, Evaluation)."""
     apply_quick()
-    checkpoints.check_spec(checkpoint_flags.checkpoint_spec())
+    spec = checkpoint_flags.checkpoint_spec()
+    checkpoints.check_spec(spec)
     samples = read_samples(FLAGS.samples) if FLAGS.samples else None
     world = init_world(FLAGS.device)
     with main_first(world, "loading the checkpoint and CIFAR-10"):  # rank 0 downloads; the others find them
-        path, ckpt, net = checkpoints.load(checkpoint_flags.checkpoint_spec(), world.device, progress=not FLAGS.quiet)
-        matcher = checkpoints.checkpoint_path_matcher(checkpoint_flags.checkpoint_spec(), ckpt)
+        path, ckpt, net = checkpoints.load(spec, world.device, progress=not FLAGS.quiet)
+        matcher = checkpoints.checkpoint_path_matcher(spec, ckpt)
         results_path = checkpoints.results_file(path, RESULTS_FILE)
         grid = Path(FLAGS.grid) if FLAGS.grid else path.parent / f"{path.stem}_memorized.png"
         run_files.ensure_writable(grid, "--grid")
@@ -168,7 +171,7 @@ def prepare() -> tuple[Path, dict, Path, Evaluation]:
         test, _ = cifar10.load_cifar10(FLAGS.data_dir, train=False)
     check_sizes(train, test)
     search = generalization.FlipNeighbours(train, world.device, FLAGS.search_chunk)
-    return path, ckpt, results_path, Evaluation(net, matcher, train, test, search, world, grid, samples)
+    return path, ckpt, results_path, Evaluation(spec, net, matcher, train, test, search, world, grid, samples)
 
 
 def memorization(ev: Evaluation) -> dict | None:
@@ -289,7 +292,7 @@ def evaluate() -> None:
             sections[name]["seconds"] = round(time.perf_counter() - begun, 2)
     if not ev.world.is_main:
         return
-    record = {**checkpoints.record_head(checkpoint_flags.checkpoint_spec(), path, ckpt, ev.matcher), "seed": FLAGS.seed, "world_size": ev.world.size,
+    record = {**checkpoints.record_head(ev.spec, path, ckpt, ev.matcher), "seed": FLAGS.seed, "world_size": ev.world.size,
               **sections, "seconds": round(time.perf_counter() - start, 2),
               "provenance": run_files.provenance(ev.world.device)}
     run_files.append_jsonl(results_path, record)

@@ -57,10 +57,11 @@ def summary(record: dict) -> str:
 def evaluate() -> None:
     """Score the checkpoint and append its record; user errors (flags, checkpoint, weights, results
     folder, data, device) raise UserError, all before the clustering and the batches."""
-    checkpoints.check_spec(checkpoint_flags.checkpoint_spec())
+    spec = checkpoint_flags.checkpoint_spec()
+    checkpoints.check_spec(spec)
     device = distributed.resolve_device(FLAGS.device)
-    path, ckpt, net = checkpoints.load(checkpoint_flags.checkpoint_spec(), device, progress=not FLAGS.quiet)
-    matcher = checkpoints.checkpoint_path_matcher(checkpoint_flags.checkpoint_spec(), ckpt)
+    path, ckpt, net = checkpoints.load(spec, device, progress=not FLAGS.quiet)
+    matcher = checkpoints.checkpoint_path_matcher(spec, ckpt)
     results_path = checkpoints.results_file(path, RESULTS_FILE)
     images, labels = cifar10.load_cifar10(FLAGS.data_dir, train=FLAGS.split == "train")
     start = time.perf_counter()
@@ -69,7 +70,7 @@ def evaluate() -> None:
                                       cache_dir=kmeans_cache_dir(FLAGS.data_dir))
     values = locality.evaluate(net, batches, FLAGS.num_batches, device, progress=not FLAGS.quiet)
     record = {
-        **checkpoints.record_head(checkpoint_flags.checkpoint_spec(), path, ckpt, matcher),  # model, sigma: the path loss_fm was scored on
+        **checkpoints.record_head(spec, path, ckpt, matcher),  # model, sigma: the path loss_fm was scored on
         "split": FLAGS.split,
         "num_batches": FLAGS.num_batches,
         "batch_size": FLAGS.batch_size,
