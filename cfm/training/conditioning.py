@@ -104,18 +104,19 @@ def conditioned_unet(unet_config: dict, condition: Conditioning | None) -> dict:
     return unet_config if condition is None else {**unet_config, "num_classes": condition.num_classes}
 
 
-def shuffled_batches(config: TrainConfig, condition: Conditioning, data) -> cifar10.ShuffledBatches:
+def shuffled_batches(config: TrainConfig, data) -> cifar10.ShuffledBatches:
     """The plain recipe's shuffled batches yielding each image's label (`data`: loop.DataContext):
     its class, or its cluster in the clustering the cluster flags describe (cached under --data_dir,
-    as the cluster sampler's; a resumed run takes the labels stored with its stream)."""
+    as the cluster sampler's; a resumed run takes the labels stored with its stream, which
+    `conditioning` has checked against the checkpoint's)."""
     stored = (data.stored or {}).get("ids")
     if stored is not None:
         ids = stored
-    elif condition.condition == "class":
+    elif config.condition.condition == "class":
         ids = data.labels
     else:
         cluster = config.cluster
         with main_first(data.world, "the K-means clustering"):
-            ids = cluster_assignments(data.images, data.labels, condition.num_classes // NUM_CLASSES,
+            ids = cluster_assignments(data.images, data.labels, value_or_default(cluster, "num_subclasses"),
                                       cluster.cluster_seed, kmeans_cache_dir(data.data_dir), cluster.cluster_algorithm)
     return cifar10.ShuffledBatches(data.images, data.batch_size, data.seed, ids=ids.to(data.images.device))

@@ -247,10 +247,7 @@ def train_locked(config: TrainConfig, spec: RunSpec, world: World, matcher, path
     stored = ckpt.get("streams", {}) if ckpt is not None else {}
     data = DataContext(images=images.to(world.device), labels=labels, batch_size=optim.batch_size,
                        seed=optim.seed, world=world, data_dir=data_dir)
-    if spec.make_batches is None and condition is not None:  # shuffled batches that yield labels
-        batches = conditioning.shuffled_batches(config, condition,
-                                                dataclasses.replace(data, stored=stored.get(TRAIN_STREAM)))
-    elif spec.make_batches is None:
+    if spec.make_batches is None:
         batches = cifar10.ShuffledBatches(data.images, data.batch_size, data.seed)
     else:
         batches = spec.make_batches(dataclasses.replace(data, stored=stored.get(TRAIN_STREAM)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from cfm.config import AnchorConfig, LocalConfig, TrainConfig
 from cfm.method.regularizers import AnchorRegularizer, LocalRegularizer
-from cfm.training import loop
+from cfm.training import conditioning, loop
 
 
 def run_spec(config: TrainConfig) -> loop.RunSpec:
@@ -44,7 +44,11 @@ def run_spec(config: TrainConfig) -> loop.RunSpec:
     def monitor(data):  # the published plain script logs the local loss, weight 0: it never trains
         return loop.cluster_sampler(cluster, data), LocalRegularizer(weight=0.0, sigma=sigma)
 
-    return loop.RunSpec(run_dir=model, file_prefix=f"{model}_cifar10",
+    def labelled(data):  # a conditioned plain run: shuffled batches that carry each image's label
+        return conditioning.shuffled_batches(config, data)
+
+    conditioned = config.condition.condition != "none"
+    return loop.RunSpec(run_dir=model, file_prefix=f"{model}_cifar10", make_batches=labelled if conditioned else None,
                         make_monitor=monitor if recipe.monitor_local else None)
 
 
