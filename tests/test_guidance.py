@@ -30,14 +30,16 @@ def test_scale_0_is_the_null_field_and_1_the_conditional_field_exactly():
 
 @pytest.mark.parametrize("t", [0.4, torch.rand(4)], ids=["scalar t", "per-sample t"])
 def test_other_scales_combine_one_batched_forward_equal_to_two_passes(t):
-    net = conditional_net()
-    labels, x = torch.tensor([0, 2, 1, 0]), torch.randn(4, 3, 32, 32)
+    # float64: a batch of 8 rows may take another float32 convolution path than one of 4 (round-off
+    # near 1e-6, which w = 2.5 amplifies); in float64 the two agree to 1e-12.
+    net = conditional_net().double()
+    labels, x = torch.tensor([0, 2, 1, 0]), torch.randn(4, 3, 32, 32, dtype=torch.float64)
     calls = []
     net.register_forward_hook(lambda module, args, output: calls.append(len(args[1])))
     guided = GuidedField(net, labels, 2.5)(t, x)
     assert calls == [8] and GuidedField(net, labels, 2.5).evaluations_per_call == 2
     conditional, unconditional = net(t, x, labels), net(t, x, torch.full((4,), 3))
-    torch.testing.assert_close(guided, unconditional + 2.5 * (conditional - unconditional), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(guided, unconditional + 2.5 * (conditional - unconditional), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(conditional, unconditional)  # the labels matter, or this proves nothing
 
 
@@ -54,3 +56,32 @@ def test_an_unconditional_net_is_refused_and_keeps_its_keys():
     before = UNetModel(**TINY_UNET_CONFIG).state_dict()
     torch.manual_seed(0)
     assert all(torch.equal(before[k], v) for k, v in UNetModel(**TINY_UNET_CONFIG, num_classes=None).state_dict().items())
+
+
+def test_balanced_labels_give_every_class_and_every_cluster_of_a_class_the_same_share():
+    from cfm.method.guidance import balanced_labels
+
+    assert balanced_labels(25, 10).tolist() == [i % 10 for i in range(25)]
+    clusters = balanced_labels(60, 30)  # 3 clusters per class: cluster = class * 3 + sub
+    assert torch.equal(clusters // 3, torch.arange(60) % 10)  # class-balanced
+    assert torch.equal(torch.bincount(clusters, minlength=30), torch.full((30,), 2))  # each cluster twice
+    assert torch.equal(balanced_labels(7, 30, label=4), torch.full((7,), 4))
+    with pytest.raises(ValueError, match="not one of the net's labels 0..29"):
+        balanced_labels(7, 30, label=30)
+
+
+def test_guided_sampling_counts_both_rows_in_its_nfe_and_keys_labels_by_sample_index():
+    from cfm.evaluation.sampling import generate_samples
+    from cfm.method.guidance import Guidance, balanced_labels
+
+    net = conditional_net()
+    labels = balanced_labels(6, 3)
+    guided, nfe = generate_samples(net, 6, 4, "euler", 3, guidance=Guidance(labels, 2.0))
+    assert nfe == 6  # 3 Euler steps x 2 rows per call
+    assert torch.equal(generate_samples(net, 6, 6, "euler", 3, guidance=Guidance(labels, 2.0))[0], guided)  # batch size
+    conditional, nfe = generate_samples(net, 6, 4, "euler", 3, guidance=Guidance(labels, 1.0))
+    assert nfe == 3 and not torch.equal(conditional, guided)
+    unconditional = generate_samples(net, 6, 4, "euler", 3)[0]  # no guidance: the null label
+    assert torch.equal(generate_samples(net, 6, 4, "euler", 3, guidance=Guidance(labels, 0.0))[0], unconditional)
+    swapped = generate_samples(net, 6, 4, "euler", 3, guidance=Guidance(labels.flip(0), 1.0))[0]
+    assert not torch.equal(swapped, conditional)  # the labels reach the samples

@@ -43,6 +43,7 @@ from cfm.io.atomic_files import DownloadFailed, atomic_write, download
 from cfm.io.cifar10 import DataError, ensure_cifar10, load_cifar10
 from cfm.io.distributed import World
 from cfm.io.errors import UserError
+from cfm.method.guidance import Guidance
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 # The URLs clean-fid 0.1.35 downloads from (cleanfid/downloads_helper.py, cleanfid/features.py).
@@ -336,6 +337,7 @@ class FIDScorer:
         world: World | None = None,
         progress: bool = True,
         stop: Callable[[], bool] | None = None,
+        guidance: Guidance | None = None,
     ) -> FIDResult | None:
         """Sample `num_gen` images from `net` (see sampling.py) and score them as they come.
 
@@ -343,13 +345,14 @@ class FIDScorer:
         rank samples and featurises its own batches; rank 0 gathers the features in sample order
         and returns the FID one process would get, the other ranks None. `stop` cuts it short
         (sampling.SamplingStopped, on every rank); a rank whose share fails makes every rank raise
-        sampling.ShareFailed.
+        sampling.ShareFailed. `guidance`: a conditional net's labels and scale (see sampling.py).
         """
         start = time.perf_counter()
         features = []
         samples, mean_nfe = generate_samples(net, num_gen, batch_size, method, steps, tol, seed,
                                              on_batch=lambda images: features.append(self.features(images)),
-                                             keep=keep_samples, world=world, progress=progress, stop=stop)
+                                             keep=keep_samples, world=world, progress=progress, stop=stop,
+                                             guidance=guidance)
         features = gather_batches(features, world)  # every share ended well (generate_samples): no wait here
         if features is None:
             return None

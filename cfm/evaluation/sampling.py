@@ -21,6 +21,10 @@ A stop request (``stop``, e.g. a pre-emption signal during a training run's samp
 is checked before every evaluation of the net: it cuts a solve short within one evaluation
 (``SamplingStopped``).
 
+A label-conditioned net is sampled under a `Guidance` (cfm/method/guidance.py): sample i with
+label ``labels[i]`` under the guided field of scale w, whose NFE counts every network evaluation
+(2 per call for w other than 0 and 1). Without one, such a net gives its unconditional field.
+
 Straightness (Liu et al. 2022, "Flow straight and fast") measures how far the learned paths are from
 straight lines; see ``path_straightness``.
 
@@ -45,6 +49,7 @@ from cfm.io.atomic_files import atomic_write
 from cfm.io.cifar10 import to_uint8
 from cfm.io.distributed import World, gather_everywhere, gather_to_main, process_rank, wait_for_all
 from cfm.io.errors import writing
+from cfm.method.guidance import Guidance
 
 
 class SamplingStopped(Exception):
@@ -149,42 +154,47 @@ def _rank_of(world: World | None) -> tuple[int, int]:
     return (world.rank, world.size) if world is not None else (0, 1)
 
 
-def _stoppable(net: torch.nn.Module, stop: Callable[[], bool] | None) -> Field:
-    """The field v(t, x) = net(t, x), raising SamplingStopped once `stop()` is true (checked before
-    every evaluation: a long solve ends within one evaluation of the request)."""
+def _stoppable(field: Field, stop: Callable[[], bool] | None) -> Field:
+    """`field` v(t, x), raising SamplingStopped once `stop()` is true (checked before every
+    evaluation: a long solve ends within one evaluation of the request)."""
     if stop is None:
-        return net
+        return field
 
-    def field(t: Tensor, x: Tensor) -> Tensor:
+    def stoppable(t: Tensor, x: Tensor) -> Tensor:
         if stop():
             raise SamplingStopped("a stop request cut sampling short")
-        return net(t, x)
+        return field(t, x)
 
-    return field
+    return stoppable
 
 
 def solve_batches(
     net: torch.nn.Module, solve: Callable, num: int, batch_size: int, seed: int, rank: int, world_size: int,
-    stop: Callable[[], bool] | None = None,
+    stop: Callable[[], bool] | None = None, guidance: Guidance | None = None,
 ) -> Iterator[tuple[Tensor, int]]:
-    """Yield `solve(field, x0)` -> (out [b, ...], nfe) for each of this rank's batches (see batch_ranges).
+    """Yield (out [b, ...], nfe) for each of this rank's batches (see batch_ranges), where `solve(field,
+    x0)` returns out and its number of field calls, and nfe counts network evaluations per sample.
 
-    x0 is the batch's noise on the net's device; `field` is the net, checking `stop` first when
-    given (see `_stoppable`). Each solve runs under ``torch.inference_mode()`` (no autograd
+    x0 is the batch's noise on the net's device; `field` is the net, or with `guidance` the batch's
+    guided field (its labels; nfe = calls x rows per sample), checking `stop` first when given
+    (see `_stoppable`). Each solve runs under ``torch.inference_mode()`` (no autograd
     records, no version counters) with the net in eval mode; its previous mode is restored after
     every batch. The outputs are inference tensors: read them, do not train on them.
     """
     if num < 1 or batch_size < 1:
         raise ValueError(f"num ({num}) and batch_size ({batch_size}) must be positive.")
+    if guidance is not None and len(guidance.labels) < num:
+        raise ValueError(f"guidance holds {len(guidance.labels)} labels for {num} samples.")
     shape, device = _sample_shape(net), _device_of(net)
-    field = _stoppable(net, stop)
     for indices in batch_ranges(num, batch_size, rank, world_size):
         x0 = noise(indices, shape, seed).to(device)
+        field = net if guidance is None else guidance.field(net, indices)
+        per_call = getattr(field, "evaluations_per_call", 1)
         # Entered per batch, never held across a yield: the caller's grad mode and the net's
         # train/eval mode are its own between batches, even if it stops iterating early.
         with _eval_mode(net), torch.inference_mode():
-            out = solve(field, x0)
-        yield out
+            out, calls = solve(_stoppable(field, stop), x0)
+        yield out, calls * per_call
 
 
 def _progress(
@@ -218,16 +228,17 @@ def sample_batches(
     rank: int = 0,
     world_size: int = 1,
     stop: Callable[[], bool] | None = None,
+    guidance: Guidance | None = None,
 ) -> Iterator[tuple[Tensor, int]]:
     """Yield (x1, nfe) batch by batch: x1 float [b, C, H, W] (about [-1, 1], unclipped) on the net's device.
 
     Batches hold `batch_size` samples (the last one the remainder), num in all over the
     `world_size` ranks; this rank gets batches rank, rank + W, ... (see batch_ranges). Raises
-    SamplingStopped once `stop()` is true.
+    SamplingStopped once `stop()` is true. `guidance`: a conditional net's labels and scale.
     """
     check_solver(method)
     yield from solve_batches(net, lambda f, x0: integrate(f, x0, method=method, steps=steps, tol=tol),
-                              num, batch_size, seed, rank, world_size, stop)
+                              num, batch_size, seed, rank, world_size, stop, guidance)
 
 
 def generate_samples(
@@ -243,6 +254,7 @@ def generate_samples(
     world: World | None = None,
     progress: bool = False,
     stop: Callable[[], bool] | None = None,
+    guidance: Guidance | None = None,
 ) -> tuple[Tensor | None, float | None]:
     """Sample `num` images: uint8 NCHW [num, C, H, W] on the CPU (None if not `keep`), and the mean
     NFE per sample.
@@ -255,12 +267,14 @@ def generate_samples(
     Under torchrun (`world` of size W > 1) each rank samples its own batches (``on_batch`` sees only
     those) and rank 0 returns all `num` in sample order, exactly what one process returns; the
     other ranks return (None, None). `stop` cuts sampling short (SamplingStopped; under torchrun on
-    every rank, see `gather_shares`).
+    every rank, see `gather_shares`). `guidance`: a conditional net's labels (sample i: labels[i])
+    and scale, the mean NFE counting both rows of a guided call.
     """
 
     def share() -> list:  # (uint8 images on the CPU or None, nfe, batch length) per batch of this rank
         batches = []
-        solves = sample_batches(net, num, batch_size, method, steps, tol, seed, *_rank_of(world), stop=stop)
+        solves = sample_batches(net, num, batch_size, method, steps, tol, seed, *_rank_of(world), stop=stop,
+                                guidance=guidance)
         for x1, nfe in _progress(solves, num, batch_size, world, progress):
             images = to_uint8(x1)
             if on_batch is not None:
