@@ -4,6 +4,7 @@ compute_locality.py and compute_generalization.py share (cfm/evaluation/checkpoi
     CheckpointSpec(checkpoint="results/otcfm/otcfm_cifar10_weights_step_400000.pt")
     CheckpointSpec(model="icfm", input_dir="./results", step=400000)   # the default path
     CheckpointSpec(pretrained="otcfm")                                 # the published weights
+    GuidanceConfig(guidance_scale=2.0)                                 # a conditional net's labels, guided
 """
 
 from __future__ import annotations
@@ -28,3 +29,13 @@ class CheckpointSpec:
     use_ema: bool = setting(True)
     data_dir: str = setting("./data")
     device: str = setting("auto")
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """How an evaluation samples a label-conditioned checkpoint (cfm/method/guidance.py): classifier-free
+    guidance scale w (v_null + w (v_cond - v_null); 1 the conditional field, 0 the unconditional one)
+    and the label of every sample (None: class-balanced). Only for conditional checkpoints."""
+
+    guidance_scale: float = setting(1.0)
+    label: int | None = setting(None, kind=int, lower=0)

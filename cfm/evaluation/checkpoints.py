@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from absl import logging
 
-from cfm.config import CheckpointSpec
+from cfm.config import CheckpointSpec, GuidanceConfig
 from cfm.config.settings import value_or_default
 from cfm.evaluation import pretrained
 from cfm.io import checkpoint_io, errors, run_files
 from cfm.method import nets, unet
+from cfm.method.guidance import Guidance, balanced_labels
 
 
 def check_spec(spec: CheckpointSpec) -> None:
@@ -51,6 +52,22 @@ def load(spec: CheckpointSpec, device: torch.device | str, progress: bool = True
     fallback = dict(unet.PAPER_CONFIG, num_channels=spec.num_channel)
     net = nets.build_net_from_checkpoint(ckpt, spec.use_ema, fallback, device, source=str(path))
     return path, ckpt, net
+
+
+def sampling_guidance(config: GuidanceConfig, net: torch.nn.Module, num: int) -> Guidance | None:
+    """How `num` samples of the loaded `net` are drawn: a conditional net's `Guidance` (sample i's label:
+    config.label, else class-balanced; scale config.guidance_scale), None for an unconditional net.
+    Guidance settings for an unconditional net, or a label it does not have, are a UserError."""
+    num_labels = getattr(net, "num_classes", None)
+    if num_labels is None:
+        if config != GuidanceConfig():
+            raise errors.UserError("--guidance_scale and --label need a label-conditioned checkpoint (trained with "
+                                   "--condition=class or cluster); this one is unconditional: drop them.")
+        return None
+    if config.label is not None and config.label >= num_labels:
+        raise errors.UserError(f"--label={config.label} is not one of the checkpoint's {num_labels} labels "
+                               f"(0..{num_labels - 1}).")
+    return Guidance(balanced_labels(num, num_labels, config.label), config.guidance_scale)
 
 
 def checkpoint_model(spec: CheckpointSpec, ckpt: dict) -> str:
