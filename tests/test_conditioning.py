@@ -279,3 +279,10 @@ def test_a_conditioned_run_resumes_exactly(recipe, pixel_cifar, tmp_path, one_th
     assert a["step"] == b["step"] == 5
     for key in ("net_model", "ema_model"):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), f"{key} differs after resume"
+    # The step's `cluster` is logged for single-cluster batches (the locality recipe's) only: the plain
+    # recipe's ids are per-image labels, not a batch's cluster.
+    import json
+
+    logged = [json.loads(line) for line in next((tmp_path / "full").glob("*/*metrics.jsonl")).read_text().splitlines()]
+    logged = [record for record in logged if "loss" in record]
+    assert logged and all(("cluster" in record) == (recipe is not None) for record in logged)

@@ -354,6 +354,8 @@ def test_published_pairing_ignores_the_main_path_and_matches_main_on_icfm(tiny_n
 class FixedBatch:
     """A batch source that always yields one float64 single-cluster batch (no randomness of its own)."""
 
+    single_cluster = True
+
     def __init__(self, x1, cluster):
         self.x1, self.cluster = x1, cluster
 

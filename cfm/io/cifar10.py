@@ -183,6 +183,8 @@ class ShuffledBatches:
     image, and kept in the state (a conditional run's labels: training/conditioning.py); None: none.
     """
 
+    single_cluster = False  # `ids` are per image (trainer.BatchSource)
+
     def __init__(self, images: Tensor, batch_size: int, seed: int = 0, ids: Tensor | None = None):
         self.images = images
         self.batch_size = batch_size

@@ -74,6 +74,8 @@ class ClassConditionedSampler:
         generator: the CPU generator all sampling randomness comes from.
     """
 
+    single_cluster = True  # a batch's ids are its one cluster's (trainer.BatchSource)
+
     def __init__(
         self,
         images: Tensor,

@@ -15,7 +15,6 @@ from absl import logging
 from torch import Tensor
 
 from cfm.config import ExecutionConfig, OptimConfig
-from cfm.io.cifar10 import ShuffledBatches
 from cfm.io.distributed import World, mean_over_ranks, own_rows
 from cfm.method.flow_matching import FlowSample
 from cfm.method.unet import UNetModel
@@ -35,7 +34,12 @@ def ema_update(ema_params: list[Tensor], net_params: list[Tensor], decay: float)
 
 
 class BatchSource(Protocol):
-    """Yields training batches on the device; its state makes a resumed stream exact."""
+    """Yields training batches on the device; its state makes a resumed stream exact.
+
+    `single_cluster`: every batch's ids are one cluster's (logged as the step's `cluster`), rather
+    than one id per image (e.g. each image's class)."""
+
+    single_cluster: bool
 
     def next_batch(self) -> tuple[Tensor, Tensor | None]:
         """x1 [B,3,32,32] float in [-1,1] (flipped at random) and cluster ids [B] (or None)."""
@@ -171,7 +175,7 @@ class Trainer:
             return {"loss": loss.detach()}
         metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "lr": lr,
                    "all_finite": self.finite}
-        if inputs.cluster is not None and not isinstance(self.batches, ShuffledBatches):  # ids, not a batch's cluster
+        if inputs.cluster is not None and self.batches.single_cluster:
             metrics["cluster"] = inputs.cluster[0]
         metrics["grad_norm"] = grad_norm
         metrics["vector_field_mean_norm"] = vt.detach().flatten(1).norm(dim=1).mean()
