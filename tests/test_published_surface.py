@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from conftest import SUBPROCESS_TIMEOUT_S
 
 import samplers
 import unet
@@ -385,7 +386,7 @@ def test_a_script_written_the_published_way_trains_samples_and_draws_cluster_bat
     (tmp_path / "train_published.py").write_text(textwrap.dedent(PUBLISHED_SCRIPT))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "train_published.py"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["losses"]) == 3 and np.isfinite(results["losses"]).all()
