@@ -9,11 +9,11 @@ import torch
 from conftest import TINY_UNET_CONFIG, save_tiny_checkpoint, stand_in_extractor, write_fake_cifar10
 from test_compute_fid import OFFLINE, SAMPLING_STARTS, fid_files, run_cli, stand_in
 
-from cfm.evaluation import feature_metrics, fid
+from cfm.evaluation import feature_metrics, fid, results
 from cfm.evaluation.solvers import split_guidance_sweep
 from cfm.io.cifar10 import load_cifar10
 from cfm.io.errors import UserError
-from cfm.io.run_files import read_jsonl
+from cfm.io.run_files import append_jsonl, read_jsonl
 from cfm.method.guidance import Guidance, balanced_labels
 from cfm.method.unet import UNetModel
 
@@ -159,3 +159,13 @@ def test_guidance_the_checkpoint_cannot_take_is_one_sentence_before_sampling(tmp
                    OFFLINE + stand_in(4) + SAMPLING_STARTS)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"compute_fid.py: {message}"], proc.stderr[-3000:]
+
+
+def test_the_plots_keep_each_guidance_scale_of_a_sweep_apart(tmp_path):
+    """plot_results: records of one solver setting at two scales are two evaluations, not one superseding the other."""
+    for w, score in ((1.0, 9.0), (2.0, 7.0)):
+        append_jsonl(tmp_path / "fid.jsonl", {"checkpoint": "c.pt", "use_ema": True, "fid_split": "train", "num_gen": 10,
+                                              "integration_method": "euler", "integration_steps": 2, "mean_nfe": 2 * w,
+                                              "fid": score, "condition": "class", "guidance_scale": w, "label": None})
+    curves = results.fid_curves([tmp_path])
+    assert [(c.run.split(", ")[-1], c.x, c.y) for c in curves] == [("w 1", [2.0], [9.0]), ("w 2", [4.0], [7.0])]
