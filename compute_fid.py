@@ -5,6 +5,8 @@
         --integration_method=euler --integration_steps=100 --save_samples=samples.npz
     python compute_fid.py --pretrained=otcfm --sweep="euler:1,2,5,10,20,50,100;dopri5:1e-3,1e-5" --straightness=1000
     torchrun --standalone --nproc_per_node=8 compute_fid.py --pretrained=icfm --fid_split=test
+    python compute_fid.py --checkpoint=results/otcfm/otcfm_cifar10_weights_step_400000.pt \
+        --sweep="dopri5:1e-5;guidance:0,1,1.5,2,3" --per_label_fid --kid     # a class-conditioned run, guided
 
 Works with our checkpoints (they store the UNet's construction arguments), with the published
 TorchCFM ones (no arguments stored: the paper UNet with --num_channel channels is rebuilt), and
@@ -14,12 +16,20 @@ setting (--sweep: FID against NFE, every setting on the same noise). Flag mistak
 output paths and missing FID files are reported before any sampling starts (see fid.py for where
 the FID files are looked up).
 
+A label-conditioned checkpoint (trained with --condition=class or cluster) is sampled with class-balanced
+labels (--label=K: all K) under classifier-free guidance of scale --guidance_scale (1: the conditional
+field); a guidance:W1,W2 entry of --sweep scores each solver setting at each scale, on the same noise and
+labels. Its records carry condition, guidance_scale and label (an unconditional checkpoint's records keep
+their fields). --kid adds KID, --per_label_fid each class's FID against that class's images; both
+use the reference split's features, extracted once from the local CIFAR-10 and cached in {data_dir}/fid/
+(see cfm/evaluation/feature_metrics.py).
+
 The checkpoint flags (--checkpoint | --model/--input_dir/--step | --pretrained, --use_ema, --num_channel,
 --data_dir, --device) are cfm/cli/checkpoint_flags.py's, shared with compute_locality.py and compute_generalization.py.
 
 Under torchrun the samples are split across ranks by whole --batch_size_fid batches (batch k on rank
 k mod W; the noise is keyed by sample index), so the samples and the FID are those of one process
-with the same seed; rank 0 writes the results. The ranks wait for rank 0's downloads, and for each
+with the same seed; rank 0 writes the results (and scores KID and per-label FID on the gathered features). The ranks wait for rank 0's downloads, and for each
 other's last batch, in a long-wait group of their own (see cfm/io/distributed.py).
 """
 
