@@ -15,21 +15,27 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_UNET_CONFIG as TINY_CONFIG
-from conftest import SUBPROCESS_TIMEOUT_S, random_unet, save_tiny_checkpoint, stand_in_extractor
+from conftest import SUBPROCESS_TIMEOUT_S, random_unet, save_tiny_checkpoint, stand_in_extractor, write_fake_cifar10
 
-from cfm.evaluation import fid
+from cfm.evaluation import feature_metrics, fid
 from cfm.evaluation.sampling import generate_samples, straightness
+from cfm.io.cifar10 import load_cifar10
 from cfm.io.run_files import read_jsonl
 from cfm.method.nets import build_net_from_checkpoint
 from cfm.method.unet import PAPER_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
+# The fields of an unconditional checkpoint's fid.jsonl record (fixed-step solver) as before guided sampling:
+# they gain none for it, and the KID fields only with --kid.
+RECORD_KEYS = {"checkpoint", "step", "model", "use_ema", "integration_method", "integration_steps", "mean_nfe", "num_gen",
+               "batch_size_fid", "world_size", "seed", "fid", "seconds", "fid_split", "fid_stats", "fid_stats_source",
+               "provenance"}
 SAMPLING = ["--fid=False", "--num_gen=8", "--batch_size_fid=5", "--integration_method=euler", "--integration_steps=2"]
 
 OFFLINE = """
 import urllib.error, urllib.request
 from pathlib import Path
-from cfm.evaluation import fid
+from cfm.evaluation import feature_metrics, fid
 
 def refuse(url, *args, **kwargs):
     raise urllib.error.URLError("offline (test)")
@@ -43,7 +49,7 @@ fid.cleanfid_cache_path = lambda filename: Path("no-cache") / filename
 def stand_in(num_features=16):
     """Runner code that replaces Inception with conftest.stand_in_extractor(num_features)."""
     return f"""
-from cfm.evaluation import fid
+from cfm.evaluation import feature_metrics, fid
 from conftest import stand_in_extractor
 fid.load_inception = lambda path, device="cpu": stand_in_extractor({num_features})
 """
@@ -168,9 +174,10 @@ def test_fid_record_with_a_stand_in_extractor(tmp_path, tiny_checkpoint):
     reference = rng.normal(100, 30, size=(64, 16))
     stats = tmp_path / "stats.npz"
     fid.save_statistics(stats, *fid.feature_statistics(reference))
+    write_fake_cifar10(tmp_path / "data")  # KID's reference: its 100 train images
     args = [f"--checkpoint={path}", "--num_gen=40", "--batch_size_fid=16", "--integration_method=midpoint",
             "--integration_steps=2", f"--fid_inception_path={inception}", f"--fid_stats_path={stats}",
-            "--save_samples=s.npz", "--device=cpu"]
+            "--save_samples=s.npz", "--device=cpu", "--kid", f"--data_dir={tmp_path / 'data'}"]
     proc = run_cli(tmp_path, args, OFFLINE + STAND_IN)
     assert proc.returncode == 0, proc.stderr
     record = json.loads((path.parent / "fid.jsonl").read_text().splitlines()[-1])
@@ -185,6 +192,11 @@ def test_fid_record_with_a_stand_in_extractor(tmp_path, tiny_checkpoint):
     expected = fid.frechet_distance(*fid.feature_statistics(features), *fid.feature_statistics(reference))
     assert record["fid"] == pytest.approx(expected, rel=1e-9)
     assert f"FID {record['fid']:.4f}" in proc.stdout
+    # --kid: KID of the same features against the (float32-cached) features of the train images, and no other new field.
+    assert set(record) == RECORD_KEYS | {"kid", "kid_std", "kid_subsets", "kid_subset_size"}
+    train = stand_in_extractor(16)(load_cifar10(tmp_path / "data")[0]).numpy().astype(np.float32)
+    kid = feature_metrics.kernel_inception_distance(train, features, seed=0)
+    assert (record["kid"], record["kid_std"], record["kid_subset_size"]) == pytest.approx((kid.kid, kid.kid_std, 40))
 
 
 def fid_files(tmp_path, num_features):
@@ -221,6 +233,8 @@ def test_sweep_of_the_published_weights_by_name_with_straightness(tmp_path, file
     assert [(r["integration_method"], r.get("integration_steps", r.get("tol"))) for r in rows] == [
         ("euler", 1), ("euler", 3), ("midpoint", 1), ("dopri5", 0.1)]
     assert all(r["model"] == "otcfm" and r["sweep"] == sweep and r["checkpoint"] == str(cached) for r in rows)
+    assert set(rows[0]) == RECORD_KEYS | {"sweep", "straightness", "straightness_paths", "straightness_steps",
+                                          "straightness_seconds"}  # an unconditional checkpoint's: as before
     assert [r["mean_nfe"] for r in rows[:3]] == [1, 3, 2]
     assert proc.stdout.count("FID ") == 4 and "sampling" in proc.stderr and "img/s" in proc.stderr
 

@@ -70,6 +70,16 @@ def sampling_guidance(config: GuidanceConfig, net: torch.nn.Module, num: int) ->
     return Guidance(balanced_labels(num, num_labels, config.label), config.guidance_scale)
 
 
+def guidance_record(ckpt: dict, guidance: Guidance | None, label: int | None) -> dict:
+    """The fields a result record of a conditional checkpoint's samples adds: condition ("class" or
+    "cluster", as trained), guidance_scale w and label (None: balanced labels). None for an
+    unconditional checkpoint (`guidance` None): its records keep exactly the fields they had."""
+    if guidance is None:
+        return {}
+    return {"condition": (ckpt.get("condition") or {}).get("condition"), "guidance_scale": guidance.scale,
+            "label": label}
+
+
 def checkpoint_model(spec: CheckpointSpec, ckpt: dict) -> str:
     """The method the checkpoint was trained with: its stored --model; for a checkpoint that stores
     no flags (TorchCFM's published ones), --pretrained, else --model."""

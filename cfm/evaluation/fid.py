@@ -274,6 +274,7 @@ class FIDResult:
     num_gen: int
     seconds: float
     samples: Tensor | None  # uint8 [num_gen, 3, H, W] when kept
+    features: np.ndarray  # float64 [num_gen, D], in sample order (for KID and per-class FID)
 
 
 class FIDScorer:
@@ -343,7 +344,8 @@ class FIDScorer:
 
         `progress` draws a bar over the samples on rank 0. Under torchrun (`world` of size > 1) each
         rank samples and featurises its own batches; rank 0 gathers the features in sample order
-        and returns the FID one process would get, the other ranks None. `stop` cuts it short
+        and returns the FID one process would get (and the features, for other metrics of the same
+        samples, see feature_metrics.py), the other ranks None. `stop` cuts it short
         (sampling.SamplingStopped, on every rank); a rank whose share fails makes every rank raise
         sampling.ShareFailed. `guidance`: a conditional net's labels and scale (see sampling.py).
         """
@@ -356,6 +358,6 @@ class FIDScorer:
         features = gather_batches(features, world)  # every share ended well (generate_samples): no wait here
         if features is None:
             return None
-        fid = self.fid_of_features(np.concatenate(features))
-        return FIDResult(fid=fid, mean_nfe=mean_nfe, num_gen=num_gen,
-                         seconds=time.perf_counter() - start, samples=samples)
+        features = np.concatenate(features)
+        return FIDResult(fid=self.fid_of_features(features), mean_nfe=mean_nfe, num_gen=num_gen,
+                         seconds=time.perf_counter() - start, samples=samples, features=features)

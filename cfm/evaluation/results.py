@@ -30,8 +30,9 @@ from cfm.io.errors import UserError
 from cfm.io.run_files import read_jsonl
 
 # fid.jsonl fields that tell evaluations of one run folder apart (other checkpoints, the raw net,
-# the other reference, another sample count): a field that varies within a folder enters the label.
-EVALUATION_FIELDS = ("checkpoint", "use_ema", "fid_split", "num_gen")
+# the other reference, another sample count, a conditional checkpoint's guidance scale or label; an
+# unconditional checkpoint's records have neither): a field that varies within a folder enters the label.
+EVALUATION_FIELDS = ("checkpoint", "use_ema", "fid_split", "num_gen", "guidance_scale", "label")
 # locality.jsonl fields that make an evaluation: records that differ in one were scored on other numbers.
 LOCALITY_SETTING = ("checkpoint", "use_ema", "split", "num_batches", "batch_size", "num_subclasses",
                     "cluster_algorithm", "cluster_seed", "seed")
@@ -130,6 +131,10 @@ def _describe(field_name: str, value) -> str:
         return f"vs {value}"
     if field_name == "seed":
         return f"seed {value}"
+    if field_name == "guidance_scale":
+        return f"w {value:g}" if value is not None else "unguided"
+    if field_name == "label":
+        return f"label {value}" if value is not None else "balanced labels"
     return f"{value} samples"
 
 

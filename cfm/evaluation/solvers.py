@@ -1,4 +1,5 @@
-"""ODE solvers for dx/dt = v(t, x) from t = 0 to 1, with NFE counting, and the solver settings of FID sweeps.
+"""ODE solvers for dx/dt = v(t, x) from t = 0 to 1, with NFE counting, and the solver settings of FID sweeps
+(with the guidance scales a sweep may list beside them, ``split_guidance_sweep``).
 
 Solvers (``SOLVERS``):
     dopri5    adaptive Dormand-Prince 5(4) from torchdiffeq, atol = rtol = ``tol``, the whole batch
@@ -139,7 +140,8 @@ def parse_sweep(spec: str) -> list[SolverSetting]:
     Raises UserError (one sentence) on anything else.
     """
     usage = (f"write SOLVER:V1,V2 entries joined by ';', SOLVER one of {', '.join(SOLVERS)}, with step counts for "
-             "the fixed-step solvers and tolerances for dopri5 (for example euler:1,10,100;dopri5:1e-4)")
+             "the fixed-step solvers and tolerances for dopri5, and optionally guidance:W1,W2 (for example "
+             "euler:1,10,100;dopri5:1e-4;guidance:1,2)")
     settings = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         method, _, values = (x.strip() for x in part.partition(":"))
@@ -153,3 +155,30 @@ def parse_sweep(spec: str) -> list[SolverSetting]:
     if not settings:
         raise UserError(f"--sweep={spec!r} names no setting: {usage}.")
     return settings
+
+
+GUIDANCE_ENTRY = "guidance"
+
+
+def split_guidance_sweep(spec: str) -> tuple[str, list[float] | None]:
+    """'euler:10,100;guidance:0,1,2' -> ('euler:10,100', [0.0, 1.0, 2.0]): the solver entries (for
+    `parse_sweep`; '' when the sweep lists only scales) and the classifier-free guidance scales w of
+    its ``guidance:W1,W2`` entry, in the order written (None without one). Any finite w is a scale
+    (0: the unconditional field, 1: the conditional one). UserError (one sentence) for unreadable
+    scales or a second guidance entry."""
+    solvers, scales = [], None
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, values = (x.strip() for x in part.partition(":"))
+        if name != GUIDANCE_ENTRY:
+            solvers.append(part)
+            continue
+        if scales is not None:
+            raise UserError(f"--sweep={spec!r} has two guidance entries: list every scale in one, guidance:W1,W2.")
+        try:
+            scales = [float(v) for v in values.split(",")]
+        except ValueError:
+            scales = []
+        if not scales or not all(math.isfinite(w) for w in scales):
+            raise UserError(f"cannot read --sweep entry {part!r}: write guidance:W1,W2 with finite guidance scales "
+                            "(for example guidance:0,1,1.5,2).")
+    return ";".join(solvers), scales

@@ -12,7 +12,8 @@ with the GPU better used. `GuidedField.evaluations_per_call` is the number of ne
 Sampling many images (`Guidance`): sample i gets label ``labels[i]``, a function of its index alone
 like its noise, so the images do not depend on the batch size or the number of processes.
 `balanced_labels` gives every class the same number of samples (CIFAR-10's train set has 5000 of
-each), and for cluster labels every cluster of a class the same share of the class's samples.
+each), and for cluster labels every cluster of a class the same share of the class's samples;
+`label_classes` maps class or cluster labels back to their CIFAR-10 class.
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def balanced_labels(num: int, num_labels: int, label: int | None = None) -> Tens
         return index % num_labels
     subclasses = num_labels // NUM_CLASSES
     return (index % NUM_CLASSES) * subclasses + (index // NUM_CLASSES) % subclasses
+
+
+def label_classes(labels: Tensor, num_labels: int) -> Tensor:
+    """The CIFAR-10 class int64 ``[N]`` of labels ``[N]`` of a net with `num_labels` labels: a class
+    label is its class, cluster ``class * S + sub`` (``num_labels`` = 10 S) is ``label // S``.
+    ValueError for label sets that are neither (``num_labels`` not a multiple of 10)."""
+    if num_labels % NUM_CLASSES:
+        raise ValueError(f"{num_labels} labels are neither the 10 CIFAR-10 classes nor clusters of them (a multiple of 10).")
+    return labels // (num_labels // NUM_CLASSES)
 
 
 @dataclass(frozen=True)
