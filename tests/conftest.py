@@ -38,11 +38,12 @@ def random_unet(config, seed):
     return net
 
 
-def save_tiny_checkpoint(path, step, **extra):
-    """A checkpoint of our format at `path`: raw and EMA weights of the tiny UNet that differ, its
-    config, `step` and any `extra` keys (e.g. flags). Returns (path, net, ema)."""
+def save_tiny_checkpoint(path, step, config=TINY_UNET_CONFIG, **extra):
+    """A checkpoint of our format at `path`: raw and EMA weights of the tiny UNet (or of `config`, e.g.
+    with num_classes) that differ, its config, `step` and any `extra` keys (e.g. flags, condition).
+    Returns (path, net, ema)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    net, ema = random_unet(TINY_UNET_CONFIG, 0), random_unet(TINY_UNET_CONFIG, 1)
+    net, ema = random_unet(config, 0), random_unet(config, 1)
     torch.save({"net_model": net.state_dict(), "ema_model": ema.state_dict(), "unet_config": ema.config,
                 "step": step, **extra}, path)
     return path, net, ema

@@ -70,6 +70,12 @@ def sampling_guidance(config: GuidanceConfig, net: torch.nn.Module, num: int) ->
     return Guidance(balanced_labels(num, num_labels, config.label), config.guidance_scale)
 
 
+def checkpoint_condition(ckpt: dict) -> str | None:
+    """The labels a checkpoint's net was trained on: "class" or "cluster" (ckpt["condition"]), None
+    for an unconditional one (ours without --condition, and the published ones)."""
+    return (ckpt.get("condition") or {}).get("condition")
+
+
 def checkpoint_model(spec: CheckpointSpec, ckpt: dict) -> str:
     """The method the checkpoint was trained with: its stored --model; for a checkpoint that stores
     no flags (TorchCFM's published ones), --pretrained, else --model."""
