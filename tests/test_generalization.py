@@ -364,16 +364,16 @@ def test_label_classes_of_class_and_cluster_labels():
         generalization.label_classes(labels[:7], 7)
 
 
-def test_per_class_memorization_of_planted_training_images(fake_cifar):
+def test_per_class_memorization_of_planted_training_images():
     """Training images planted as samples (copies, memorized) beside random images (not), each with a
     requested class, the copies some with their own class and some with another: per class the
     memorized fraction, the nearest-class fraction and their Wilson intervals equal those counted
     here from the brute-force search and scipy's interval."""
     from scipy.stats import binomtest
 
-    _, images, labels = fake_cifar
-    train, train_labels = torch.from_numpy(images), torch.from_numpy(labels).long()
-    copies = [3, 14, 25, 36, 41, 52, 7, 18]  # classes 3, 4, 5, 6, 1, 2, 7, 8
+    train, train_labels = random_images(40, 14), torch.arange(40) % 10
+    labels = train_labels.numpy()
+    copies = [3, 14, 25, 36, 21, 32, 7, 18]  # classes 3, 4, 5, 6, 1, 2, 7, 8
     queries = torch.cat([train[copies], random_images(6, 11)])
     # The first five copies requested with their own class, the other three with another; the random images too.
     classes = torch.cat([train_labels[copies[:5]], (train_labels[copies[5:]] + 1) % 10, torch.tensor([3, 3, 4, 4, 2, 2])])
@@ -384,6 +384,8 @@ def test_per_class_memorization_of_planted_training_images(fake_cifar):
     memorized = distance[:, 0] < distance[:, 1] / 3
     same = labels[index[:, 0]] == classes.numpy()
     assert memorized.tolist() == [True] * 8 + [False] * 6 and same[:8].tolist() == [True] * 5 + [False] * 3
+    # The second-nearest images' classes would give other matches: the nearest one decides.
+    assert not np.array_equal(labels[index[:, 1]] == classes.numpy(), same)
 
     def interval(hits):
         ci = binomtest(int(hits.sum()), len(hits)).proportion_ci(confidence_level=0.95, method="wilson")
@@ -425,8 +427,9 @@ def test_the_loss_gap_gives_each_row_its_images_label_through_ot_repairing():
 
 @pytest.fixture(scope="module")
 def evaluated_conditional(tmp_path_factory, fake_cifar):
-    """compute_generalization.py on a tiny class-conditioned icfm checkpoint (sigma 0.1) at guidance
-    scale 2: (checkpoint path, EMA net, its record, the process)."""
+    """compute_generalization.py on a tiny class-conditioned icfm checkpoint (sigma 0.1), every sample
+    of class 3 at guidance scale 2 (the fake test images' classes are 0, 1, 2, ...: not those of the
+    samples): (checkpoint path, EMA net, its record, the process)."""
     from conftest import TINY_UNET_CONFIG
 
     folder = tmp_path_factory.mktemp("conditional")
@@ -434,14 +437,14 @@ def evaluated_conditional(tmp_path_factory, fake_cifar):
                                         config={**TINY_UNET_CONFIG, "num_classes": 10},
                                         flags={"model": "icfm", "sigma": 0.1, "ot_pairing": "replacement"},
                                         condition={"condition": "class", "num_classes": 10, "cond_drop_prob": 0.1})
-    proc = run_cli(folder, [f"--checkpoint={path}", f"--data_dir={fake_cifar[0]}", *TINY, "--guidance_scale=2"])
+    proc = run_cli(folder, [f"--checkpoint={path}", f"--data_dir={fake_cifar[0]}", *TINY, "--guidance_scale=2", "--label=3"])
     assert proc.returncode == 0, proc.stderr
     (record,) = read_jsonl(path.parent / "generalization.jsonl")
     return path, ema.eval(), record, proc
 
 
 def test_a_conditional_checkpoint_is_scored_per_class_with_its_labels(evaluated_conditional, fake_cifar):
-    """The samples are the guided samples of class-balanced labels at w = 2, and per class their numbers
+    """The samples are the guided samples of label 3 at w = 2, and per class their numbers
     are the library's on them; the test images per their own class; the loss gap with each image's
     class; the distance to v* of the null-label field."""
     from cfm.evaluation import memorizing_field
@@ -452,8 +455,8 @@ def test_a_conditional_checkpoint_is_scored_per_class_with_its_labels(evaluated_
     train, train_labels = torch.from_numpy(images), torch.from_numpy(labels).long()
     test, test_labels = load_cifar10(fake_cifar[0], train=False)
     assert {k: record[k] for k in ("condition", "guidance_scale", "label")} == {
-        "condition": "class", "guidance_scale": 2.0, "label": None}
-    requested = balanced_labels(6, 10)
+        "condition": "class", "guidance_scale": 2.0, "label": 3}
+    requested = balanced_labels(6, 10, label=3)
     samples, mean_nfe = generate_samples(ema, 6, batch_size=4, method="euler", steps=2, seed=2,
                                          guidance=Guidance(requested, 2.0))
     assert mean_nfe == 4  # 2 Euler steps, both rows of each guided call
@@ -462,8 +465,9 @@ def test_a_conditional_checkpoint_is_scored_per_class_with_its_labels(evaluated_
     expected = {**generalization.memorization_summary(found),
                 **generalization.per_class_memorization(found, requested, train_labels)}
     assert {k: record["memorization"][k] for k in expected} == expected
-    assert sorted(record["memorization"]["per_class"], key=int) == [str(c) for c in range(6)]
+    assert list(record["memorization"]["per_class"]) == ["3"]
     found_test = search.search(test[:6])
+    assert sorted(record["memorization_test"]["per_class"], key=int) == [str(c) for c in range(6)]
     expected_test = {**generalization.memorization_summary(found_test),
                      **generalization.per_class_memorization(found_test, test_labels[:6], train_labels)}
     assert {k: v for k, v in record["memorization_test"].items() if k != "seconds"} == expected_test
@@ -484,5 +488,9 @@ def test_a_conditional_checkpoint_is_scored_per_class_with_its_labels(evaluated_
     distance = memorizing_field.field_distance(null, field, memorizing_field.path_points(field.matcher, test[:3], times,
                                                                                        seed=2), times, batch_size=4)
     assert section["test_paths"]["distance"] == pytest.approx(distance.per_time, rel=1e-9)
+    labelled = lambda t, x: ema(t, x, torch.zeros(len(x), dtype=torch.int64))  # noqa: E731
+    other = memorizing_field.field_distance(labelled, field, memorizing_field.path_points(field.matcher, test[:3], times,
+                                                                                        seed=2), times, batch_size=4)
+    assert section["test_paths"]["distance"] != pytest.approx(other.per_time, rel=1e-3)  # the label shows
     mem = record["memorization"]
     assert f"requested class for {100 * mem['nearest_class_fraction']:.3g}% of the samples" in proc.stdout
