@@ -275,7 +275,8 @@ def memorizing_field_section(ev: Evaluation) -> dict | None:
     }
     # v* is the unconditional memorizing field (all training images, no label): a conditional net is
     # compared with it through its null-label field, net(t, x), on that field's own trajectories.
-    out = {**field.describe(), **({} if ev.condition is None else {"net_label": "null"}), "times": times, "points": num}
+    net_label = {} if ev.condition is None else {"net_label": "null"}
+    out = {**field.describe(), **net_label, "times": times, "points": num}
     for name, points in on_sets.items():
         distance = memorizing_field.field_distance(ev.net, field, points, times, FLAGS.batch_size)
         out[name] = {"distance": distance.per_time, "overall": distance.overall}

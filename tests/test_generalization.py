@@ -376,7 +376,8 @@ def test_per_class_memorization_of_planted_training_images():
     copies = [3, 14, 25, 36, 21, 32, 7, 18]  # classes 3, 4, 5, 6, 1, 2, 7, 8
     queries = torch.cat([train[copies], random_images(6, 11)])
     # The first five copies requested with their own class, the other three with another; the random images too.
-    classes = torch.cat([train_labels[copies[:5]], (train_labels[copies[5:]] + 1) % 10, torch.tensor([3, 3, 4, 4, 2, 2])])
+    classes = torch.cat([train_labels[copies[:5]], (train_labels[copies[5:]] + 1) % 10,
+                         torch.tensor([3, 3, 4, 4, 2, 2])])
     found = generalization.FlipNeighbours(train, chunk_size=30).search(queries)
     per_class = generalization.per_class_memorization(found, classes, train_labels)
 
@@ -437,7 +438,8 @@ def evaluated_conditional(tmp_path_factory, fake_cifar):
                                         config={**TINY_UNET_CONFIG, "num_classes": 10},
                                         flags={"model": "icfm", "sigma": 0.1, "ot_pairing": "replacement"},
                                         condition={"condition": "class", "num_classes": 10, "cond_drop_prob": 0.1})
-    proc = run_cli(folder, [f"--checkpoint={path}", f"--data_dir={fake_cifar[0]}", *TINY, "--guidance_scale=2", "--label=3"])
+    proc = run_cli(folder, [f"--checkpoint={path}", f"--data_dir={fake_cifar[0]}", *TINY, "--guidance_scale=2",
+                            "--label=3"])
     assert proc.returncode == 0, proc.stderr
     (record,) = read_jsonl(path.parent / "generalization.jsonl")
     return path, ema.eval(), record, proc
