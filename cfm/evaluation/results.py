@@ -59,7 +59,7 @@ class Curve:
     x: list[float] = field(default_factory=list)
     y: list[float] = field(default_factory=list)
     error: list[float] = field(default_factory=list)  # standard errors of y, where known
-    bounds: list[tuple[float, float]] = field(default_factory=list)  # an interval of each y (not symmetric), where known
+    bounds: list[tuple[float, float]] = field(default_factory=list)  # an interval of each y (asymmetric), where known
 
 
 def check_run_dirs(run_dirs: Sequence[str | Path]) -> list[Path]:
