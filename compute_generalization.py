@@ -19,6 +19,16 @@ Sections of one record (each a dict under its name):
                        test-image paths and on its own trajectories, at --field_times times, and the
                        memorization of --field_samples samples of the v*-driven sampler (--field=False: off)
 
+A label-conditioned checkpoint (--condition=class or cluster) is sampled as compute_fid.py samples it:
+class-balanced labels, or --label, at --guidance_scale (a --samples file is taken to hold compute_fid.py's
+samples of the same --label: sample i with label i of that order). Its record adds `condition`,
+`guidance_scale` and `label` (null: balanced), and per class (a cluster label counts for its class) the
+fraction memorized with its 95% Wilson interval and how often the nearest training image is of the
+requested class, for the samples and, as the baseline, for the test images (their own class). The loss gap
+evaluates the net with each image's class (class labels) or the null label (cluster labels: test images
+have no training cluster); the distance to v* with the null label, v* being the unconditional memorizing
+field. `net_label` in those sections says which.
+
 The record starts with the head of fid.jsonl and locality.jsonl (checkpoint, step, model, use_ema;
 checkpoints.record_head) and is appended to `generalization.jsonl` beside the checkpoint. The same
 --seed gives every checkpoint the same sample noise, training subset, loss noise and times, so
@@ -39,7 +49,7 @@ import numpy as np
 import torch
 from absl import app, flags
 
-from cfm.cli import checkpoint_flags
+from cfm.cli import checkpoint_flags, guidance_flags
 from cfm.cli.flag_defs import define
 from cfm.config import CheckpointSpec, FIDConfig
 from cfm.evaluation import checkpoints, generalization, memorizing_field, results
@@ -49,9 +59,11 @@ from cfm.io import cifar10, errors, run_files
 from cfm.io.cifar10 import to_uint8
 from cfm.io.distributed import World, init_world, main_first
 from cfm.method.flow_matching import FlowMatcher
+from cfm.method.guidance import Guidance
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(checkpoint_flags)  # listed by --helpshort with this script's own
+flags.adopt_module_key_flags(guidance_flags)  # --guidance_scale, --label: conditional checkpoints, as compute_fid.py
 
 flags.DEFINE_integer("num_gen", 10000, "Generated samples to search (ignored with --samples).", lower_bound=1)
 # The sampling settings of training's FID (FIDConfig: defaults, bounds, choices), with help of this
@@ -105,18 +117,27 @@ QUICK = {"num_gen": 64, "num_test": 64, "loss_images": 64, "batch_size": 16, "nu
 @dataclasses.dataclass
 class Evaluation:
     """What the sections share, loaded once: the checkpoint's spec, the net and its path, both splits
-    (uint8 [N, 3, 32, 32], CPU), the search over the training images and their mirrors (on the
-    device), the world."""
+    (uint8 [N, 3, 32, 32], CPU) and their classes (int64 [N]), the search over the training images
+    and their mirrors (on the device), the world; for a conditional net, its condition ("class" or
+    "cluster") and the labels and scale of its samples."""
 
     spec: CheckpointSpec
     net: torch.nn.Module
     matcher: FlowMatcher
     train: torch.Tensor
     test: torch.Tensor
+    train_labels: torch.Tensor
+    test_labels: torch.Tensor
     search: generalization.FlipNeighbours
     world: World
     grid: Path
     samples: torch.Tensor | None  # --samples (uint8 NCHW), else None: generated
+    condition: str | None = None  # None: an unconditional net
+    guidance: Guidance | None = None
+
+    def sample_classes(self, num: int) -> torch.Tensor:
+        """int64 [num]: the CIFAR-10 class of the label samples 0..num-1 were drawn with."""
+        return generalization.label_classes(self.guidance.labels[:num], self.net.num_classes)
 
 
 def apply_quick() -> None:
@@ -167,11 +188,16 @@ def prepare() -> tuple[Path, dict, Path, Evaluation]:
         results_path = checkpoints.results_file(path, RESULTS_FILE)
         grid = Path(FLAGS.grid) if FLAGS.grid else path.parent / f"{path.stem}_memorized.png"
         run_files.ensure_writable(grid, "--grid")
-        train, _ = cifar10.load_cifar10(FLAGS.data_dir, train=True)
-        test, _ = cifar10.load_cifar10(FLAGS.data_dir, train=False)
+        # A conditional net's samples: sample i with label i of compute_fid.py's (balanced, or --label), so
+        # that a --samples file compute_fid.py wrote with the same --label carries the labels assumed here.
+        guidance = checkpoints.sampling_guidance(guidance_flags.guidance_config(), net,
+                                                 FLAGS.num_gen if samples is None else len(samples))
+        train, train_labels = cifar10.load_cifar10(FLAGS.data_dir, train=True)
+        test, test_labels = cifar10.load_cifar10(FLAGS.data_dir, train=False)
     check_sizes(train, test)
     search = generalization.FlipNeighbours(train, world.device, FLAGS.search_chunk)
-    return path, ckpt, results_path, Evaluation(spec, net, matcher, train, test, search, world, grid, samples)
+    return path, ckpt, results_path, Evaluation(spec, net, matcher, train, test, train_labels, test_labels, search,
+                                                world, grid, samples, checkpoints.checkpoint_condition(ckpt), guidance)
 
 
 def memorization(ev: Evaluation) -> dict | None:
@@ -188,7 +214,8 @@ def memorization(ev: Evaluation) -> dict | None:
             found.append(ev.search.search(images))
 
         samples, mean_nfe = generate_samples(ev.net, FLAGS.num_gen, FLAGS.batch_size_fid, **dataclasses.asdict(setting),
-                                             seed=FLAGS.seed, on_batch=search, world=ev.world, progress=progress)
+                                             seed=FLAGS.seed, on_batch=search, world=ev.world, progress=progress,
+                                             guidance=ev.guidance)
         found = gather_batches(found, ev.world)
         found = None if found is None else generalization.Neighbours.cat(found)
         source = {"samples": "generated", **setting.describe(), "mean_nfe": mean_nfe,
@@ -197,23 +224,38 @@ def memorization(ev: Evaluation) -> dict | None:
         return None
     grid = generalization.most_memorized_grid(samples, found, ev.train, min(FLAGS.grid_size, len(samples)))
     write_image_grid(ev.grid, grid.float() / 255, nrow=len(grid) // 3)
-    return {**source, **generalization.memorization_summary(found), "grid": str(ev.grid)}
+    summary = {**source, **generalization.memorization_summary(found), "grid": str(ev.grid)}
+    if ev.guidance is not None:  # per class of the requested labels
+        summary.update(generalization.per_class_memorization(found, ev.sample_classes(len(samples)), ev.train_labels))
+    return summary
 
 
 def memorization_test(ev: Evaluation) -> dict | None:
-    """The first --num_test test images: what real unseen images score (they copy nothing the net saw)."""
+    """The first --num_test test images: what real unseen images score (they copy nothing the net saw);
+    for a conditional net also per class, the baseline of its samples' per-class numbers."""
     found = ev.search.search_across_ranks(ev.test[:FLAGS.num_test], FLAGS.batch_size_fid, ev.world, not FLAGS.quiet)
-    return None if found is None else generalization.memorization_summary(found)
+    if found is None:
+        return None
+    summary = generalization.memorization_summary(found)
+    if ev.guidance is not None:
+        summary.update(generalization.per_class_memorization(found, ev.test_labels[:FLAGS.num_test], ev.train_labels))
+    return summary
 
 
 def loss_gap(ev: Evaluation) -> dict | None:
-    """loss_fm on the seeded training subset and the test images, per time and overall."""
-    train, test = generalization.loss_gap_images(ev.train, ev.test, FLAGS.loss_images, FLAGS.seed)
-    gap = generalization.loss_gap(ev.net, ev.matcher, train, test, generalization.loss_times(FLAGS.num_times),
-                                  FLAGS.batch_size, FLAGS.seed, ev.world, ev.world.device, progress=not FLAGS.quiet)
+    """loss_fm on the seeded training subset and the test images, per time and overall. A class-conditioned
+    net is evaluated with each image's class, a cluster-conditioned one with the null label (test images
+    have no training cluster; see generalization.py)."""
+    train, test = generalization.loss_gap_indices(len(ev.train), len(ev.test), FLAGS.loss_images, FLAGS.seed)
+    labels = (ev.train_labels[train], ev.test_labels[test]) if ev.condition == "class" else None
+    gap = generalization.loss_gap(ev.net, ev.matcher, ev.train[train], ev.test[test],
+                                  generalization.loss_times(FLAGS.num_times), FLAGS.batch_size, FLAGS.seed, ev.world,
+                                  ev.world.device, progress=not FLAGS.quiet, labels=labels)
     if gap is None:
         return None
-    return {"images": gap.train.shape[0] * FLAGS.batch_size, "batch_size": FLAGS.batch_size, **gap.summary()}
+    net_label = {} if ev.condition is None else {"net_label": "class" if labels is not None else "null"}
+    return {"images": gap.train.shape[0] * FLAGS.batch_size, "batch_size": FLAGS.batch_size, **net_label,
+            **gap.summary()}
 
 
 def memorizing_field_section(ev: Evaluation) -> dict | None:
@@ -231,7 +273,10 @@ def memorizing_field_section(ev: Evaluation) -> dict | None:
         "trajectories": memorizing_field.model_trajectory_points(
             ev.net, num, times, FLAGS.batch_size_fid, "euler", FLAGS.field_steps, FLAGS.seed, ev.world),
     }
-    out = {**field.describe(), "times": times, "points": num}
+    # v* is the unconditional memorizing field (all training images, no label): a conditional net is
+    # compared with it through its null-label field, net(t, x), on that field's own trajectories.
+    net_label = {} if ev.condition is None else {"net_label": "null"}
+    out = {**field.describe(), **net_label, "times": times, "points": num}
     for name, points in on_sets.items():
         distance = memorizing_field.field_distance(ev.net, field, points, times, FLAGS.batch_size)
         out[name] = {"distance": distance.per_time, "overall": distance.overall}
@@ -263,8 +308,17 @@ def summary(record: dict) -> str:
             f"{mem['nearest_distance']:.2f} (test {test['nearest_distance']:.2f}); loss_fm train "
             f"{results.format_mean_error(gap['loss_train'], gap['loss_train_se'])}, test "
             f"{results.format_mean_error(gap['loss_test'], gap['loss_test_se'])}, gap "
-            f"{results.format_mean_error(gap['loss_gap'], gap['loss_gap_se'])}{field_summary(record)} (seed "
-            f"{record['seed']}, {record['seconds']:.0f} s)")
+            f"{results.format_mean_error(gap['loss_gap'], gap['loss_gap_se'])}{class_summary(record)}"
+            f"{field_summary(record)} (seed {record['seed']}, {record['seconds']:.0f} s)")
+
+
+def class_summary(record: dict) -> str:
+    """"; nearest training image of the requested class ..." for a conditional checkpoint ("" otherwise)."""
+    if "condition" not in record:
+        return ""
+    mem, test = record["memorization"], record["memorization_test"]
+    return (f"; nearest training image of the requested class for {100 * mem['nearest_class_fraction']:.3g}% of "
+            f"the samples (test images, of their own: {100 * test['nearest_class_fraction']:.3g}%)")
 
 
 def field_summary(record: dict) -> str:
@@ -292,8 +346,10 @@ def evaluate() -> None:
             sections[name]["seconds"] = round(time.perf_counter() - begun, 2)
     if not ev.world.is_main:
         return
-    record = {**checkpoints.record_head(ev.spec, path, ckpt, ev.matcher), "seed": FLAGS.seed, "world_size": ev.world.size,
-              **sections, "seconds": round(time.perf_counter() - start, 2),
+    conditional = {} if ev.guidance is None else {
+        "condition": ev.condition, "guidance_scale": ev.guidance.scale, "label": guidance_flags.guidance_config().label}
+    record = {**checkpoints.record_head(ev.spec, path, ckpt, ev.matcher), **conditional, "seed": FLAGS.seed,
+              "world_size": ev.world.size, **sections, "seconds": round(time.perf_counter() - start, 2),
               "provenance": run_files.provenance(ev.world.device)}
     run_files.append_jsonl(results_path, record)
     print(f"{summary(record)}; grid {ev.grid}; appended to {results_path}")

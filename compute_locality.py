@@ -12,6 +12,13 @@ batches with their noise and times from --seed, and reports for the EMA (or raw)
 split and clustering give every checkpoint the same batches, noise and times, so runs compare on
 the same numbers. One record per evaluation is appended to `locality.jsonl` beside the checkpoint.
 The checkpoint flags are cfm/cli/checkpoint_flags.py's, shared with compute_fid.py and compute_generalization.py.
+
+A label-conditioned checkpoint is evaluated with the labels its training gave these rows where the
+split has them: a class-conditioned net gets each batch's class (the split is clustered per class, so
+a batch is of one class; the regularizers of a conditioned run evaluate their rows with their images'
+labels, dropped to the null label 10% of the time). A cluster-conditioned net gets the null label
+(its unconditional field): the split's K-means clusters are not the clusters it was trained on, and a
+test image has none of those. Its record adds `condition` and `net_label` ("class" or "null").
 """
 
 from __future__ import annotations
@@ -68,9 +75,16 @@ def evaluate() -> None:
     batches = locality.HeldOutBatches(images, labels, FLAGS.batch_size, FLAGS.num_subclasses, FLAGS.seed, matcher,
                                       cluster_seed=FLAGS.cluster_seed, algorithm=FLAGS.cluster_algorithm,
                                       cache_dir=kmeans_cache_dir(FLAGS.data_dir))
-    values = locality.evaluate(net, batches, FLAGS.num_batches, device, progress=not FLAGS.quiet)
+    # A class-conditioned net with each batch's class (as its training labelled those rows); a
+    # cluster-conditioned one with the null label: the split's clusters are not its training clusters.
+    condition = checkpoints.checkpoint_condition(ckpt)
+    net_label = "class" if condition == "class" else "null"
+    labels = {} if condition is None else {"condition": condition, "net_label": net_label}
+    values = locality.evaluate(net, batches, FLAGS.num_batches, device, progress=not FLAGS.quiet,
+                               class_labels=condition == "class")
     record = {
         **checkpoints.record_head(spec, path, ckpt, matcher),  # model, sigma: the path loss_fm was scored on
+        **labels,
         "split": FLAGS.split,
         "num_batches": FLAGS.num_batches,
         "batch_size": FLAGS.batch_size,

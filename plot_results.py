@@ -13,6 +13,11 @@ writes to --out:
                           on its own trajectories and on test-image paths (compute_generalization.py)
     generalization.md     memorization, loss gap, distance to v*, best FID and held-out local loss per run
                           (also printed)
+    fid_vs_guidance.png   conditional checkpoints: FID (and KID, with its std, in a second panel where
+                          recorded) against the guidance scale w, a curve per run and setting (compute_fid.py)
+    memorization_per_class.png  conditional checkpoints: per class, the fraction memorized and the fraction
+                          whose nearest training image is of the requested class, with 95% Wilson intervals,
+                          samples and test images (compute_generalization.py)
 A figure with nothing to draw is skipped, with a line saying so.
 """
 
@@ -133,6 +138,54 @@ def draw_memorizing_field(curves: list[results.Curve], path: Path) -> None:
     plt.close(fig)
 
 
+def draw_fid_vs_guidance(curves: list[results.Curve], path: Path) -> None:
+    """FID against the guidance scale w, a line per run (and setting); KID ± kid_std in a second panel
+    where any record holds it."""
+    import matplotlib.pyplot as plt
+
+    colour = colours(c.run for c in curves)
+    panels = [series for series in ("fid", "kid") if any(c.series == series for c in curves)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
+    for ax, series in zip(axes.flat, panels):
+        for curve in (c for c in curves if c.series == series):
+            ax.errorbar(curve.x, curve.y, yerr=curve.error or None, marker="o", markersize=3, capsize=2,
+                        color=colour[curve.run], label=curve.run)
+        ax.set(xlabel="guidance scale w", ylabel=series.upper(), title=f"{series.upper()} against guidance scale")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=FLAGS.dpi)
+    plt.close(fig)
+
+
+# Per-class panels: the quantity of each and its axis label.
+PER_CLASS_PANELS = {"memorized": "fraction memorized (d1 < d2 / 3)",
+                    "nearest_class": "nearest training image of the class"}
+
+
+def draw_memorization_per_class(curves: dict[str, list[results.Curve]], path: Path) -> None:
+    """Per CIFAR-10 class, a panel per PER_CLASS_PANELS quantity: a line per evaluation, samples solid and
+    test images dashed, with the 95% Wilson interval of each class as an error bar."""
+    import matplotlib.pyplot as plt
+
+    colour = colours(c.run for panel in curves.values() for c in panel)
+    fig, axes = plt.subplots(1, len(curves), figsize=(6.4 * len(curves), 4.2), squeeze=False)
+    for ax, (quantity, panel) in zip(axes.flat, curves.items()):
+        for curve in panel:
+            below = [y - low for y, (low, _) in zip(curve.y, curve.bounds)]
+            above = [high - y for y, (_, high) in zip(curve.y, curve.bounds)]
+            ax.errorbar(curve.x, curve.y, yerr=[below, above], marker="o", markersize=3, capsize=2,
+                        linestyle="-" if curve.series == "samples" else "--", color=colour[curve.run],
+                        label=f"{curve.run}: {curve.series}")
+        ax.set(xlabel="class", ylabel=PER_CLASS_PANELS[quantity], title=f"{quantity.replace('_', ' ')} per class",
+               xticks=range(10))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=FLAGS.dpi)
+    plt.close(fig)
+
+
 def main(argv):
     if len(argv) < 2:
         raise app.UsageError("name at least one run folder: plot_results.py RUN_DIR... --out figures/")
@@ -147,11 +200,17 @@ def main(argv):
     out.mkdir(parents=True, exist_ok=True)
 
     generalization = results.ratio_histograms(run_dirs) + results.gap_curves(run_dirs)
+    per_class = {quantity: curves for quantity in PER_CLASS_PANELS
+                 if (curves := results.per_class_curves(run_dirs, quantity))}
     figures = [("training_curves.png", results.training_curves(run_dirs), draw_training_curves, "*metrics.jsonl"),
                ("fid_vs_nfe.png", results.fid_curves(run_dirs), draw_fid_vs_nfe, "fid.jsonl records"),
                ("generalization.png", generalization, draw_generalization, "generalization.jsonl records"),
                ("memorizing_field.png", results.field_distance_curves(run_dirs), draw_memorizing_field,
-                "distances to v* in generalization.jsonl")]
+                "distances to v* in generalization.jsonl"),
+               ("fid_vs_guidance.png", results.guidance_curves(run_dirs), draw_fid_vs_guidance,
+                "fid.jsonl records with a guidance_scale"),
+               ("memorization_per_class.png", per_class, draw_memorization_per_class,
+                "per-class memorization in generalization.jsonl")]
     for name, curves, draw, source in figures:
         if curves:
             draw(curves, out / name)

@@ -29,20 +29,29 @@ def stand_in_extractor(num_features: int = 16):
     return lambda images: images.double().reshape(len(images), -1) @ weight
 
 
-def random_unet(config, seed):
+def random_unet(config, seed, all_zeroed=False):
     """UNetModel(**config) with seeded weights, its output layer randomised too: it starts at zero
-    (v = 0), and a test net must move its inputs."""
+    (v = 0), and a test net must move its inputs. `all_zeroed`: every zero-initialised weight
+    randomised, the residual branches' last layers included: the time and label embeddings enter
+    only there, so with them at zero a label (or t) changes nothing."""
     torch.manual_seed(seed)
     net = UNetModel(**config)
     torch.nn.init.normal_(net.out[-1].weight, std=0.05)
+    if all_zeroed:
+        with torch.no_grad():
+            for weight in net.parameters():
+                if weight.ndim > 1 and not weight.any():
+                    torch.nn.init.normal_(weight, std=0.05)
     return net
 
 
-def save_tiny_checkpoint(path, step, **extra):
-    """A checkpoint of our format at `path`: raw and EMA weights of the tiny UNet that differ, its
-    config, `step` and any `extra` keys (e.g. flags). Returns (path, net, ema)."""
+def save_tiny_checkpoint(path, step, config=TINY_UNET_CONFIG, **extra):
+    """A checkpoint of our format at `path`: raw and EMA weights of the tiny UNet (or of `config`, e.g.
+    with num_classes: then with every zero-initialised weight randomised, so that labels matter) that
+    differ, its config, `step` and any `extra` keys (e.g. flags, condition). Returns (path, net, ema)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    net, ema = random_unet(TINY_UNET_CONFIG, 0), random_unet(TINY_UNET_CONFIG, 1)
+    conditional = config.get("num_classes") is not None
+    net, ema = random_unet(config, 0, conditional), random_unet(config, 1, conditional)
     torch.save({"net_model": net.state_dict(), "ema_model": ema.state_dict(), "unet_config": ema.config,
                 "step": step, **extra}, path)
     return path, net, ema

@@ -218,6 +218,8 @@ def without_timing(record):
 
 def test_the_script_reports_the_library_numbers_and_the_grid(evaluated, fake_cifar):
     path, ema, record, proc = evaluated
+    # An unconditional checkpoint's record has the keys it had before conditioning existed.
+    assert not {"condition", "guidance_scale", "label"} & set(record) and "net_label" not in record["memorizing_field"]
     train = torch.from_numpy(fake_cifar[1])
     test, _ = load_cifar10(fake_cifar[0], train=False)
     samples, mean_nfe = generate_samples(ema, 6, batch_size=4, method="euler", steps=2, seed=2)
@@ -350,3 +352,147 @@ def test_bad_input_is_one_sentence_and_nothing_is_written(fake_cifar, tmp_path, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"compute_generalization.py: {message}")
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+# ------------------------------------------------------------------ label-conditioned checkpoints
+
+def test_label_classes_of_class_and_cluster_labels():
+    labels = torch.arange(250)
+    assert torch.equal(generalization.label_classes(labels[:10], 10), labels[:10])
+    assert torch.equal(generalization.label_classes(labels, 250), labels // 25)
+    with pytest.raises(ValueError, match="neither CIFAR-10's classes nor clusters"):
+        generalization.label_classes(labels[:7], 7)
+
+
+def test_per_class_memorization_of_planted_training_images():
+    """Training images planted as samples (copies, memorized) beside random images (not), each with a
+    requested class, the copies some with their own class and some with another: per class the
+    memorized fraction, the nearest-class fraction and their Wilson intervals equal those counted
+    here from the brute-force search and scipy's interval."""
+    from scipy.stats import binomtest
+
+    train, train_labels = random_images(40, 14), torch.arange(40) % 10
+    labels = train_labels.numpy()
+    copies = [3, 14, 25, 36, 21, 32, 7, 18]  # classes 3, 4, 5, 6, 1, 2, 7, 8
+    queries = torch.cat([train[copies], random_images(6, 11)])
+    # The first five copies requested with their own class, the other three with another; the random images too.
+    classes = torch.cat([train_labels[copies[:5]], (train_labels[copies[5:]] + 1) % 10,
+                         torch.tensor([3, 3, 4, 4, 2, 2])])
+    found = generalization.FlipNeighbours(train, chunk_size=30).search(queries)
+    per_class = generalization.per_class_memorization(found, classes, train_labels)
+
+    distance, index, _ = brute_force(queries, train)
+    memorized = distance[:, 0] < distance[:, 1] / 3
+    same = labels[index[:, 0]] == classes.numpy()
+    assert memorized.tolist() == [True] * 8 + [False] * 6 and same[:8].tolist() == [True] * 5 + [False] * 3
+    # The second-nearest images' classes would give other matches: the nearest one decides.
+    assert not np.array_equal(labels[index[:, 1]] == classes.numpy(), same)
+
+    def interval(hits):
+        ci = binomtest(int(hits.sum()), len(hits)).proportion_ci(confidence_level=0.95, method="wilson")
+        return pytest.approx([ci.low, ci.high], abs=1e-12)
+
+    assert per_class["nearest_class_fraction"] == pytest.approx(same.mean())
+    assert per_class["nearest_class_ci95"] == interval(same)
+    assert sorted(per_class["per_class"], key=int) == [str(c) for c in sorted(set(classes.tolist()))]
+    for key, row in per_class["per_class"].items():
+        rows = classes.numpy() == int(key)
+        assert row == {"num": int(rows.sum()),
+                       "memorized_fraction": pytest.approx(memorized[rows].mean()),
+                       "memorized_ci95": interval(memorized[rows]),
+                       "nearest_class_fraction": pytest.approx(same[rows].mean()),
+                       "nearest_class_ci95": interval(same[rows])}, key
+    assert per_class["per_class"]["3"]["num"] == 4 and per_class["per_class"]["3"]["memorized_fraction"] == 0.5
+
+
+def test_the_loss_gap_gives_each_row_its_images_label_through_ot_repairing():
+    """With labels, the net is called as net(t, x, y), y the label of each row's image after otcfm's
+    re-pairing (the field below adds y, so a wrong label changes the loss)."""
+    train, test = random_images(8, 12), random_images(8, 13)
+    train_labels, test_labels = torch.arange(8), torch.arange(8) + 10
+    matcher, times = make_matcher("otcfm", 0.1), generalization.loss_times(2)
+    gap = generalization.loss_gap(lambda t, x, y: x + y[:, None, None, None], matcher, train, test, times,
+                                  batch_size=4, seed=3, labels=(train_labels, test_labels))
+    for b in range(2):
+        x0 = noise(range(4 * b, 4 * b + 4), seed=3 + generalization.LOSS_SEED_OFFSET)
+        for k, t in enumerate(times.tolist()):
+            for images, labels, values in ((train, train_labels, gap.train), (test, test_labels, gap.test)):
+                rows = slice(4 * b, 4 * b + 4)
+                sample = matcher.sample(x0, to_model_range(images[rows]), t=t,
+                                        generator=generalization._path_generator(3, b, k))
+                assert sample.index is not None
+                y = labels[rows][sample.index].float()
+                expected = (sample.xt + y[:, None, None, None] - sample.ut).square().mean().item()
+                assert values[b, k].item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def evaluated_conditional(tmp_path_factory, fake_cifar):
+    """compute_generalization.py on a tiny class-conditioned icfm checkpoint (sigma 0.1), every sample
+    of class 3 at guidance scale 2 (the fake test images' classes are 0, 1, 2, ...: not those of the
+    samples): (checkpoint path, EMA net, its record, the process)."""
+    from conftest import TINY_UNET_CONFIG
+
+    folder = tmp_path_factory.mktemp("conditional")
+    path, _, ema = save_tiny_checkpoint(folder / "icfm" / "icfm_cifar10_weights_step_9.pt", 9,
+                                        config={**TINY_UNET_CONFIG, "num_classes": 10},
+                                        flags={"model": "icfm", "sigma": 0.1, "ot_pairing": "replacement"},
+                                        condition={"condition": "class", "num_classes": 10, "cond_drop_prob": 0.1})
+    proc = run_cli(folder, [f"--checkpoint={path}", f"--data_dir={fake_cifar[0]}", *TINY, "--guidance_scale=2",
+                            "--label=3"])
+    assert proc.returncode == 0, proc.stderr
+    (record,) = read_jsonl(path.parent / "generalization.jsonl")
+    return path, ema.eval(), record, proc
+
+
+def test_a_conditional_checkpoint_is_scored_per_class_with_its_labels(evaluated_conditional, fake_cifar):
+    """The samples are the guided samples of label 3 at w = 2, and per class their numbers
+    are the library's on them; the test images per their own class; the loss gap with each image's
+    class; the distance to v* of the null-label field."""
+    from cfm.evaluation import memorizing_field
+    from cfm.method.guidance import Guidance, balanced_labels
+
+    path, ema, record, proc = evaluated_conditional
+    _, images, labels = fake_cifar
+    train, train_labels = torch.from_numpy(images), torch.from_numpy(labels).long()
+    test, test_labels = load_cifar10(fake_cifar[0], train=False)
+    assert {k: record[k] for k in ("condition", "guidance_scale", "label")} == {
+        "condition": "class", "guidance_scale": 2.0, "label": 3}
+    requested = balanced_labels(6, 10, label=3)
+    samples, mean_nfe = generate_samples(ema, 6, batch_size=4, method="euler", steps=2, seed=2,
+                                         guidance=Guidance(requested, 2.0))
+    assert mean_nfe == 4  # 2 Euler steps, both rows of each guided call
+    search = generalization.FlipNeighbours(train)
+    found = search.search(samples)
+    expected = {**generalization.memorization_summary(found),
+                **generalization.per_class_memorization(found, requested, train_labels)}
+    assert {k: record["memorization"][k] for k in expected} == expected
+    assert list(record["memorization"]["per_class"]) == ["3"]
+    found_test = search.search(test[:6])
+    assert sorted(record["memorization_test"]["per_class"], key=int) == [str(c) for c in range(6)]
+    expected_test = {**generalization.memorization_summary(found_test),
+                     **generalization.per_class_memorization(found_test, test_labels[:6], train_labels)}
+    assert {k: v for k, v in record["memorization_test"].items() if k != "seconds"} == expected_test
+
+    train_rows, test_rows = generalization.loss_gap_indices(len(train), len(test), 8, seed=2)
+    gap = generalization.loss_gap(ema, make_matcher("icfm", 0.1), train[train_rows], test[test_rows],
+                                  generalization.loss_times(3), batch_size=4, seed=2,
+                                  labels=(train_labels[train_rows], test_labels[test_rows]))
+    assert record["loss_gap"]["net_label"] == "class"
+    for name, value in gap.summary().items():
+        assert record["loss_gap"][name] == pytest.approx(value, rel=1e-6), name
+
+    section = record["memorizing_field"]
+    assert section["net_label"] == "null"
+    times = generalization.loss_times(2).tolist()
+    field = memorizing_field.MemorizingField(train, make_matcher("icfm", 0.1), chunk_size=7)
+    null = lambda t, x: ema(t, x, torch.full((len(x),), 10))  # noqa: E731
+    distance = memorizing_field.field_distance(null, field, memorizing_field.path_points(field.matcher, test[:3], times,
+                                                                                       seed=2), times, batch_size=4)
+    assert section["test_paths"]["distance"] == pytest.approx(distance.per_time, rel=1e-9)
+    labelled = lambda t, x: ema(t, x, torch.zeros(len(x), dtype=torch.int64))  # noqa: E731
+    other = memorizing_field.field_distance(labelled, field, memorizing_field.path_points(field.matcher, test[:3], times,
+                                                                                        seed=2), times, batch_size=4)
+    assert section["test_paths"]["distance"] != pytest.approx(other.per_time, rel=1e-3)  # the label shows
+    mem = record["memorization"]
+    assert f"requested class for {100 * mem['nearest_class_fraction']:.3g}% of the samples" in proc.stdout

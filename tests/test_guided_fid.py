@@ -168,4 +168,4 @@ def test_the_plots_keep_each_guidance_scale_of_a_sweep_apart(tmp_path):
                                               "integration_method": "euler", "integration_steps": 2, "mean_nfe": 2 * w,
                                               "fid": score, "condition": "class", "guidance_scale": w, "label": None})
     curves = results.fid_curves([tmp_path])
-    assert [(c.run.split(", ")[-1], c.x, c.y) for c in curves] == [("w 1", [2.0], [9.0]), ("w 2", [4.0], [7.0])]
+    assert [(c.run.split(", ")[-1], c.x, c.y) for c in curves] == [("w=1", [2.0], [9.0]), ("w=2", [4.0], [7.0])]

@@ -99,7 +99,7 @@ def test_the_script_reports_the_published_formulas_on_the_seeded_batches(tmp_pat
         "checkpoint": str(path), "step": 7, "model": "icfm", "sigma": 0.1, "use_ema": True, "split": "train",
         "num_batches": 3, "batch_size": B, "num_subclasses": K, "cluster_algorithm": "minibatch", "cluster_seed": 42,
         "seed": 5}
-    assert "git_commit" in record["provenance"]
+    assert "git_commit" in record["provenance"] and not {"condition", "net_label"} & set(record)  # unconditional
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith(f"local_loss {record['local_loss']:.4g} ± ") and "(train split, num_batches 3, batch_size 4, seed 5" in line
     assert line.endswith(f"appended to {path.parent / 'locality.jsonl'}")
@@ -186,3 +186,47 @@ def test_bad_input_is_one_sentence_before_any_work(tmp_path, tiny_run, args, mes
     else:
         assert lines == [f"compute_locality.py: {message}"]
     assert not (tmp_path / "no-data").exists() and not (tmp_path / "locality.jsonl").exists()
+
+
+def test_a_conditional_net_gets_each_batchs_class_or_the_null_label(train_split):
+    """class_labels: the net is called as net(t, x, y) with y the batch's class on all 5B rows (a
+    single-cluster batch is of one class); without it a conditional net's net(t, x) is its null-label field."""
+    from conftest import TINY_UNET_CONFIG, random_unet
+
+    net = random_unet({**TINY_UNET_CONFIG, "num_classes": 10}, 2, all_zeroed=True).eval()
+    calls = []
+
+    def labelled(t, x, y):
+        calls.append(y.clone())
+        return net(t, x, y)
+
+    def batches():
+        return locality.HeldOutBatches(*train_split, B, K, 0, make_matcher("icfm", 0.1))
+
+    with_class = locality.evaluate(labelled, batches(), num_batches=2, class_labels=True)
+    sampler = batches().sampler  # its own generator: the clusters of the batches above, in order
+    assert len(calls) == 2
+    for y in calls:
+        _, cluster = sampler.next_batch()
+        assert torch.equal(y, torch.full((5 * B,), int(cluster[0]) // K))
+    null = locality.evaluate(lambda t, x: net(t, x, torch.full((len(x),), 10)), batches(), num_batches=2)
+    assert all(torch.equal(a, b) for a, b in zip(locality.evaluate(net, batches(), 2).values(), null.values()))
+    assert not torch.allclose(with_class["loss_fm"], null["loss_fm"])  # the label shows
+
+
+def test_the_script_scores_a_class_conditioned_checkpoint_with_the_batch_classes(tmp_path, fake_cifar, train_split):
+    from conftest import TINY_UNET_CONFIG
+
+    path, _, ema = save_tiny_checkpoint(tmp_path / "icfm" / "icfm_cifar10_weights_step_5.pt", 5,
+                                        config={**TINY_UNET_CONFIG, "num_classes": 10},
+                                        flags={"model": "icfm", "sigma": 0.1, "ot_pairing": "replacement"},
+                                        condition={"condition": "class", "num_classes": 10, "cond_drop_prob": 0.1})
+    proc = run_cli(tmp_path, [f"--checkpoint={path}", f"--data_dir={fake_cifar[0]}", "--split=train",
+                              "--num_batches=2", f"--batch_size={B}", f"--num_subclasses={K}"])
+    assert proc.returncode == 0, proc.stderr
+    record = read_jsonl(path.parent / "locality.jsonl")[-1]
+    assert (record["condition"], record["net_label"]) == ("class", "class")
+    batches = locality.HeldOutBatches(*train_split, B, K, 0, make_matcher("icfm", 0.1))
+    expected = locality.evaluate(ema.eval(), batches, num_batches=2, class_labels=True)
+    for name, values in expected.items():
+        assert record[name] == pytest.approx(values.mean().item(), rel=1e-6), name

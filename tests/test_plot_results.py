@@ -162,10 +162,9 @@ def test_ratio_histograms_are_densities_and_gap_curves_follow_the_records():
 # ------------------------------------------------------------------------ what the figures show
 
 
-@pytest.fixture
-def drawn(tmp_path, monkeypatch):
-    """{file name: Figure}: plot_results.main run in this process on the fixture runs, each figure
-    captured as it is saved (before it is closed); the plot flags parsed for it, then unparsed."""
+def draw_in_process(monkeypatch, out, run_dirs):
+    """{file name: Figure}: plot_results.main run in this process on `run_dirs`, each figure captured
+    as it is saved (before it is closed); the plot flags parsed for it, then unparsed."""
     import matplotlib.figure
     from absl import flags
 
@@ -180,12 +179,19 @@ def drawn(tmp_path, monkeypatch):
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capturing_savefig)
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["plot_results.py", f"--out={tmp_path}", "--dpi=20"])
+    flags.FLAGS(["plot_results.py", f"--out={out}", "--dpi=20"])
     try:
-        with pytest.warns(UserWarning, match="torn write"):
-            plot_results.main(["plot_results.py", *map(str, RUNS)])
+        plot_results.main(["plot_results.py", *map(str, run_dirs)])
     finally:
         flags.FLAGS.unparse_flags()
+    return figures
+
+
+@pytest.fixture
+def drawn(tmp_path, monkeypatch):
+    """{file name: Figure} of the fixture runs (no conditional checkpoint among them)."""
+    with pytest.warns(UserWarning, match="torn write"):
+        figures = draw_in_process(monkeypatch, tmp_path, RUNS)
     assert set(figures) == {"training_curves.png", "fid_vs_nfe.png", "generalization.png", "memorizing_field.png"}
     return figures
 
@@ -337,3 +343,132 @@ def test_the_report_reads_the_evaluations_own_constants():
 
     assert results.LOCALITY_TERMS is locality.TERMS
     assert results.MEMORIZATION_RATIO is generalization.MEMORIZATION_RATIO
+
+
+# ------------------------------------------------------------------ conditional checkpoints
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def per_class_section(rng, classes):
+    """A memorization section's per-class numbers as compute_generalization.py writes them, from random counts."""
+    section = {}
+    for c in classes:
+        num = int(rng.integers(20, 200))
+        rates = {}
+        for quantity in ("memorized", "nearest_class"):
+            fraction = int(rng.integers(0, num + 1)) / num
+            rates[f"{quantity}_fraction"] = fraction
+            rates[f"{quantity}_ci95"] = list(results.wilson_interval(fraction, num))
+        section[str(c)] = {"num": num, **rates}
+    return {"per_class": section}
+
+
+@pytest.fixture
+def conditional_runs(tmp_path):
+    """Two run folders of conditional checkpoints, with synthetic records (seeded random numbers) as
+    compute_fid.py and compute_generalization.py write them: guidance sweeps written out of order with
+    one scale scored twice, two labels in one folder, KID in one folder only, an unguided record
+    beside them; per-class memorization of the samples and the test images."""
+    rng = np.random.default_rng(0)
+    runs = [tmp_path / "runs" / "otcfm_class", tmp_path / "runs" / "otcfm_cluster"]
+
+    def fid_record(scale, label=None, kid=True):
+        record = {"checkpoint": "c.pt", "step": 1, "model": "otcfm", "use_ema": True, "integration_method": "euler",
+                  "integration_steps": 100, "mean_nfe": 200.0, "num_gen": 1000, "fid_split": "train",
+                  "condition": "class", "guidance_scale": scale, "label": label, "fid": float(rng.uniform(3, 30))}
+        if kid:
+            record.update(kid=float(rng.uniform(0, 0.02)), kid_std=float(rng.uniform(0, 1e-3)))
+        return record
+
+    write_jsonl(runs[0] / "fid.jsonl", [
+        {"checkpoint": "c.pt", "use_ema": True, "integration_method": "euler", "integration_steps": 100,
+         "mean_nfe": 100.0, "num_gen": 1000, "fid_split": "train", "fid": 9.0},  # no guidance_scale: not a point of a guidance curve
+        *(fid_record(w) for w in (3.0, 0.0, 1.0, 2.0)), fid_record(1.0),
+        *(fid_record(w, label=3) for w in (2.0, 0.5))])
+    write_jsonl(runs[1] / "fid.jsonl", [fid_record(w, kid=False) for w in (1.5, 0.5, 4.0)])
+    for run, classes in zip(runs, (range(10), (2, 7))):
+        write_jsonl(run / "generalization.jsonl", [
+            {"checkpoint": "c.pt", "step": 1, "model": "otcfm", "use_ema": True, "condition": "class",
+             "guidance_scale": 1.0, "label": None, "seed": 0,
+             "memorization": {"num": 1000, **per_class_section(rng, classes)},
+             "memorization_test": {"num": 1000, **per_class_section(rng, range(10))}}])
+    return runs
+
+
+def expected_guidance_points(run_dir):
+    """{curve label: {series: [(w, value, error)]}} from the records read here: per label the latest
+    record of each scale, sorted by scale."""
+    latest = {}
+    for record in parse(run_dir / "fid.jsonl"):
+        if "guidance_scale" in record:
+            latest.setdefault(record["label"], {})[record["guidance_scale"]] = record
+    out = {}
+    for label, by_scale in latest.items():
+        name = run_dir.name + ("" if len(latest) == 1 else ", balanced labels" if label is None else f", label {label}")
+        rows = [by_scale[w] for w in sorted(by_scale)]
+        out[name] = {"fid": [(r["guidance_scale"], r["fid"], None) for r in rows]}
+        if all("kid" in r for r in rows):
+            out[name]["kid"] = [(r["guidance_scale"], r["kid"], r["kid_std"]) for r in rows]
+    return out
+
+
+def test_fid_and_kid_against_guidance_scale_are_drawn_as_recorded(conditional_runs, tmp_path, monkeypatch):
+    """FID in one panel and KID (± kid_std) in another, against w: a line per run and label through the
+    latest record of each scale, sorted by scale; records without a scale stay out."""
+    figures = draw_in_process(monkeypatch, tmp_path / "out", conditional_runs)
+    fid_ax, kid_ax = figures["fid_vs_guidance.png"].axes
+    assert (fid_ax.get_xlabel(), fid_ax.get_ylabel(), kid_ax.get_ylabel()) == ("guidance scale w", "FID", "KID")
+    expected = {}
+    for run_dir in conditional_runs:
+        expected.update(expected_guidance_points(run_dir))
+    assert len(expected) == 3
+    for ax, series in ((fid_ax, "fid"), (kid_ax, "kid")):
+        curves = {c.get_label(): c for c in ax.containers}
+        wanted = {name: points[series] for name, points in expected.items() if series in points}
+        assert set(curves) == set(wanted) and len(ax.containers) == len(wanted)
+        for name, points in wanted.items():
+            assert_points(line_points(curves[name].lines[0]), [(w, value) for w, value, _ in points])
+            if series == "kid":
+                segments = curves[name].lines[2][0].get_segments()
+                assert_points([(s[0][0], s[0][1], s[1][1]) for s in segments],
+                              [(w, value - e, value + e) for w, value, e in points])
+    assert [w for w, _, _ in expected["otcfm_class, balanced labels"]["fid"]] == [0.0, 1.0, 2.0, 3.0]
+    # FID against NFE and the best-FID table keep each scale and label apart (one solver setting, many w).
+    table = results.best_fid_table(conditional_runs[:1])
+    for record in parse(conditional_runs[0] / "fid.jsonl")[1:]:
+        label = "balanced labels" if record["label"] is None else f"label {record['label']}"
+        assert f"| otcfm_class, w={record['guidance_scale']:g}, {label} | euler | " in table
+    assert len(table.splitlines()) == 2 + 1 + 4 + 2  # the unguided record, 4 balanced scales, 2 of label 3
+    # The scale scored twice is drawn with its latest value.
+    first = [r["fid"] for r in parse(conditional_runs[0] / "fid.jsonl") if r.get("guidance_scale") == 1.0]
+    assert dict(line_points(next(c for c in fid_ax.containers if c.get_label().endswith("balanced labels"))
+                            .lines[0]))[1.0] == first[-1] != first[0]
+
+
+def test_memorization_per_class_is_drawn_with_its_wilson_intervals(conditional_runs, tmp_path, monkeypatch):
+    """A panel for the fraction memorized and one for the nearest-class fraction: per run a line for the
+    samples (solid) and the test images (dashed) through each class's recorded fraction, error bars
+    from its recorded 95% Wilson interval."""
+    figures = draw_in_process(monkeypatch, tmp_path / "out", conditional_runs)
+    axes = figures["memorization_per_class.png"].axes
+    assert [ax.get_ylabel() for ax in axes] == ["fraction memorized (d1 < d2 / 3)", "nearest training image of the class"]
+    for ax, quantity in zip(axes, ("memorized", "nearest_class")):
+        expected = {}
+        for run_dir in conditional_runs:
+            record = parse(run_dir / "generalization.jsonl")[-1]
+            for section, series in (("memorization", "samples"), ("memorization_test", "test images")):
+                rows = sorted(record[section]["per_class"].items(), key=lambda item: int(item[0]))
+                expected[f"{run_dir.name}: {series}"] = [(int(c), row[f"{quantity}_fraction"], *row[f"{quantity}_ci95"])
+                                                         for c, row in rows]
+        curves = {c.get_label(): c for c in ax.containers}
+        assert set(curves) == set(expected) and len(ax.containers) == 4
+        for name, points in expected.items():
+            line = curves[name].lines[0]
+            assert_points(line_points(line), [(c, y) for c, y, _, _ in points])
+            assert line.get_linestyle() == ("-" if name.endswith("samples") else "--")
+            segments = curves[name].lines[2][0].get_segments()
+            assert_points([(s[0][0], s[0][1], s[1][1]) for s in segments], [(c, low, high) for c, _, low, high in points])

@@ -29,6 +29,14 @@ t ~ U(0, 1)), with the same noise: batch b of the train set and batch b of the t
 same x0 (keyed by image position), the same t_k and the same path draws (OT pairing, eps), so
 their difference is a paired one. Per-batch losses give means and standard errors over batches.
 
+**Label-conditioned nets.** Each sample was drawn with a label, so memorization is also counted per
+CIFAR-10 class (a cluster label ``class * S + sub`` counts for its class): the fraction memorized
+with its 95% Wilson interval, and how often the nearest training image is of the requested class
+(`per_class_memorization`). The loss gap evaluates ``v(t, x | y)`` with each image's own class where
+the net's labels are classes (training fit that field on 90% of its rows, and test images have
+classes too, so the comparison stays paired); the labels of a cluster-conditioned net are clusters
+of the training split only, which a test image does not have, so there both splits get the null label.
+
 Usage::
 
     search = FlipNeighbours(train_images, device)              # uint8 [N, 3, 32, 32]
@@ -37,6 +45,7 @@ Usage::
     train, test = loss_gap_images(train_images, test_images, num_images=10000, seed=0)
     gap = loss_gap(net, matcher, train, test, loss_times(10), batch_size=128, seed=0)
     gap.summary()                                              # per time and overall, with standard errors
+    per_class_memorization(neighbours, label_classes(sample_labels, 10), train_labels)   # a conditional net's
 """
 
 from __future__ import annotations
@@ -53,9 +62,11 @@ from tqdm import tqdm
 
 from cfm.evaluation.constants import MEMORIZATION_RATIO  # d_(1) < d_(2) / 3: memorized
 from cfm.evaluation.locality import mean_and_error
+from cfm.evaluation.results import wilson_interval
 from cfm.evaluation.sampling import batch_ranges, gather_batches, noise
 from cfm.io.cifar10 import to_model_range
 from cfm.io.distributed import World, process_rank
+from cfm.method.clustering import NUM_CLASSES
 from cfm.method.flow_matching import FlowMatcher
 
 # Quantiles of the ratio d_(1) / d_(2) reported; the low ones say how close the tail is to copying.
@@ -191,6 +202,47 @@ def memorization_summary(neighbours: Neighbours) -> dict:
     }
 
 
+def label_classes(labels: Tensor, num_labels: int) -> Tensor:
+    """The CIFAR-10 class of each label int64 ``[N]`` of a net with `num_labels` labels: class labels
+    are the classes; cluster labels ``class * S + sub`` (``num_labels = 10 S``) give ``label // S``."""
+    if num_labels % NUM_CLASSES:
+        raise ValueError(f"{num_labels} labels are neither CIFAR-10's classes nor clusters of them (10 per class "
+                         f"count): no class per label.")
+    return labels.div(num_labels // NUM_CLASSES, rounding_mode="floor")
+
+
+def _rate(name: str, hits: Tensor) -> dict:
+    """``{name}_fraction`` of the bool ``[n]`` `hits` and its 95% Wilson interval ``{name}_ci95``."""
+    fraction = hits.double().mean().item()
+    return {f"{name}_fraction": fraction, f"{name}_ci95": list(wilson_interval(fraction, len(hits)))}
+
+
+def per_class_memorization(neighbours: Neighbours, classes: Tensor, train_labels: Tensor) -> dict:
+    """Memorization per class of N searched images of known (or requested) class.
+
+    Args:
+        neighbours: the search of the N images.
+        classes: int64 ``[N]`` each image's class: for a conditional net's samples the class of the
+            label it was sampled with (`label_classes`), for test images their own.
+        train_labels: int64 ``[R]`` the classes of the searched training images.
+
+    Returns ``nearest_class_fraction`` (how often the nearest training image, ``train_labels[index_1]``,
+    is of the image's class) with its 95% Wilson interval ``nearest_class_ci95``, and ``per_class``
+    {class: {num, memorized_fraction, memorized_ci95, nearest_class_fraction, nearest_class_ci95}}
+    for each class present. For samples of a conditional net the first says whether the samples look
+    (in pixels) like their class; the test images' own fraction, a nearest-neighbour classifier's
+    accuracy, is the baseline it compares with.
+    """
+    memorized = neighbours.memorized
+    same = train_labels.cpu()[neighbours.index[:, 0]] == classes.cpu()
+    per_class = {}
+    for c in classes.unique().tolist():
+        rows = classes.cpu() == c
+        per_class[str(c)] = {"num": int(rows.sum()), **_rate("memorized", memorized[rows]),
+                             **_rate("nearest_class", same[rows])}
+    return {**_rate("nearest_class", same), "per_class": per_class}
+
+
 def most_memorized_grid(queries: Tensor, neighbours: Neighbours, references: Tensor, num: int) -> Tensor:
     """uint8 ``[3 num, C, H, W]``: the `num` queries of lowest ratio (most memorized first), then
     their nearest training images, then their second nearest, each in the orientation that matched;
@@ -208,15 +260,22 @@ def loss_times(num_times: int) -> Tensor:
     return (torch.arange(num_times, dtype=torch.float64) + 0.5).div(num_times).float()
 
 
-def loss_gap_images(train_images: Tensor, test_images: Tensor, num_images: int, seed: int) -> tuple[Tensor, Tensor]:
-    """`num_images` training images and as many test images, each set in a seeded random order
-    (one CPU generator seeded with `seed`: the training subset first, then the test order)."""
-    if not 0 < num_images <= min(len(train_images), len(test_images)):
-        raise ValueError(f"num_images={num_images} must be positive and at most the {len(test_images)} test and "
-                         f"{len(train_images)} training images.")
+def loss_gap_indices(num_train: int, num_test: int, num_images: int, seed: int) -> tuple[Tensor, Tensor]:
+    """int64 ``[num_images]`` twice: which training images and which test images the loss gap uses, each
+    set in a seeded random order (one CPU generator seeded with `seed`: the training subset first, then
+    the test order). Index the images with them, and the labels where a conditional net needs them."""
+    if not 0 < num_images <= min(num_train, num_test):
+        raise ValueError(f"num_images={num_images} must be positive and at most the {num_test} test and "
+                         f"{num_train} training images.")
     g = torch.Generator().manual_seed(seed)
-    train = torch.randperm(len(train_images), generator=g)[:num_images]
-    test = torch.randperm(len(test_images), generator=g)[:num_images]
+    train = torch.randperm(num_train, generator=g)[:num_images]
+    test = torch.randperm(num_test, generator=g)[:num_images]
+    return train, test
+
+
+def loss_gap_images(train_images: Tensor, test_images: Tensor, num_images: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The images of `loss_gap_indices`: `num_images` training images and as many test images."""
+    train, test = loss_gap_indices(len(train_images), len(test_images), num_images, seed)
     return train_images[train], test_images[test]
 
 
@@ -224,6 +283,11 @@ def _path_generator(seed: int, batch: int, time: int) -> torch.Generator:
     """The CPU generator of batch `batch` at time index `time`: the same for both splits."""
     key = np.random.SeedSequence([seed % 2**64, LOSS_SEED_OFFSET, batch, time]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(key))
+
+
+def _row_labels(labels: Tensor, sample) -> Tensor:
+    """The label of each row of `sample` (``FlowSample``): its image's, through OT's re-pairing."""
+    return labels if sample.index is None else labels[sample.index.cpu()]
 
 
 @dataclass
@@ -258,10 +322,13 @@ class LossGap:
 @torch.no_grad()
 def loss_gap(net: torch.nn.Module, matcher: FlowMatcher, train_images: Tensor, test_images: Tensor, times: Tensor,
              batch_size: int, seed: int, world: World | None = None, device: torch.device | str = "cpu",
-             progress: bool = False) -> LossGap | None:
-    """``loss_fm`` of `net` (called as ``net(t, x)``) on the train and test images (uint8
-    ``[M, C, H, W]`` each, CPU) at each of `times`, on the path of `matcher`, in
-    ``M // batch_size`` whole batches (the OT pairing of otcfm is that of a training batch).
+             progress: bool = False, labels: tuple[Tensor, Tensor] | None = None) -> LossGap | None:
+    """``loss_fm`` of `net` (called as ``net(t, x)``, or ``net(t, x, y)`` with `labels`) on the train
+    and test images (uint8 ``[M, C, H, W]`` each, CPU) at each of `times`, on the path of `matcher`,
+    in ``M // batch_size`` whole batches (the OT pairing of otcfm is that of a training batch).
+
+    `labels`: int64 ``[M]`` for each split, the label a conditional net gets for each image; a row
+    re-paired by OT keeps its image's label (``FlowSample.index``), as in training.
 
     Batch b of either split: x0 = ``sampling.noise`` of positions ``b B .. (b + 1) B - 1`` (seed
     offset by LOSS_SEED_OFFSET); at time t_k the path's draws come from a generator keyed by
@@ -281,11 +348,13 @@ def loss_gap(net: torch.nn.Module, matcher: FlowMatcher, train_images: Tensor, t
         batch = indices.start // batch_size
         x0 = noise(indices, tuple(train_images.shape[1:]), seed + LOSS_SEED_OFFSET)
         losses = []
-        for images in (train_images, test_images):
+        for images, split_labels in zip((train_images, test_images), labels or (None, None)):
             x1 = to_model_range(images[indices.start:indices.stop])
             for k, t in enumerate(times.tolist()):
                 sample = matcher.sample(x0, x1, t=t, generator=_path_generator(seed, batch, k))
-                v = net(sample.t.to(device), sample.xt.to(device))
+                y = () if split_labels is None else (_row_labels(split_labels[indices.start:indices.stop], sample)
+                                                     .to(device),)
+                v = net(sample.t.to(device), sample.xt.to(device), *y)
                 losses.append(F.mse_loss(v.float(), sample.ut.to(device)))
         per_batch.append(torch.stack(losses).view(2, len(times)))
     per_batch = list(torch.stack(per_batch).double().cpu()) if per_batch else []

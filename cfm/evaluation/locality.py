@@ -64,6 +64,7 @@ class HeldOutBatch:
         ut: ``[B, ...]`` the path's target velocity.
         local: ``[B, ...]`` u - s (the local loss's context).
         anchor: ``(e, x1)``, ``[B, ...]`` each (the anchor loss's context).
+        classes: int64 ``[B]`` the CIFAR-10 class of the batch's images (one cluster: one class).
     """
 
     t: Tensor
@@ -71,6 +72,7 @@ class HeldOutBatch:
     ut: Tensor
     local: Tensor
     anchor: tuple[Tensor, Tensor]
+    classes: Tensor
 
 
 class HeldOutBatches:
@@ -112,13 +114,19 @@ class HeldOutBatches:
         t_local, x_local, local, _ = self.local.extra_inputs(x1, x0, cluster, None, generator=g)
         t_anchor, x_anchor, anchor, _ = self.anchors["full"].extra_inputs(x1, x0, cluster, sample, generator=g)
         return HeldOutBatch(t=torch.cat([sample.t, t_local, t_anchor]), x=torch.cat([sample.xt, x_local, x_anchor]),
-                            ut=sample.ut, local=local, anchor=anchor)
+                            ut=sample.ut, local=local, anchor=anchor,
+                            classes=cluster.div(self.sampler.num_subclasses, rounding_mode="floor"))
 
 
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, batches: HeldOutBatches, num_batches: int, device: torch.device | str = "cpu",
-             progress: bool = False) -> dict[str, Tensor]:
+             progress: bool = False, class_labels: bool = False) -> dict[str, Tensor]:
     """The four losses of `net` (called as ``net(t, x)``) on the next `num_batches` batches.
+
+    `class_labels`: a class-conditioned net is called as ``net(t, x, y)`` with y the batch's class on
+    all 5B rows (every row is an image of the batch's cluster, or a point between two of them, or
+    its centroid: all of one class), the labels its training gave those rows; without it a
+    conditional net takes ``net(t, x)`` as the null label.
 
     Returns name -> float64 ``[num_batches]`` (CPU) for each of :data:`TERMS`, one value per batch.
     The batches are drawn on the CPU and sent to `device`; the values come back in one copy at the end.
@@ -127,7 +135,8 @@ def evaluate(net: torch.nn.Module, batches: HeldOutBatches, num_batches: int, de
     for _ in tqdm(range(num_batches), desc="locality", disable=not progress, dynamic_ncols=True):
         batch = batches.next_batch()
         size = len(batch.ut)
-        v = net(batch.t.to(device), batch.x.to(device))
+        y = (batch.classes.repeat(5).to(device),) if class_labels else ()
+        v = net(batch.t.to(device), batch.x.to(device), *y)
         vt, v_local, v_anchor = v.split([size, 2 * size, 2 * size])
         anchor = tuple(part.to(device) for part in batch.anchor)
         values["local_loss"].append(batches.local.loss(None, v_local, batch.local.to(device)))

@@ -6,12 +6,15 @@ A run folder holds what training and compute_fid.py write there:
                      name such as `otcfm_cifar10_metrics.jsonl`); `{"event": "start", ...}` lines mark
                      (re)starts, and non-finite values are stored as null
     fid.jsonl        one record per compute_fid.py setting: integration_method, integration_steps or
-                     tol, mean_nfe, fid, num_gen, fid_split, checkpoint, use_ema, ...
+                     tol, mean_nfe, fid, num_gen, fid_split, checkpoint, use_ema, ...; a conditional
+                     checkpoint's also guidance_scale, label (null: class-balanced) and kid, kid_std
     locality.jsonl   one record per compute_locality.py evaluation: the held-out local and anchor
                      losses and loss_fm (mean and standard error), split, seed, batches, ...
     generalization.jsonl  one record per compute_generalization.py evaluation: sections
                      `memorization` (generated samples), `memorization_test` (test images) and
-                     `loss_gap` (loss_fm on train and test images against t)
+                     `loss_gap` (loss_fm on train and test images against t); a conditional
+                     checkpoint's also guidance_scale, label and, in both memorization sections,
+                     `per_class` (fraction memorized and nearest-class fraction, Wilson intervals)
 
 Every file goes through ``run_files.read_jsonl`` (a torn line is skipped with a warning). The
 plotting itself lives in plot_results.py; this module only reads and arranges, so it is tested
@@ -33,12 +36,15 @@ from cfm.io.run_files import read_jsonl
 # the other reference, another sample count, a conditional checkpoint's guidance scale or label; an
 # unconditional checkpoint's records have neither): a field that varies within a folder enters the label.
 EVALUATION_FIELDS = ("checkpoint", "use_ema", "fid_split", "num_gen", "guidance_scale", "label")
+# fid.jsonl fields that make one curve of FID against the guidance scale (with the solver setting).
+GUIDANCE_CURVE_FIELDS = tuple(f for f in EVALUATION_FIELDS if f != "guidance_scale")
 # locality.jsonl fields that make an evaluation: records that differ in one were scored on other numbers.
 LOCALITY_SETTING = ("checkpoint", "use_ema", "split", "num_batches", "batch_size", "num_subclasses",
                     "cluster_algorithm", "cluster_seed", "seed")
 # generalization.jsonl fields (section.field for a section's) that make an evaluation: records that
-# differ in one were scored on other numbers; the first four, where they vary in a folder, label it.
-GENERALIZATION_SETTING = ("checkpoint", "use_ema", "seed", "memorization.num", "memorization.samples",
+# differ in one were scored on other numbers; the first six, where they vary in a folder, label it.
+GENERALIZATION_SETTING = ("checkpoint", "use_ema", "seed", "memorization.num", "guidance_scale", "label",
+                          "memorization.samples",
                           "memorization.integration_method", "memorization.integration_steps", "memorization.tol",
                           "memorization_test.num", "loss_gap.images", "loss_gap.batch_size", "loss_gap.times")
 # `regularized_loss` repeats `local_loss` / `anchor_loss` under the published name: not drawn twice.
@@ -54,6 +60,7 @@ class Curve:
     x: list[float] = field(default_factory=list)
     y: list[float] = field(default_factory=list)
     error: list[float] = field(default_factory=list)  # standard errors of y, where known
+    bounds: list[tuple[float, float]] = field(default_factory=list)  # an interval of each y (asymmetric), where known
 
 
 def check_run_dirs(run_dirs: Sequence[str | Path]) -> list[Path]:
@@ -132,9 +139,9 @@ def _describe(field_name: str, value) -> str:
     if field_name == "seed":
         return f"seed {value}"
     if field_name == "guidance_scale":
-        return f"w {value:g}" if value is not None else "unguided"
+        return "unconditional" if value is None else f"w={value:g}"
     if field_name == "label":
-        return f"label {value}" if value is not None else "balanced labels"
+        return "balanced labels" if value is None else f"label {value}"
     return f"{value} samples"
 
 
@@ -170,6 +177,37 @@ def fid_curves(run_dirs: Sequence[Path]) -> list[Curve]:
         for solver in evaluation.solvers():
             points = sorted((r["mean_nfe"], r["fid"]) for r in evaluation.records if r["integration_method"] == solver)
             curves.append(Curve(evaluation.label, solver, [p[0] for p in points], [p[1] for p in points]))
+    return curves
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def guidance_curves(run_dirs: Sequence[Path]) -> list[Curve]:
+    """FID (series 'fid') and, where recorded, KID (series 'kid', error kid_std) against the guidance
+    scale w: one curve per run folder, GUIDANCE_CURVE_FIELDS and solver setting, through the latest
+    scored record of each scale, sorted by scale. Labels name the run, plus what varies in its folder."""
+    curves = []
+    labels = run_labels(run_dirs)
+    for run_dir in run_dirs:
+        records = [r for r in read_jsonl(run_dir / "fid.jsonl") if _is_number(r.get("guidance_scale"))
+                   and _is_number(r.get("fid")) and r.get("integration_method")]
+        parts = {id(r): [*(_describe(f, r.get(f)) for f in GUIDANCE_CURVE_FIELDS),
+                         f"{r['integration_method']} {setting_of(r)}"] for r in records}
+        varying = [i for i in range(len(GUIDANCE_CURVE_FIELDS) + 1) if len({parts[id(r)][i] for r in records}) > 1]
+        groups: dict[tuple, dict[float, dict]] = {}
+        for record in records:  # in file order: a scale scored again keeps its latest record
+            groups.setdefault(tuple(parts[id(record)]), {})[record["guidance_scale"]] = record
+        for key, latest in groups.items():
+            label = ", ".join([labels[run_dir], *(key[i] for i in varying)])
+            scales = sorted(latest)
+            curves.append(Curve(label, "fid", scales, [latest[w]["fid"] for w in scales]))
+            scored = [w for w in scales if _is_number(latest[w].get("kid"))]
+            if scored:
+                errors = [latest[w].get("kid_std") for w in scored]
+                curves.append(Curve(label, "kid", scored, [latest[w]["kid"] for w in scored],
+                                    [e if _is_number(e) else math.nan for e in errors]))
     return curves
 
 
@@ -239,7 +277,7 @@ def generalization_records(run_dirs: Sequence[Path]) -> list[GeneralizationRecor
         latest: dict[tuple, dict] = {}
         for record in read_jsonl(run_dir / "generalization.jsonl"):
             latest[tuple(str(_field(record, f)) for f in GENERALIZATION_SETTING)] = record
-        varying = [f for f in GENERALIZATION_SETTING[:4] if len({str(_field(r, f)) for r in latest.values()}) > 1]
+        varying = [f for f in GENERALIZATION_SETTING[:6] if len({str(_field(r, f)) for r in latest.values()}) > 1]
         for record in latest.values():
             label = ", ".join([labels[run_dir], *(_describe(f.rpartition(".")[2], _field(record, f)) for f in varying)])
             out.append(GeneralizationRecord(label, run_dir, record))
@@ -269,6 +307,28 @@ def gap_curves(run_dirs: Sequence[Path]) -> list[Curve]:
         if gap.get("times") and gap.get("gap"):
             error = [e if isinstance(e, (int, float)) else math.nan for e in gap.get("gap_se") or []]
             curves.append(Curve(evaluation.label, "gap", gap["times"], gap["gap"], error))
+    return curves
+
+
+# The memorization sections with per-class numbers (conditional checkpoints), as the plot names them.
+PER_CLASS_SECTIONS = {"memorization": "samples", "memorization_test": "test images"}
+
+
+def per_class_curves(run_dirs: Sequence[Path], quantity: str = "memorized") -> list[Curve]:
+    """Per class, the `quantity` fraction of a conditional checkpoint's evaluation ("memorized", or
+    "nearest_class": the nearest training image is of the requested class) with its 95% Wilson
+    interval (`bounds`): one curve per evaluation and PER_CLASS_SECTIONS (series: its name), x the
+    classes in order."""
+    curves = []
+    for evaluation in generalization_records(run_dirs):
+        for section, series in PER_CLASS_SECTIONS.items():
+            per_class = _field(evaluation.record, f"{section}.per_class") or {}
+            classes = sorted(per_class, key=int)
+            if classes:
+                rows = [per_class[c] for c in classes]
+                curves.append(Curve(evaluation.label, series, [int(c) for c in classes],
+                                    [row[f"{quantity}_fraction"] for row in rows],
+                                    bounds=[tuple(row[f"{quantity}_ci95"]) for row in rows]))
     return curves
 
 
