@@ -52,7 +52,7 @@ from absl import app, flags
 from cfm.cli import checkpoint_flags, guidance_flags
 from cfm.cli.flag_defs import define
 from cfm.config import CheckpointSpec, FIDConfig
-from cfm.evaluation import checkpoints, generalization, memorizing_field, results
+from cfm.evaluation import checkpoints, generalization, generalization_results, memorizing_field, results
 from cfm.evaluation.sampling import gather_batches, generate_samples, noise, write_image_grid
 from cfm.evaluation.solvers import SolverSetting
 from cfm.io import cifar10, errors, run_files
@@ -302,8 +302,8 @@ SECTIONS: dict[str, Callable[[Evaluation], dict | None]] = {
 def summary(record: dict) -> str:
     """One line: the headline numbers of each section."""
     mem, test, gap = record["memorization"], record["memorization_test"], record["loss_gap"]
-    return (f"memorized {results.format_memorized(mem)} of {mem['num']} samples (test images: "
-            f"{results.format_memorized(test)}), median ratio "
+    return (f"memorized {generalization_results.format_memorized(mem)} of {mem['num']} samples (test images: "
+            f"{generalization_results.format_memorized(test)}), median ratio "
             f"{mem['ratio_quantiles']['0.5']:.3f} (test {test['ratio_quantiles']['0.5']:.3f}), nearest distance "
             f"{mem['nearest_distance']:.2f} (test {test['nearest_distance']:.2f}); loss_fm train "
             f"{results.format_mean_error(gap['loss_train'], gap['loss_train_se'])}, test "
@@ -327,7 +327,7 @@ def field_summary(record: dict) -> str:
     if field is None:
         return ""
     sampler = field.get("sampler")
-    memorized = f"; v* sampler memorized {results.format_memorized(sampler)}" if sampler else ""
+    memorized = f"; v* sampler memorized {generalization_results.format_memorized(sampler)}" if sampler else ""
     reference = ("" if field["vstar_is_minimizer"] else
                  f" (icfm's v*, a reference: {record['model']} couples noise and data, so it is not the minimizer)")
     return (f"; distance to v*{reference} {field['test_paths']['overall']:.3f} on test paths, "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from cfm.evaluation import results
+from cfm.evaluation import generalization_results, results
 from cfm.io.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -125,7 +125,7 @@ def draw_memorizing_field(curves: list[results.Curve], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colour = colours(c.run for c in curves)
-    styles = dict(zip(results.FIELD_POINT_SETS.values(), ("-", "--")))
+    styles = dict(zip(generalization_results.FIELD_POINT_SETS.values(), ("-", "--")))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for curve in curves:
         ax.plot(curve.x, curve.y, linestyle=styles[curve.series], marker="o", markersize=3, color=colour[curve.run],
@@ -199,13 +199,13 @@ def main(argv):
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    generalization = results.ratio_histograms(run_dirs) + results.gap_curves(run_dirs)
+    generalization = generalization_results.ratio_histograms(run_dirs) + generalization_results.gap_curves(run_dirs)
     per_class = {quantity: curves for quantity in PER_CLASS_PANELS
-                 if (curves := results.per_class_curves(run_dirs, quantity))}
+                 if (curves := generalization_results.per_class_curves(run_dirs, quantity))}
     figures = [("training_curves.png", results.training_curves(run_dirs), draw_training_curves, "*metrics.jsonl"),
                ("fid_vs_nfe.png", results.fid_curves(run_dirs), draw_fid_vs_nfe, "fid.jsonl records"),
                ("generalization.png", generalization, draw_generalization, "generalization.jsonl records"),
-               ("memorizing_field.png", results.field_distance_curves(run_dirs), draw_memorizing_field,
+               ("memorizing_field.png", generalization_results.field_distance_curves(run_dirs), draw_memorizing_field,
                 "distances to v* in generalization.jsonl"),
                ("fid_vs_guidance.png", results.guidance_curves(run_dirs), draw_fid_vs_guidance,
                 "fid.jsonl records with a guidance_scale"),
@@ -224,7 +224,7 @@ def main(argv):
     if locality:
         (out / "locality.md").write_text(locality)
         print(locality, end="")
-    generalization_table = results.generalization_table(run_dirs)
+    generalization_table = generalization_results.generalization_table(run_dirs)
     if generalization_table:
         (out / "generalization.md").write_text(generalization_table)
         print(generalization_table, end="")

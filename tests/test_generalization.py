@@ -117,16 +117,16 @@ def test_the_memorization_threshold_is_one_third_on_both_sides():
 
 
 def test_the_memorized_fraction_is_reported_with_the_wilson_interval_of_scipy():
-    """results.format_memorized: the 95% Wilson interval, equal to scipy's on the same counts; 0 of 64
+    """format_memorized: the 95% Wilson interval, equal to scipy's on the same counts; 0 of 64
     memorized is 0-5.7%, not '0 ± 0%'."""
     from scipy.stats import binomtest
 
-    from cfm.evaluation import results
+    from cfm.evaluation import generalization_results
 
     for memorized, num in ((0, 64), (3, 15), (80, 10000), (64, 64)):
         expected = binomtest(memorized, num).proportion_ci(confidence_level=0.95, method="wilson")
-        assert results.wilson_interval(memorized / num, num) == pytest.approx((expected.low, expected.high), abs=1e-12)
-    assert results.format_memorized({"memorized_fraction": 0.0, "num": 64}) == "0% (95% CI 0-5.7%)"
+        assert generalization.wilson_interval(memorized / num, num) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    assert generalization_results.format_memorized({"memorized_fraction": 0.0, "num": 64}) == "0% (95% CI 0-5.7%)"
 
 
 def test_chunked_equals_unchunked():

@@ -16,7 +16,7 @@ from conftest import SUBPROCESS_TIMEOUT_S
 from matplotlib.colors import to_rgba
 from PIL import Image
 
-from cfm.evaluation import results
+from cfm.evaluation import generalization_results, results
 from cfm.io.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_the_script_renders_every_figure_and_the_table(tmp_path):
     with Image.open(out / "generalization.png") as image:
         assert image.size == (550, 210)  # 11 x 4.2 inches
     with pytest.warns(UserWarning, match="torn write"):
-        generalization = results.generalization_table(RUNS)
+        generalization = generalization_results.generalization_table(RUNS)
     assert (out / "generalization.md").read_text() == generalization and generalization in proc.stdout
 
 
@@ -122,7 +122,7 @@ def test_locality_table_keeps_the_latest_record_of_each_setting():
 
 @pytest.mark.filterwarnings("ignore:.*torn write")
 def test_generalization_table_keeps_the_latest_record_beside_the_best_fid_and_local_loss():
-    table = results.generalization_table(RUNS).splitlines()
+    table = generalization_results.generalization_table(RUNS).splitlines()
     assert table[0].startswith("| run | checkpoint | step | weights | seed | samples | memorized | median ratio |")
     rows = {row.split(" | ")[0].lstrip("| "): row for row in table[2:]}
     assert set(rows) == {"otcfm, EMA", "otcfm, raw net", "otcfm_local_1e0"}
@@ -137,12 +137,12 @@ def test_generalization_table_keeps_the_latest_record_beside_the_best_fid_and_lo
     assert rows["otcfm, EMA"].endswith("| 3.62 | 0.45 ± 0.01 |")
     assert rows["otcfm, raw net"].endswith("| - | - |")  # no FID nor locality of the raw net
     assert rows["otcfm_local_1e0"].endswith("| - | 0.12 |")
-    assert results.generalization_table([REPO / "tests/data/runs/icfm"]) == ""
+    assert generalization_results.generalization_table([REPO / "tests/data/runs/icfm"]) == ""
 
 
 def test_ratio_histograms_are_densities_and_gap_curves_follow_the_records():
     runs = [REPO / "tests/data/runs/otcfm", REPO / "tests/data/runs/otcfm_local_1e0"]
-    histograms = results.ratio_histograms(runs)
+    histograms = generalization_results.ratio_histograms(runs)
     assert [(c.run, c.series) for c in histograms] == [
         (run, series) for run in ("otcfm, EMA", "otcfm, raw net", "otcfm_local_1e0")
         for series in ("samples", "test images")]
@@ -153,7 +153,7 @@ def test_ratio_histograms_are_densities_and_gap_curves_follow_the_records():
         if curve.run in records and curve.series == "samples":
             counts = records[curve.run]["memorization"]["ratio_histogram"]
             assert curve.y == pytest.approx([50 * c / sum(counts) for c in counts])
-    gaps = {c.run: c for c in results.gap_curves(runs)}
+    gaps = {c.run: c for c in generalization_results.gap_curves(runs)}
     for run, record in records.items():
         assert (gaps[run].x, gaps[run].y, gaps[run].error) == (
             record["loss_gap"]["times"], record["loss_gap"]["gap"], record["loss_gap"]["gap_se"])
@@ -330,10 +330,10 @@ def test_memorizing_field_figure_draws_each_runs_distance_to_vstar_as_recorded(d
 
 @pytest.mark.filterwarnings("ignore:.*torn write")
 def test_field_distance_columns_of_the_generalization_table():
-    rows = {row.split(" | ")[0].lstrip("| "): row for row in results.generalization_table(RUNS).splitlines()[2:]}
+    rows = {row.split(" | ")[0].lstrip("| "): row for row in generalization_results.generalization_table(RUNS).splitlines()[2:]}
     section = latest_generalization(REPO / "tests/data/runs/otcfm")["memorizing_field"]
     assert (f"| {section['trajectories']['overall']:.3f} | {section['test_paths']['overall']:.3f} | "
-            f"{results.format_memorized(section['sampler'])} | 3.62 |") in rows["otcfm, EMA"]
+            f"{generalization_results.format_memorized(section['sampler'])} | 3.62 |") in rows["otcfm, EMA"]
     assert "| - | - | - | - | - |" in rows["otcfm, raw net"]  # no distance, sampler, FID or locality
 
 
@@ -362,7 +362,7 @@ def per_class_section(rng, classes):
         for quantity in ("memorized", "nearest_class"):
             fraction = int(rng.integers(0, num + 1)) / num
             rates[f"{quantity}_fraction"] = fraction
-            rates[f"{quantity}_ci95"] = list(results.wilson_interval(fraction, num))
+            rates[f"{quantity}_ci95"] = list(generalization_results.wilson_interval(fraction, num))
         section[str(c)] = {"num": num, **rates}
     return {"per_class": section}
 

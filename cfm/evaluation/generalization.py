@@ -62,7 +62,6 @@ from tqdm import tqdm
 
 from cfm.evaluation.constants import MEMORIZATION_RATIO  # d_(1) < d_(2) / 3: memorized
 from cfm.evaluation.locality import mean_and_error
-from cfm.evaluation.results import wilson_interval
 from cfm.evaluation.sampling import batch_ranges, gather_batches, noise
 from cfm.io.cifar10 import to_model_range
 from cfm.io.distributed import World, process_rank
@@ -75,6 +74,23 @@ RATIO_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5)
 RATIO_BINS = 50
 # The loss gap's noise and path draws are keyed apart from the samples' noise of the same seed.
 LOSS_SEED_OFFSET = 2_000_003
+
+
+# The normal quantile of a two-sided 95% interval.
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(fraction: float, num: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (`fraction` of `num` trials):
+
+        centre = (p + z^2 / 2n) / (1 + z^2 / n),   half = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n)
+
+    Unlike p ± z sqrt(p (1 - p) / n), it does not collapse to a point at p = 0 or 1 (0 of 64 is
+    0-5.7%, not "0 ± 0%"), and it stays inside [0, 1]."""
+    scale = 1 + z * z / num
+    centre = (fraction + z * z / (2 * num)) / scale
+    half = z * math.sqrt(fraction * (1 - fraction) / num + z * z / (4 * num * num)) / scale
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass
