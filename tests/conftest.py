@@ -11,6 +11,12 @@ from cfm.config import UNetConfig
 from cfm.io.cifar10 import CIFAR10_DIR, TEST_BATCHES, TRAIN_BATCHES
 from cfm.method.unet import UNetModel
 
+# Under pytest-xdist (make test) the workers share the cores: one thread each, and for the processes a
+# test starts (they inherit the environment); N workers x N threads would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # How long a test waits for a subprocess (a script, a torchrun job) or for its progress before it
 # fails: the one setting every such wait scales from, generous so that a slow or busy machine makes
 # the suite slower, not red. Raise it with the environment variable CFM_TEST_TIMEOUT_S (seconds).

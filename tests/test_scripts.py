@@ -173,6 +173,8 @@ def relative_difference(a, b):
     return diff / scale
 
 
+# The tests of `world_runs` (module-scoped: 7 script runs) share one xdist worker, or each worker would train them.
+@pytest.mark.xdist_group("world_runs")
 @pytest.mark.parametrize("name", ["otcfm", "icfm", "anchor"])
 def test_two_processes_train_what_one_process_trains(world_runs, name):
     one, two = world_runs[f"{name}1"], world_runs[f"{name}2"]
@@ -184,10 +186,12 @@ def test_two_processes_train_what_one_process_trains(world_runs, name):
     assert two["flags"]["batch_size"] == 8  # global: 4 rows per rank
 
 
+@pytest.mark.xdist_group("world_runs")
 def test_a_checkpoint_of_two_processes_resumes_on_one(world_runs):
     assert relative_difference(world_runs["otcfm1"]["net_model"], world_runs["otcfm2->1"]["net_model"]) <= 1e-5
 
 
+@pytest.mark.xdist_group("world_runs")
 def test_local_ot_scope_pairs_within_each_rank(world_runs, fake_cifar, tmp_path):
     """--ot_scope=local (the published per-rank pairing) trains something else on 2 processes."""
     data_dir, _, _ = fake_cifar
