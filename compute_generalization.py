@@ -59,7 +59,7 @@ from cfm.io import cifar10, errors, run_files
 from cfm.io.cifar10 import to_uint8
 from cfm.io.distributed import World, init_world, main_first
 from cfm.method.flow_matching import FlowMatcher
-from cfm.method.guidance import Guidance
+from cfm.method.guidance import Guidance, label_classes
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(checkpoint_flags)  # listed by --helpshort with this script's own
@@ -137,7 +137,7 @@ class Evaluation:
 
     def sample_classes(self, num: int) -> torch.Tensor:
         """int64 [num]: the CIFAR-10 class of the label samples 0..num-1 were drawn with."""
-        return generalization.label_classes(self.guidance.labels[:num], self.net.num_classes)
+        return label_classes(self.guidance.labels[:num], self.net.num_classes)
 
 
 def apply_quick() -> None:

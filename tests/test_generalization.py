@@ -356,14 +356,6 @@ def test_bad_input_is_one_sentence_and_nothing_is_written(fake_cifar, tmp_path, 
 
 # ------------------------------------------------------------------ label-conditioned checkpoints
 
-def test_label_classes_of_class_and_cluster_labels():
-    labels = torch.arange(250)
-    assert torch.equal(generalization.label_classes(labels[:10], 10), labels[:10])
-    assert torch.equal(generalization.label_classes(labels, 250), labels // 25)
-    with pytest.raises(ValueError, match="neither CIFAR-10's classes nor clusters"):
-        generalization.label_classes(labels[:7], 7)
-
-
 def test_per_class_memorization_of_planted_training_images():
     """Training images planted as samples (copies, memorized) beside random images (not), each with a
     requested class, the copies some with their own class and some with another: per class the

@@ -85,3 +85,13 @@ def test_guided_sampling_counts_both_rows_in_its_nfe_and_keys_labels_by_sample_i
     assert torch.equal(generate_samples(net, 6, 4, "euler", 3, guidance=Guidance(labels, 0.0))[0], unconditional)
     swapped = generate_samples(net, 6, 4, "euler", 3, guidance=Guidance(labels.flip(0), 1.0))[0]
     assert not torch.equal(swapped, conditional)  # the labels reach the samples
+
+
+def test_label_classes_of_class_and_cluster_labels():
+    from cfm.method.guidance import label_classes
+
+    labels = torch.arange(250)
+    assert torch.equal(label_classes(labels[:10], 10), labels[:10])
+    assert torch.equal(label_classes(labels, 250), labels // 25)  # cluster class * 25 + sub
+    with pytest.raises(ValueError, match="neither the 10 CIFAR-10 classes nor clusters"):
+        label_classes(labels[:7], 7)

@@ -45,7 +45,7 @@ Usage::
     train, test = loss_gap_images(train_images, test_images, num_images=10000, seed=0)
     gap = loss_gap(net, matcher, train, test, loss_times(10), batch_size=128, seed=0)
     gap.summary()                                              # per time and overall, with standard errors
-    per_class_memorization(neighbours, label_classes(sample_labels, 10), train_labels)   # a conditional net's
+    per_class_memorization(neighbours, guidance.label_classes(sample_labels, 10), train_labels)   # a conditional net's
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ from cfm.evaluation.locality import mean_and_error
 from cfm.evaluation.sampling import batch_ranges, gather_batches, noise
 from cfm.io.cifar10 import to_model_range
 from cfm.io.distributed import World, process_rank
-from cfm.method.clustering import NUM_CLASSES
 from cfm.method.flow_matching import FlowMatcher
 
 # Quantiles of the ratio d_(1) / d_(2) reported; the low ones say how close the tail is to copying.
@@ -216,15 +215,6 @@ def memorization_summary(neighbours: Neighbours) -> dict:
         "nearest_distance_se": nearest_se,
         "ratio_histogram": np.histogram(ratio, bins=RATIO_BINS, range=(0.0, 1.0))[0].tolist(),
     }
-
-
-def label_classes(labels: Tensor, num_labels: int) -> Tensor:
-    """The CIFAR-10 class of each label int64 ``[N]`` of a net with `num_labels` labels: class labels
-    are the classes; cluster labels ``class * S + sub`` (``num_labels = 10 S``) give ``label // S``."""
-    if num_labels % NUM_CLASSES:
-        raise ValueError(f"{num_labels} labels are neither CIFAR-10's classes nor clusters of them (10 per class "
-                         f"count): no class per label.")
-    return labels.div(num_labels // NUM_CLASSES, rounding_mode="floor")
 
 
 def _rate(name: str, hits: Tensor) -> dict:
