@@ -123,12 +123,12 @@ def check_flags(spec: CheckpointSpec) -> tuple[list[SolverSetting], list[float] 
     return (parse_sweep(solvers) if solvers else default), scales
 
 
-def sampling_guidances(net: torch.nn.Module, scales: list[float] | None) -> list[Guidance | None]:
+def sampling_guidances(net: torch.nn.Module, ckpt: dict, scales: list[float] | None) -> list[Guidance | None]:
     """How each setting is sampled, one record each: [the flags' Guidance] (--label, else balanced
     labels; [None] for an unconditional net), or that Guidance at each scale of the sweep's guidance
     entry, all on the same labels. UserError (before sampling) for a guidance sweep or
     --per_label_fid of an unconditional net, and for the flags `checkpoints.sampling_guidance` refuses."""
-    guidance = checkpoints.sampling_guidance(guidance_flags.guidance_config(), net, FLAGS.num_gen)
+    guidance = checkpoints.sampling_guidance(guidance_flags.guidance_config(), net, FLAGS.num_gen, ckpt)
     if guidance is None and (scales is not None or FLAGS.per_label_fid):
         what = "--sweep's guidance entry" if scales is not None else "--per_label_fid"
         raise errors.UserError(f"{what} needs a label-conditioned checkpoint (trained with --condition=class or "
@@ -172,7 +172,7 @@ def main(argv):
         world = init_world(FLAGS.device)
         with main_first(world, "loading the checkpoint and the FID files"):  # rank 0 downloads and caches; the others find them
             path, ckpt, net = checkpoints.load(spec, world.device, progress=not FLAGS.quiet)
-            guidances = sampling_guidances(net, scales)
+            guidances = sampling_guidances(net, ckpt, scales)
             if FLAGS.per_label_fid:
                 classes = feature_metrics.sample_classes(guidances[0].labels, net.num_classes)
             if FLAGS.fid:

@@ -191,7 +191,7 @@ def prepare() -> tuple[Path, dict, Path, Evaluation]:
         # A conditional net's samples: sample i with label i of compute_fid.py's (balanced, or --label), so
         # that a --samples file compute_fid.py wrote with the same --label carries the labels assumed here.
         guidance = checkpoints.sampling_guidance(guidance_flags.guidance_config(), net,
-                                                 FLAGS.num_gen if samples is None else len(samples))
+                                                 FLAGS.num_gen if samples is None else len(samples), ckpt)
         train, train_labels = cifar10.load_cifar10(FLAGS.data_dir, train=True)
         test, test_labels = cifar10.load_cifar10(FLAGS.data_dir, train=False)
     check_sizes(train, test)

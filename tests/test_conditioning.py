@@ -162,8 +162,10 @@ def test_every_row_gets_its_own_images_label(case, pixel_cifar, tmp_path, monkey
         label = torch.arange(N) % 10
     else:
         label = stream["assignment"] if "assignment" in stream else stream["ids"]
-    assert ckpt["condition"] == {"condition": condition, "num_classes": 10 if condition == "class" else 20,
-                                 "cond_drop_prob": 0.0}
+    num_classes = 10 if condition == "class" else 20
+    # label_counts: every training image's label counted, the mix evaluation samples labels in
+    assert ckpt["condition"] == {"condition": condition, "num_classes": num_classes, "cond_drop_prob": 0.0,
+                                 "label_counts": torch.bincount(label, minlength=num_classes).tolist()}
     assert ckpt["unet_config"]["num_classes"] == ckpt["condition"]["num_classes"]
     check_labels(events, model, label)
 
@@ -248,7 +250,8 @@ def test_two_processes_train_what_one_process_trains_conditioned(script, fake_ci
                          data_dir, "--total_steps=3", "--condition=class", "--cond_drop_prob=0.5")
         weights.append(torch.load(next(out.glob("*/*_step_2.pt")), weights_only=True))
     one, two = weights
-    assert one["condition"] == two["condition"] == {"condition": "class", "num_classes": 10, "cond_drop_prob": 0.5}
+    assert one["condition"] == two["condition"] == {"condition": "class", "num_classes": 10, "cond_drop_prob": 0.5,
+                                                    "label_counts": [10] * 10}  # fake_cifar: 100 images, 10 a class
     assert one["flags"]["condition"] == "class" and one["flags"]["cond_drop_prob"] == 0.5
     assert scripts.relative_difference(one["net_model"], two["net_model"]) <= 1e-5
     assert "label_emb.weight" in one["net_model"]

@@ -95,3 +95,36 @@ def test_label_classes_of_class_and_cluster_labels():
     assert torch.equal(label_classes(labels, 250), labels // 25)  # cluster class * 25 + sub
     with pytest.raises(ValueError, match="neither the 10 CIFAR-10 classes nor clusters"):
         label_classes(labels[:7], 7)
+
+
+def test_cluster_labels_follow_the_training_mix_of_each_class_at_any_length():
+    from cfm.method.guidance import balanced_labels
+
+    # 3 clusters per class; class c's clusters hold (c + 1, 2, 0) x 100 training images: unequal, one empty
+    counts = [n for c in range(10) for n in ((c + 1) * 100, 200, 0)]
+    labels = balanced_labels(3000, 30, label_counts=counts)
+    assert torch.equal(labels // 3, torch.arange(3000) % 10)  # still class-balanced
+    got = torch.bincount(labels, minlength=30).double().reshape(10, 3) / 300
+    expected = torch.tensor(counts, dtype=torch.float64).reshape(10, 3)
+    expected = expected / expected.sum(1, keepdim=True)
+    assert (got - expected).abs().max() < 0.02  # low-discrepancy: within a few samples of 300 per class
+    assert got[:, 2].sum() == 0  # an empty cluster is never requested
+    assert torch.equal(balanced_labels(1234, 30, label_counts=counts), labels[:1234])  # a function of the index
+    assert not torch.equal(labels, balanced_labels(3000, 30))  # the counts matter: without, equal shares
+    with pytest.raises(ValueError, match="29 label counts for a net of 30 labels"):
+        balanced_labels(10, 30, label_counts=counts[:29])
+
+
+def test_sampling_guidance_takes_the_label_mix_the_checkpoint_records():
+    from cfm.config import GuidanceConfig
+    from cfm.evaluation.checkpoints import sampling_guidance
+    from cfm.method.guidance import balanced_labels
+
+    net = conditional_net(num_classes=20)
+    counts = [3, 1] * 10
+    ckpt = {"condition": {"condition": "cluster", "num_classes": 20, "cond_drop_prob": 0.1, "label_counts": counts}}
+    guidance = sampling_guidance(GuidanceConfig(guidance_scale=2.0), net, 200, ckpt)
+    assert guidance.scale == 2.0 and torch.equal(guidance.labels, balanced_labels(200, 20, label_counts=counts))
+    first, second = torch.bincount(guidance.labels, minlength=20)[:2].tolist()
+    assert first + second == 20 and abs(first - 15) <= 1  # 3 : 1 within class 0's 20 samples, to one sample
+    assert torch.equal(sampling_guidance(GuidanceConfig(), net, 200, {}).labels, balanced_labels(200, 20))

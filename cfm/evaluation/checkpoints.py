@@ -54,10 +54,12 @@ def load(spec: CheckpointSpec, device: torch.device | str, progress: bool = True
     return path, ckpt, net
 
 
-def sampling_guidance(config: GuidanceConfig, net: torch.nn.Module, num: int) -> Guidance | None:
-    """How `num` samples of the loaded `net` are drawn: a conditional net's `Guidance` (sample i's label:
-    config.label, else class-balanced; scale config.guidance_scale), None for an unconditional net.
-    Guidance settings for an unconditional net, or a label it does not have, are a UserError."""
+def sampling_guidance(config: GuidanceConfig, net: torch.nn.Module, num: int, ckpt: dict | None = None) -> Guidance | None:
+    """How `num` samples of the loaded `net` (of checkpoint `ckpt`) are drawn: a conditional net's
+    `Guidance` (sample i's label: config.label, else class-balanced, cluster labels in the training
+    mix the checkpoint records as ckpt["condition"]["label_counts"]; scale config.guidance_scale),
+    None for an unconditional net. Guidance settings for an unconditional net, or a label it does not
+    have, are a UserError."""
     num_labels = getattr(net, "num_classes", None)
     if num_labels is None:
         if config != GuidanceConfig():
@@ -67,7 +69,8 @@ def sampling_guidance(config: GuidanceConfig, net: torch.nn.Module, num: int) ->
     if config.label is not None and config.label >= num_labels:
         raise errors.UserError(f"--label={config.label} is not one of the checkpoint's {num_labels} labels "
                                f"(0..{num_labels - 1}).")
-    return Guidance(balanced_labels(num, num_labels, config.label), config.guidance_scale)
+    counts = ((ckpt or {}).get("condition") or {}).get("label_counts")
+    return Guidance(balanced_labels(num, num_labels, config.label, counts), config.guidance_scale)
 
 
 def checkpoint_condition(ckpt: dict) -> str | None:

@@ -12,12 +12,14 @@ with the GPU better used. `GuidedField.evaluations_per_call` is the number of ne
 Sampling many images (`Guidance`): sample i gets label ``labels[i]``, a function of its index alone
 like its noise, so the images do not depend on the batch size or the number of processes.
 `balanced_labels` gives every class the same number of samples (CIFAR-10's train set has 5000 of
-each), and for cluster labels every cluster of a class the same share of the class's samples;
+each), and for cluster labels the clusters of a class their share of its training images (the
+counts a conditional checkpoint records), so the samples have the training set's label mix;
 `label_classes` maps class or cluster labels back to their CIFAR-10 class.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,12 +58,20 @@ class GuidedField(nn.Module):
         return unconditional + self.scale * (conditional - unconditional)
 
 
-def balanced_labels(num: int, num_labels: int, label: int | None = None) -> Tensor:
+# 1/phi: k * GOLDEN mod 1 (k = 0, 1, ...) fills [0, 1) evenly at every length (a low-discrepancy sequence).
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def balanced_labels(num: int, num_labels: int, label: int | None = None,
+                    label_counts: Sequence[int] | None = None) -> Tensor:
     """Labels int64 ``[num]`` of samples 0..num-1 of a net with `num_labels` labels: all `label` when
-    given, else class-balanced. Class labels (``num_labels`` = 10): sample i gets ``i mod 10``.
-    Cluster labels (``10 S``, cluster ``class * S + sub``): class ``i mod 10``, and within the class
-    its clusters in turn, sub ``(i // 10) mod S``: every class gets the same share, every cluster
-    the same share of its class (each label once in any ``num_labels`` consecutive samples)."""
+    given, else class-balanced, sample i of class ``i mod 10``. Class labels (``num_labels`` = 10):
+    that class. Cluster labels (``10 S``, cluster ``class * S + sub``): the k-th sample of a class
+    (k = i // 10) takes the sub-cluster whose interval of the class's cumulative shares holds
+    ``q_k = k / phi mod 1``, the shares being `label_counts` (training images per label, ``[10 S]``)
+    within the class; so each cluster gets its training share of its class's samples, to within
+    O(log n / n) at any length n, and empty clusters none. Without counts every cluster of a class
+    the same share (sub ``k mod S``). Sample i's label depends on i alone, like its noise."""
     if label is not None:
         if not 0 <= label < num_labels:
             raise ValueError(f"label {label} is not one of the net's labels 0..{num_labels - 1}.")
@@ -70,7 +80,16 @@ def balanced_labels(num: int, num_labels: int, label: int | None = None) -> Tens
     if num_labels % NUM_CLASSES:  # not class or cluster labels: every label in turn
         return index % num_labels
     subclasses = num_labels // NUM_CLASSES
-    return (index % NUM_CLASSES) * subclasses + (index // NUM_CLASSES) % subclasses
+    classes, k = index % NUM_CLASSES, index // NUM_CLASSES
+    if label_counts is None:
+        return classes * subclasses + k % subclasses
+    if len(label_counts) != num_labels:
+        raise ValueError(f"{len(label_counts)} label counts for a net of {num_labels} labels.")
+    counts = torch.as_tensor(label_counts, dtype=torch.float64).reshape(NUM_CLASSES, subclasses)
+    shares = counts.cumsum(1) / counts.sum(1, keepdim=True).clamp(min=1)  # [10, S], ending at 1
+    q = (k.double() * GOLDEN).remainder(1.0)
+    sub = torch.searchsorted(shares[classes], q[:, None], right=True).squeeze(1).clamp(max=subclasses - 1)
+    return classes * subclasses + sub
 
 
 def label_classes(labels: Tensor, num_labels: int) -> Tensor:

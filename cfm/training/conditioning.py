@@ -32,6 +32,7 @@ plain recipe's shuffled batches the same cached clustering (--num_subclasses, --
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +49,21 @@ from cfm.method.samplers import ClassConditionedSampler
 @dataclass(frozen=True)
 class Conditioning:
     """A conditional run's labels: `condition` ("class" or "cluster"), `num_classes` K (the null
-    label is K) and `drop_prob`, the probability that a training label becomes the null label."""
+    label is K), `drop_prob`, the probability that a training label becomes the null label, and
+    `label_counts`, the training images of each label (``[K]``; see `counted`)."""
 
     condition: str
     num_classes: int
     drop_prob: float
+    label_counts: tuple[int, ...] | None = None
+
+    def counted(self, source) -> Conditioning:
+        """This conditioning with the label of every training image of the batch source counted
+        (a cluster sampler's clusters, or the ids shuffled batches were given): the label mix that
+        evaluation samples in (`guidance.balanced_labels`), recorded in each checkpoint."""
+        ids = source.assignment if isinstance(source, ClassConditionedSampler) else source.ids
+        counts = torch.bincount(self.labels(ids.cpu(), source), minlength=self.num_classes)
+        return dataclasses.replace(self, label_counts=tuple(counts.tolist()))
 
     def labels(self, ids: Tensor, source) -> Tensor:
         """Labels ``[B]`` of the ids ``[B]`` a batch source yields: a cluster sampler's cluster ids
@@ -69,7 +80,8 @@ class Conditioning:
 
     def record(self) -> dict:
         """What a checkpoint stores as ckpt["condition"]."""
-        return {"condition": self.condition, "num_classes": self.num_classes, "cond_drop_prob": self.drop_prob}
+        record = {"condition": self.condition, "num_classes": self.num_classes, "cond_drop_prob": self.drop_prob}
+        return record if self.label_counts is None else {**record, "label_counts": list(self.label_counts)}
 
 
 def stored_condition(ckpt: dict | None) -> str:

@@ -251,6 +251,8 @@ def train_locked(config: TrainConfig, spec: RunSpec, world: World, matcher, path
         batches = cifar10.ShuffledBatches(data.images, data.batch_size, data.seed)
     else:
         batches = spec.make_batches(dataclasses.replace(data, stored=stored.get(TRAIN_STREAM)))
+    if condition is not None:  # the training label mix, which evaluation samples labels in
+        condition = condition.counted(batches)
     regularizer = spec.make_regularizer(batches) if spec.make_regularizer is not None else None
     monitor = None
     if spec.make_monitor is not None:
