@@ -55,7 +55,7 @@ from cfm.config import CheckpointSpec, FIDConfig
 from cfm.evaluation import checkpoints, generalization, generalization_results, memorizing_field, results
 from cfm.evaluation.sampling import gather_batches, generate_samples, noise, write_image_grid
 from cfm.evaluation.solvers import SolverSetting
-from cfm.io import cifar10, errors, run_files
+from cfm.io import checkpoint_io, cifar10, errors, run_files
 from cfm.io.cifar10 import to_uint8
 from cfm.io.distributed import World, init_world, main_first
 from cfm.method.flow_matching import FlowMatcher
@@ -197,7 +197,7 @@ def prepare() -> tuple[Path, dict, Path, Evaluation]:
     check_sizes(train, test)
     search = generalization.FlipNeighbours(train, world.device, FLAGS.search_chunk)
     return path, ckpt, results_path, Evaluation(spec, net, matcher, train, test, train_labels, test_labels, search,
-                                                world, grid, samples, checkpoints.checkpoint_condition(ckpt), guidance)
+                                                world, grid, samples, checkpoint_io.stored_condition(ckpt), guidance)
 
 
 def memorization(ev: Evaluation) -> dict | None:

@@ -32,7 +32,7 @@ from cfm.cli import checkpoint_flags
 from cfm.cli.flag_defs import define
 from cfm.config import ClusterConfig
 from cfm.evaluation import checkpoints, locality, results
-from cfm.io import cifar10, distributed, errors, run_files
+from cfm.io import checkpoint_io, cifar10, distributed, errors, run_files
 from cfm.method.clustering import kmeans_cache_dir
 
 FLAGS = flags.FLAGS
@@ -77,7 +77,7 @@ def evaluate() -> None:
                                       cache_dir=kmeans_cache_dir(FLAGS.data_dir))
     # A class-conditioned net with each batch's class (as its training labelled those rows); a
     # cluster-conditioned one with the null label: the split's clusters are not its training clusters.
-    condition = checkpoints.checkpoint_condition(ckpt)
+    condition = checkpoint_io.stored_condition(ckpt)
     net_label = "class" if condition == "class" else "null"
     labels = {} if condition is None else {"condition": condition, "net_label": net_label}
     values = locality.evaluate(net, batches, FLAGS.num_batches, device, progress=not FLAGS.quiet,

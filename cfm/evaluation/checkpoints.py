@@ -73,19 +73,13 @@ def sampling_guidance(config: GuidanceConfig, net: torch.nn.Module, num: int, ck
     return Guidance(balanced_labels(num, num_labels, config.label, counts), config.guidance_scale)
 
 
-def checkpoint_condition(ckpt: dict) -> str | None:
-    """The labels a checkpoint's net was trained on: "class" or "cluster" (ckpt["condition"]), None
-    for an unconditional one (ours without --condition, and the published ones)."""
-    return (ckpt.get("condition") or {}).get("condition")
-
-
 def guidance_record(ckpt: dict, guidance: Guidance | None, label: int | None) -> dict:
     """The fields a result record of a conditional checkpoint's samples adds: condition ("class" or
     "cluster", as trained), guidance_scale w and label (None: balanced labels). None for an
     unconditional checkpoint (`guidance` None): its records keep exactly the fields they had."""
     if guidance is None:
         return {}
-    return {"condition": checkpoint_condition(ckpt), "guidance_scale": guidance.scale, "label": label}
+    return {"condition": checkpoint_io.stored_condition(ckpt), "guidance_scale": guidance.scale, "label": label}
 
 
 def checkpoint_model(spec: CheckpointSpec, ckpt: dict) -> str:

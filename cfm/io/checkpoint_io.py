@@ -19,6 +19,12 @@ class CheckpointError(UserError):
     """A checkpoint a user pointed at that cannot be used; the message names the fix."""
 
 
+def stored_condition(ckpt: dict | None) -> str | None:
+    """The labels a checkpoint's net was trained on: "class" or "cluster" (its ckpt["condition"]
+    record), None for an unconditional one (ours without --condition, and the published ones)."""
+    return ((ckpt or {}).get("condition") or {}).get("condition")
+
+
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """torch.save, atomically (see `atomic_write`); a failed write is a `SaveError`."""
     with writing(path):

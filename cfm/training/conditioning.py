@@ -40,7 +40,7 @@ from torch import Tensor
 
 from cfm.config import TrainConfig
 from cfm.config.settings import value_or_default
-from cfm.io import cifar10, errors
+from cfm.io import checkpoint_io, cifar10, errors
 from cfm.io.distributed import main_first
 from cfm.method.clustering import NUM_CLASSES, cluster_assignments, kmeans_cache_dir
 from cfm.method.samplers import ClassConditionedSampler
@@ -84,19 +84,15 @@ class Conditioning:
         return record if self.label_counts is None else {**record, "label_counts": list(self.label_counts)}
 
 
-def stored_condition(ckpt: dict | None) -> str:
-    """The condition a checkpoint was trained with ("none" for unconditional and published ones)."""
-    return (ckpt or {}).get("condition", {}).get("condition", "none")
-
-
 def conditioning(config: TrainConfig, ckpt: dict | None) -> Conditioning | None:
     """The run's `Conditioning` (None: unconditional). A resumed checkpoint must have been trained
     with the same --condition (and, for cluster, as many clusters): else a `UserError`."""
     condition, cluster = config.condition.condition, config.cluster
-    if ckpt is not None and stored_condition(ckpt) != condition:
+    stored = checkpoint_io.stored_condition(ckpt) or "none"  # as the flag spells it
+    if ckpt is not None and stored != condition:
         raise errors.UserError(
-            f"the checkpoint was trained with --condition={stored_condition(ckpt)} and this run asks for "
-            f"--condition={condition}: resume with --condition={stored_condition(ckpt)}, or start a fresh run.")
+            f"the checkpoint was trained with --condition={stored} and this run asks for "
+            f"--condition={condition}: resume with --condition={stored}, or start a fresh run.")
     if condition == "none":
         return None
     num_classes = NUM_CLASSES * (value_or_default(cluster, "num_subclasses") if condition == "cluster" else 1)
